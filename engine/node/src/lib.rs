@@ -1,0 +1,8 @@
+//! The ringkv node: the I/O shell around `ringkv-core`.
+//!
+//! - [`store`]: one log-structured store per shard on glommio DMA files;
+//! - [`shard`]: the per-core runtime that owns a store and serves connections;
+//! - [`server`]: starts the shards, checks the data directory, handles signals.
+
+pub mod clock;
+pub mod store;

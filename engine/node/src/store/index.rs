@@ -1,0 +1,271 @@
+//! The in-memory index of one shard: for every key, where its latest record is.
+//!
+//! Only locations live in memory; values stay on disk, so a shard can hold far
+//! more data than RAM. The index is split per partition (vnode) so that a
+//! partition can be streamed, repaired or dropped on its own.
+//!
+//! Invariant: an entry always points at the newest durable-or-pending record
+//! of its key in this shard's log; replaying the log in order rebuilds it.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+
+/// Where a record lives: segment id, byte offset, total record length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Loc {
+    pub segment: u32,
+    pub offset: u32,
+    pub len: u32,
+}
+
+/// An index entry: a location plus whether the object is a tombstone
+/// (packed into the top bit of the length to keep entries at 12 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    segment: u32,
+    offset: u32,
+    len_and_flags: u32,
+}
+
+const DELETED: u32 = 1 << 31;
+const _: () = assert!(std::mem::size_of::<Entry>() == 12);
+
+impl Entry {
+    pub fn new(loc: Loc, deleted: bool) -> Entry {
+        assert!(
+            loc.len < DELETED,
+            "record length {} does not fit the index",
+            loc.len
+        );
+        Entry {
+            segment: loc.segment,
+            offset: loc.offset,
+            len_and_flags: loc.len | if deleted { DELETED } else { 0 },
+        }
+    }
+
+    pub fn loc(&self) -> Loc {
+        Loc {
+            segment: self.segment,
+            offset: self.offset,
+            len: self.len_and_flags & !DELETED,
+        }
+    }
+
+    pub fn is_deleted(&self) -> bool {
+        self.len_and_flags & DELETED != 0
+    }
+}
+
+/// A seeded xxh3 so that keys chosen by clients cannot force collisions.
+#[derive(Clone)]
+pub struct KeyHasher {
+    seed: u64,
+}
+
+impl KeyHasher {
+    pub fn new(seed: u64) -> Self {
+        KeyHasher { seed }
+    }
+}
+
+impl BuildHasher for KeyHasher {
+    type Hasher = xxhash_rust::xxh3::Xxh3;
+
+    fn build_hasher(&self) -> Self::Hasher {
+        xxhash_rust::xxh3::Xxh3::with_seed(self.seed)
+    }
+}
+
+#[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionCounts {
+    pub live: u64,
+    pub deleted: u64,
+}
+
+pub struct PartitionIndex {
+    map: HashMap<Box<[u8]>, Entry, KeyHasher>,
+    counts: PartitionCounts,
+}
+
+impl PartitionIndex {
+    fn new(hasher: KeyHasher) -> Self {
+        PartitionIndex {
+            map: HashMap::with_hasher(hasher),
+            counts: PartitionCounts::default(),
+        }
+    }
+
+    pub fn get(&self, key: &[u8]) -> Option<Entry> {
+        self.map.get(key).copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub fn counts(&self) -> PartitionCounts {
+        self.counts
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], Entry)> {
+        self.map.iter().map(|(k, e)| (&**k, *e))
+    }
+
+    fn count(&mut self, e: &Entry, delta: i64) {
+        let c = if e.is_deleted() {
+            &mut self.counts.deleted
+        } else {
+            &mut self.counts.live
+        };
+        *c = c
+            .checked_add_signed(delta)
+            .expect("index counts never go negative");
+    }
+
+    /// Points `key` at a new record; returns the entry it replaced.
+    pub fn insert(&mut self, key: &[u8], entry: Entry) -> Option<Entry> {
+        self.count(&entry, 1);
+        let old = match self.map.get_mut(key) {
+            Some(slot) => Some(std::mem::replace(slot, entry)),
+            None => {
+                self.map.insert(key.into(), entry);
+                None
+            }
+        };
+        if let Some(o) = &old {
+            self.count(o, -1);
+        }
+        old
+    }
+
+    pub fn remove(&mut self, key: &[u8]) -> Option<Entry> {
+        let old = self.map.remove(key);
+        if let Some(o) = &old {
+            self.count(o, -1);
+        }
+        old
+    }
+}
+
+/// All partitions' indexes of one shard, plus per-segment live-byte counts
+/// (what compaction needs to find garbage).
+pub struct Index {
+    partitions: Vec<Option<PartitionIndex>>,
+    hasher: KeyHasher,
+    live_bytes: HashMap<u32, u64>,
+}
+
+impl Index {
+    pub fn new(partitions: u32, hasher: KeyHasher) -> Index {
+        Index {
+            partitions: (0..partitions).map(|_| None).collect(),
+            hasher,
+            live_bytes: HashMap::new(),
+        }
+    }
+
+    pub fn partition(&self, p: u32) -> Option<&PartitionIndex> {
+        self.partitions.get(p as usize).and_then(Option::as_ref)
+    }
+
+    pub fn get(&self, p: u32, key: &[u8]) -> Option<Entry> {
+        self.partition(p)?.get(key)
+    }
+
+    /// Records that `key` of partition `p` now lives at `entry`.
+    pub fn insert(&mut self, p: u32, key: &[u8], entry: Entry) -> Option<Entry> {
+        let hasher = self.hasher.clone();
+        let part = self.partitions[p as usize].get_or_insert_with(|| PartitionIndex::new(hasher));
+        let old = part.insert(key, entry);
+        *self.live_bytes.entry(entry.loc().segment).or_default() += u64::from(entry.loc().len);
+        if let Some(o) = old {
+            self.release(o.loc());
+        }
+        old
+    }
+
+    pub fn remove(&mut self, p: u32, key: &[u8]) -> Option<Entry> {
+        let old = self.partitions.get_mut(p as usize)?.as_mut()?.remove(key);
+        if let Some(o) = old {
+            self.release(o.loc());
+        }
+        old
+    }
+
+    fn release(&mut self, loc: Loc) {
+        let live = self
+            .live_bytes
+            .get_mut(&loc.segment)
+            .expect("a replaced record's segment is accounted");
+        *live = live
+            .checked_sub(u64::from(loc.len))
+            .expect("live bytes never go negative");
+    }
+
+    /// Bytes of records the index still points to in `segment`.
+    pub fn live_bytes(&self, segment: u32) -> u64 {
+        self.live_bytes.get(&segment).copied().unwrap_or(0)
+    }
+
+    pub fn counts(&self) -> PartitionCounts {
+        self.partitions
+            .iter()
+            .flatten()
+            .fold(PartitionCounts::default(), |acc, p| PartitionCounts {
+                live: acc.live + p.counts.live,
+                deleted: acc.deleted + p.counts.deleted,
+            })
+    }
+
+    pub fn partitions(&self) -> impl Iterator<Item = (u32, &PartitionIndex)> {
+        self.partitions
+            .iter()
+            .enumerate()
+            .filter_map(|(p, i)| i.as_ref().map(|i| (p as u32, i)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loc(segment: u32, offset: u32, len: u32) -> Loc {
+        Loc {
+            segment,
+            offset,
+            len,
+        }
+    }
+
+    #[test]
+    fn replacing_a_key_moves_its_bytes_and_counts() {
+        let mut ix = Index::new(4, KeyHasher::new(1));
+        assert_eq!(
+            ix.insert(2, b"k", Entry::new(loc(1, 4096, 100), false)),
+            None
+        );
+        assert_eq!(ix.live_bytes(1), 100);
+        let old = ix
+            .insert(2, b"k", Entry::new(loc(2, 4096, 50), true))
+            .unwrap();
+        assert_eq!(old.loc(), loc(1, 4096, 100));
+        assert_eq!((ix.live_bytes(1), ix.live_bytes(2)), (0, 50));
+        assert_eq!(
+            ix.counts(),
+            PartitionCounts {
+                live: 0,
+                deleted: 1
+            }
+        );
+        assert!(ix.get(2, b"k").unwrap().is_deleted());
+        assert_eq!(ix.get(1, b"k"), None);
+        ix.remove(2, b"k");
+        assert_eq!(ix.live_bytes(2), 0);
+        assert_eq!(ix.counts(), PartitionCounts::default());
+    }
+}

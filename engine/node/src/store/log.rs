@@ -1,0 +1,490 @@
+//! The write side of a shard's log: appends, group commit and rotation.
+//!
+//! Appends go to an in-memory tail buffer that starts at a block boundary of
+//! the active segment. One flusher task writes the buffer with O_DIRECT and
+//! fdatasyncs it; every append made while a flush was in flight rides the next
+//! one, so many writers share one write and one fdatasync (group commit).
+//! Waiters are woken in log order once the flush that covers them completes.
+//!
+//! The partial last block is rewritten by every flush. Its prefix is rewritten
+//! with the same bytes it already held, so a write torn at any sector
+//! boundary leaves acknowledged records intact.
+//!
+//! After a failed write or fdatasync the log is poisoned: every waiter and
+//! every later append gets the error (retrying an fsync that failed can
+//! silently lose data), while reads of what is on disk go on.
+
+use super::format::{self, align_down, align_up, RecordKind, SegmentHeader, HEADER_BYTES};
+use super::index::Loc;
+use super::segment;
+use super::StoreError;
+use futures::channel::oneshot;
+use glommio::io::{DmaFile, OpenOptions};
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+/// The unflushed end of one segment.
+struct Tail {
+    segment: u32,
+    file: Rc<DmaFile>,
+    /// File offset of `buf[0]`; always block-aligned.
+    base: u64,
+    buf: Vec<u8>,
+    capacity: u64,
+}
+
+impl Tail {
+    fn end(&self) -> u64 {
+        self.base + self.buf.len() as u64
+    }
+
+    fn room(&self) -> u64 {
+        self.capacity - self.end()
+    }
+
+    fn slice(&self, loc: Loc) -> Option<&[u8]> {
+        let off = u64::from(loc.offset);
+        if off < self.base {
+            return None;
+        }
+        let start = (off - self.base) as usize;
+        self.buf.get(start..start + loc.len as usize)
+    }
+
+    /// Drops buffered bytes before the block that contains `flushed_end`.
+    fn trim(&mut self, flushed_end: u64) {
+        let keep_from = align_down(flushed_end).max(self.base);
+        self.buf.drain(..(keep_from - self.base) as usize);
+        self.base = keep_from;
+    }
+}
+
+/// A segment created ahead of need, so rotation rarely waits on the disk.
+struct Spare {
+    segment: u32,
+    file: Rc<DmaFile>,
+    capacity: u64,
+}
+
+/// Where segments go and how big they are.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub dir: PathBuf,
+    pub shard: u32,
+    pub incarnation: u64,
+    pub segment_bytes: u64,
+}
+
+pub struct Log {
+    cfg: LogConfig,
+    files: HashMap<u32, Rc<DmaFile>>,
+    active: Tail,
+    /// Rotated segments whose last bytes are not yet flushed, oldest first.
+    sealing: VecDeque<Tail>,
+    spare: Option<Spare>,
+    next_segment: u32,
+    /// Log sequence numbers count appended bytes since start-up.
+    appended: u64,
+    durable: u64,
+    waiters: VecDeque<(u64, oneshot::Sender<Result<(), StoreError>>)>,
+    poisoned: Option<StoreError>,
+    wake: Option<oneshot::Sender<()>>,
+    /// True while a task is creating a segment (spare or for rotation).
+    creating: bool,
+    /// Set by [`Log::shut_down`]: the flusher drains and exits.
+    closing: bool,
+}
+
+/// Opens a segment file created by [`segment::create_segment`] for DMA.
+pub async fn open_dma(path: &Path) -> Result<Rc<DmaFile>, StoreError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .dma_open(path)
+        .await
+        .map(Rc::new)
+        .map_err(|e| StoreError::io(format!("opening {}", path.display()), e.into()))
+}
+
+/// Creates segment `id` on the blocking pool and opens it.
+async fn create(cfg: &LogConfig, id: u32, capacity: u64) -> Result<Rc<DmaFile>, StoreError> {
+    let header = SegmentHeader {
+        shard: cfg.shard,
+        segment: id,
+        incarnation: cfg.incarnation,
+        created_ms: crate::clock::now_ms(),
+    };
+    let dir = cfg.dir.clone();
+    let path = glommio::executor()
+        .spawn_blocking(move || segment::create_segment(&dir, &header, capacity))
+        .await
+        .map_err(|e| {
+            StoreError::io(format!("creating segment {id} in {}", cfg.dir.display()), e)
+        })?;
+    open_dma(&path).await
+}
+
+impl Log {
+    /// A log that continues after the recovered segments `files`, writing
+    /// into a new segment `next_segment`.
+    pub async fn start(
+        cfg: LogConfig,
+        files: HashMap<u32, Rc<DmaFile>>,
+        next_segment: u32,
+    ) -> Result<Log, StoreError> {
+        let capacity = cfg.segment_bytes;
+        let file = create(&cfg, next_segment, capacity).await?;
+        let mut files = files;
+        files.insert(next_segment, file.clone());
+        Ok(Log {
+            cfg,
+            files,
+            active: Tail {
+                segment: next_segment,
+                file,
+                base: HEADER_BYTES,
+                buf: Vec::new(),
+                capacity,
+            },
+            sealing: VecDeque::new(),
+            spare: None,
+            next_segment: next_segment + 1,
+            appended: 0,
+            durable: 0,
+            waiters: VecDeque::new(),
+            poisoned: None,
+            wake: None,
+            creating: false,
+            closing: false,
+        })
+    }
+
+    pub fn file(&self, segment: u32) -> Option<Rc<DmaFile>> {
+        self.files.get(&segment).cloned()
+    }
+
+    pub fn segments(&self) -> impl Iterator<Item = u32> + '_ {
+        self.files.keys().copied()
+    }
+
+    pub fn active_segment(&self) -> u32 {
+        self.active.segment
+    }
+
+    /// The bytes of a record that is still in a write buffer.
+    pub fn buffered(&self, loc: Loc) -> Option<&[u8]> {
+        if loc.segment == self.active.segment {
+            return self.active.slice(loc);
+        }
+        self.sealing
+            .iter()
+            .find(|t| t.segment == loc.segment)
+            .and_then(|t| t.slice(loc))
+    }
+
+    pub fn unflushed_bytes(&self) -> u64 {
+        self.appended - self.durable
+    }
+
+    pub fn appended_lsn(&self) -> u64 {
+        self.appended
+    }
+
+    pub fn check_writable(&self) -> Result<(), StoreError> {
+        match &self.poisoned {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Appends a record if the active segment has room; `Ok(None)` means the
+    /// caller must [`rotate`] first. Returns the record's location and the
+    /// sequence number to wait on for durability.
+    pub fn try_append(
+        &mut self,
+        kind: RecordKind,
+        flags: u8,
+        key: &[u8],
+        body: &[u8],
+    ) -> Result<Option<(Loc, u64)>, StoreError> {
+        self.check_writable()?;
+        let len = format::record_len(key.len(), body.len());
+        if (len as u64) > self.active.room() {
+            return Ok(None);
+        }
+        let offset = self.active.end();
+        let written = format::encode_record(kind, flags, key, body, &mut self.active.buf);
+        debug_assert_eq!(written, len);
+        self.appended += len as u64;
+        let loc = Loc {
+            segment: self.active.segment,
+            offset: u32::try_from(offset).expect("segments stay under 4 GiB"),
+            len: len as u32,
+        };
+        self.kick();
+        Ok(Some((loc, self.appended)))
+    }
+
+    /// A future that resolves once everything up to `lsn` is on disk.
+    pub fn durable_waiter(&mut self, lsn: u64) -> oneshot::Receiver<Result<(), StoreError>> {
+        let (tx, rx) = oneshot::channel();
+        if let Some(e) = &self.poisoned {
+            let _ = tx.send(Err(e.clone()));
+        } else if lsn <= self.durable {
+            let _ = tx.send(Ok(()));
+        } else {
+            // Waiters may register out of lsn order (a task can wait later
+            // than one that appended after it); keep the queue sorted.
+            let at = self.waiters.partition_point(|(l, _)| *l <= lsn);
+            self.waiters.insert(at, (lsn, tx));
+        }
+        rx
+    }
+
+    /// Asks the flusher to finish what is appended and exit.
+    pub fn shut_down(&mut self) {
+        self.closing = true;
+        self.kick();
+    }
+
+    fn kick(&mut self) {
+        if let Some(w) = self.wake.take() {
+            let _ = w.send(());
+        }
+    }
+
+    fn complete(&mut self, lsn: u64) {
+        assert!(lsn >= self.durable, "durability never moves backwards");
+        self.durable = lsn;
+        while self.waiters.front().is_some_and(|(l, _)| *l <= lsn) {
+            let (_, tx) = self.waiters.pop_front().expect("front exists");
+            let _ = tx.send(Ok(()));
+        }
+    }
+
+    fn poison(&mut self, e: StoreError) {
+        tracing::error!(shard = self.cfg.shard, error = %e, "log write failed; shard is read-only until restart");
+        let e = StoreError::Poisoned(e.to_string());
+        for (_, tx) in self.waiters.drain(..) {
+            let _ = tx.send(Err(e.clone()));
+        }
+        self.poisoned = Some(e);
+    }
+}
+
+/// Makes room for a record of `len` bytes by starting a new segment.
+pub async fn rotate(log: &std::cell::RefCell<Log>, len: usize) -> Result<(), StoreError> {
+    let need = HEADER_BYTES + len as u64;
+    loop {
+        {
+            let mut l = log.borrow_mut();
+            l.check_writable()?;
+            if (len as u64) <= l.active.room() {
+                return Ok(());
+            }
+            if let Some(spare) = l.spare.take_if(|s| s.capacity >= need) {
+                let old = std::mem::replace(
+                    &mut l.active,
+                    Tail {
+                        segment: spare.segment,
+                        file: spare.file,
+                        base: HEADER_BYTES,
+                        buf: Vec::new(),
+                        capacity: spare.capacity,
+                    },
+                );
+                // An empty buffer means everything in the old segment is
+                // already durable; otherwise its last bytes still need a flush.
+                if !old.buf.is_empty() {
+                    l.sealing.push_back(old);
+                }
+                l.kick();
+                return Ok(());
+            }
+            if l.creating {
+                drop(l);
+                // Another task is creating a segment; let it finish.
+                glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+                continue;
+            }
+            l.creating = true;
+        }
+        let (cfg, id, capacity) = {
+            let mut l = log.borrow_mut();
+            let id = l.next_segment;
+            l.next_segment += 1;
+            (l.cfg.clone(), id, l.cfg.segment_bytes.max(align_up(need)))
+        };
+        let made = create(&cfg, id, capacity).await;
+        let mut l = log.borrow_mut();
+        l.creating = false;
+        let file = made?;
+        l.files.insert(id, file.clone());
+        if let Some(old_spare) = l.spare.replace(Spare {
+            segment: id,
+            file,
+            capacity,
+        }) {
+            // A spare too small for this record: keep it for later rotations by
+            // putting the bigger one first; the small one is simply unused.
+            l.files.remove(&old_spare.segment);
+            let path = segment::segment_path(&cfg.dir, old_spare.segment);
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Creates the next spare segment if there is none.
+pub async fn prepare_spare(log: &std::cell::RefCell<Log>) {
+    let (cfg, id) = {
+        let mut l = log.borrow_mut();
+        if l.spare.is_some() || l.creating || l.poisoned.is_some() {
+            return;
+        }
+        l.creating = true;
+        let id = l.next_segment;
+        l.next_segment += 1;
+        (l.cfg.clone(), id)
+    };
+    let made = create(&cfg, id, cfg.segment_bytes).await;
+    let mut l = log.borrow_mut();
+    l.creating = false;
+    match made {
+        Ok(file) => {
+            l.files.insert(id, file.clone());
+            l.spare = Some(Spare {
+                segment: id,
+                file,
+                capacity: cfg.segment_bytes,
+            });
+        }
+        Err(e) => {
+            tracing::warn!(shard = cfg.shard, error = %e, "could not create a spare segment; will retry on rotation")
+        }
+    }
+}
+
+/// One write of a tail: the file, where, and its bytes already copied into a
+/// block-padded DMA buffer (one copy, made while the tail is borrowed).
+struct Job {
+    segment: u32,
+    file: Rc<DmaFile>,
+    base: u64,
+    len: usize,
+    buf: Option<glommio::io::DmaBuffer>,
+}
+
+impl Job {
+    fn of(t: &Tail) -> Job {
+        let buf = (!t.buf.is_empty()).then(|| {
+            let mut buf = t
+                .file
+                .alloc_dma_buffer(align_up(t.buf.len() as u64) as usize);
+            let dst = buf.as_bytes_mut();
+            dst[..t.buf.len()].copy_from_slice(&t.buf);
+            dst[t.buf.len()..].fill(0);
+            buf
+        });
+        Job {
+            segment: t.segment,
+            file: t.file.clone(),
+            base: t.base,
+            len: t.buf.len(),
+            buf,
+        }
+    }
+
+    fn end(&self) -> u64 {
+        self.base + self.len as u64
+    }
+
+    async fn write(&mut self) -> Result<(), StoreError> {
+        if let Some(buf) = self.buf.take() {
+            let size = buf.len();
+            let n = self.file.write_at(buf, self.base).await.map_err(|e| {
+                StoreError::io(format!("writing segment {}", self.segment), e.into())
+            })?;
+            if n != size {
+                return Err(StoreError::Io(format!(
+                    "short write to segment {}: {n} of {size} bytes",
+                    self.segment
+                )));
+            }
+        }
+        self.file
+            .fdatasync()
+            .await
+            .map_err(|e| StoreError::io(format!("syncing segment {}", self.segment), e.into()))
+    }
+}
+
+/// The group-commit loop; runs until the log is dropped by the store.
+pub async fn run_flusher(log: Rc<std::cell::RefCell<Log>>) {
+    loop {
+        let idle = {
+            let mut l = log.borrow_mut();
+            if l.poisoned.is_some() {
+                return;
+            }
+            if l.appended > l.durable {
+                None
+            } else if l.closing {
+                return;
+            } else {
+                let (tx, rx) = oneshot::channel();
+                l.wake = Some(tx);
+                Some(rx)
+            }
+        };
+        if let Some(rx) = idle {
+            if rx.await.is_err() {
+                return;
+            }
+            continue;
+        }
+        if let Err(e) = flush_once(&log).await {
+            log.borrow_mut().poison(e);
+            return;
+        }
+    }
+}
+
+async fn flush_once(log: &std::cell::RefCell<Log>) -> Result<(), StoreError> {
+    let target = log.borrow().appended;
+    // Sealed segments first, so the log on disk never has a hole before data
+    // that is already durable.
+    loop {
+        let job = log.borrow().sealing.front().map(Job::of);
+        let Some(mut job) = job else { break };
+        job.write().await?;
+        let done = log
+            .borrow_mut()
+            .sealing
+            .pop_front()
+            .expect("sealing tail still queued");
+        assert_eq!(done.segment, job.segment);
+        assert_eq!(done.end(), job.end(), "no appends go to a sealed segment");
+    }
+    let mut job = Job::of(&log.borrow().active);
+    job.write().await?;
+    let mut l = log.borrow_mut();
+    if l.active.segment == job.segment {
+        l.active.trim(job.end());
+    } else if let Some(t) = l.sealing.iter_mut().find(|t| t.segment == job.segment) {
+        t.trim(job.end());
+    }
+    l.complete(target);
+    Ok(())
+}
+
+/// Flushes everything appended so far.
+pub async fn flush_all(log: &std::cell::RefCell<Log>) -> Result<(), StoreError> {
+    let rx = {
+        let mut l = log.borrow_mut();
+        let lsn = l.appended;
+        l.kick();
+        l.durable_waiter(lsn)
+    };
+    rx.await.unwrap_or(Err(StoreError::Closed))
+}

@@ -1,0 +1,383 @@
+//! One shard's log-structured store (Bitcask-like), on glommio DMA files.
+//!
+//! Writes append a record holding the key's whole new [`Object`] to the log
+//! and point the in-memory [`index::Index`] at it; reads follow the index to
+//! one record. A write computes its object from the current one
+//! (read-modify-write); the index entry it started from is checked again,
+//! with no await in between, right before the append, so concurrent writes to
+//! a key on this shard serialise and a dot is never minted twice.
+//!
+//! Layout: `format` (bytes on disk), `segment` (files), `log` (appends and
+//! group commit), `recovery` (start-up replay), `index`, `cache`, `epoch`.
+
+pub mod cache;
+pub mod epoch;
+pub mod format;
+pub mod index;
+pub mod log;
+pub mod recovery;
+pub mod segment;
+
+use self::cache::RecordCache;
+use self::epoch::Epochs;
+use self::format::{decode_record, RecordKind, FLAG_DELETED};
+use self::index::{Entry, Index, KeyHasher, Loc};
+use self::log::{Log, LogConfig};
+use self::recovery::RecoveryReport;
+use ringkv_core::keyspace::partition_of;
+use ringkv_core::version::{reusable_actor, Actor, Object, VersionVector};
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::path::PathBuf;
+use std::rc::Rc;
+use thiserror::Error;
+
+/// Errors of the storage layer; `Clone` so one failed flush can fail every
+/// waiter.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("no space left on device: {0}")]
+    NoSpace(String),
+    #[error("I/O error: {0}")]
+    Io(String),
+    #[error("store is read-only after a failed write ({0}); restart the node")]
+    Poisoned(String),
+    #[error("corrupt data in segment {segment} at offset {offset}: {what}")]
+    Corrupt {
+        segment: u32,
+        offset: u64,
+        what: String,
+    },
+    #[error("store is shutting down")]
+    Closed,
+}
+
+impl StoreError {
+    pub fn io(context: String, e: io::Error) -> StoreError {
+        if e.raw_os_error() == Some(libc::ENOSPC) {
+            StoreError::NoSpace(format!("{context}: {e}"))
+        } else {
+            StoreError::Io(format!("{context}: {e}"))
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// This shard's own directory.
+    pub dir: PathBuf,
+    pub shard: u16,
+    pub incarnation: u64,
+    pub partitions: u32,
+    pub segment_bytes: u64,
+    pub cache_bytes: usize,
+    /// Appends wait for the flusher once this much is unflushed.
+    pub max_unflushed_bytes: u64,
+    /// Seed of the index's key hasher.
+    pub hash_seed: u64,
+}
+
+/// The causal context a write applies on top of.
+#[derive(Debug, Clone)]
+pub enum WriteContext {
+    /// The context a client read returned (empty: a blind write).
+    Client(VersionVector),
+    /// Whatever this replica holds now: "delete what is there".
+    Local,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub keys: u64,
+    pub tombstones: u64,
+    pub log_bytes: u64,
+    pub segments: u32,
+}
+
+pub struct Store {
+    cfg: StoreConfig,
+    log: Rc<RefCell<Log>>,
+    index: RefCell<Index>,
+    cache: RefCell<RecordCache>,
+    epochs: RefCell<Epochs>,
+    extending_lease: Cell<bool>,
+    recovered_bytes: u64,
+    recovery: RecoveryReport,
+}
+
+impl Store {
+    /// Recovers the shard's log and starts its flusher.
+    pub async fn open(cfg: StoreConfig) -> Result<Rc<Store>, StoreError> {
+        std::fs::create_dir_all(&cfg.dir)
+            .map_err(|e| StoreError::io(format!("creating {}", cfg.dir.display()), e))?;
+        let epochs = Epochs::open(&cfg.dir)
+            .map_err(|e| StoreError::io(format!("epoch state in {}", cfg.dir.display()), e))?;
+        let rec = recovery::recover(
+            &cfg.dir,
+            u32::from(cfg.shard),
+            cfg.partitions,
+            KeyHasher::new(cfg.hash_seed),
+        )
+        .await?;
+        let log_cfg = LogConfig {
+            dir: cfg.dir.clone(),
+            shard: u32::from(cfg.shard),
+            incarnation: cfg.incarnation,
+            segment_bytes: cfg.segment_bytes,
+        };
+        let log = Rc::new(RefCell::new(
+            Log::start(log_cfg, rec.files, rec.next_segment).await?,
+        ));
+        glommio::spawn_local(log::run_flusher(log.clone())).detach();
+        let spare_log = log.clone();
+        glommio::spawn_local(async move { log::prepare_spare(&spare_log).await }).detach();
+        Ok(Rc::new(Store {
+            cache: RefCell::new(RecordCache::new(cfg.cache_bytes)),
+            cfg,
+            log,
+            index: RefCell::new(rec.index),
+            epochs: RefCell::new(epochs),
+            extending_lease: Cell::new(false),
+            recovered_bytes: rec.ends.values().sum(),
+            recovery: rec.report,
+        }))
+    }
+
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.recovery
+    }
+
+    fn partition(&self, key: &[u8]) -> u32 {
+        partition_of(key, self.cfg.partitions)
+    }
+
+    /// The key's object, tombstones included; `None` if this shard never saw it.
+    pub async fn get(&self, key: &[u8]) -> Result<Option<Object>, StoreError> {
+        let entry = self.index.borrow().get(self.partition(key), key);
+        match entry {
+            None => Ok(None),
+            Some(e) => self.read_object(e.loc()).await.map(Some),
+        }
+    }
+
+    /// Applies a client write (`value: None` deletes) coordinated by this
+    /// shard, minting a new dot. Returns the key's new object.
+    pub async fn write(
+        &self,
+        key: &[u8],
+        mut value: Option<Vec<u8>>,
+        ctx: &WriteContext,
+        durable: bool,
+        now_ms: u64,
+    ) -> Result<Object, StoreError> {
+        let p = self.partition(key);
+        loop {
+            self.log.borrow().check_writable()?;
+            let entry = self.index.borrow().get(p, key);
+            let local = match entry {
+                Some(e) => Some(self.read_object(e.loc()).await?),
+                None => None,
+            };
+            let actor = self.actor_for(local.as_ref()).await?;
+            let ctx = match ctx {
+                WriteContext::Client(vv) => vv,
+                WriteContext::Local => local.as_ref().map_or(&EMPTY_VV, Object::context),
+            };
+            let dot = Object::next_dot(local.as_ref(), ctx, actor);
+            let obj = Object::apply_write(local.as_ref(), ctx, dot, now_ms, value);
+            match self.try_commit(p, key, entry, &obj).await? {
+                Some(lsn) => {
+                    if durable {
+                        self.wait_durable(lsn).await?;
+                    }
+                    return Ok(obj);
+                }
+                None => value = obj.into_sibling(&dot).and_then(|s| s.value),
+            }
+        }
+    }
+
+    /// Merges a version from another replica into this one (replication,
+    /// read repair, handoff). Nothing is written when it adds nothing.
+    pub async fn merge(
+        &self,
+        key: &[u8],
+        remote: &Object,
+        durable: bool,
+    ) -> Result<Object, StoreError> {
+        let p = self.partition(key);
+        loop {
+            self.log.borrow().check_writable()?;
+            let entry = self.index.borrow().get(p, key);
+            let local = match entry {
+                Some(e) => Some(self.read_object(e.loc()).await?),
+                None => None,
+            };
+            let merged = match &local {
+                Some(l) if l.descends(remote) => return Ok(local.expect("matched Some")),
+                Some(l) => l.merge(remote),
+                None => remote.clone(),
+            };
+            if let Some(lsn) = self.try_commit(p, key, entry, &merged).await? {
+                if durable {
+                    self.wait_durable(lsn).await?;
+                }
+                return Ok(merged);
+            }
+        }
+    }
+
+    /// The actor for a coordinated write on top of `local`: one of ours the
+    /// object proves we hold the history of, else a fresh epoch.
+    async fn actor_for(&self, local: Option<&Object>) -> Result<Actor, StoreError> {
+        let floor = self.epochs.borrow().floor();
+        if let Some(a) = reusable_actor(local, self.cfg.incarnation, self.cfg.shard, floor) {
+            return Ok(a);
+        }
+        Ok(Actor::new(
+            self.cfg.incarnation,
+            self.cfg.shard,
+            self.fresh_epoch().await?,
+        ))
+    }
+
+    async fn fresh_epoch(&self) -> Result<u64, StoreError> {
+        loop {
+            if !self.epochs.borrow().exhausted() {
+                return Ok(self.epochs.borrow_mut().take());
+            }
+            if self.extending_lease.get() {
+                glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+                continue;
+            }
+            self.extending_lease.set(true);
+            let (path, state) = self.epochs.borrow().extension();
+            let written = glommio::executor()
+                .spawn_blocking(move || epoch::write_state(&path, &state).map(|()| state))
+                .await;
+            self.extending_lease.set(false);
+            let state =
+                written.map_err(|e| StoreError::io("extending the epoch lease".into(), e))?;
+            self.epochs.borrow_mut().extended(state);
+        }
+    }
+
+    /// Appends `obj` as the key's new version if the index still points at
+    /// `expected`; `Ok(None)` when another write got there first.
+    async fn try_commit(
+        &self,
+        p: u32,
+        key: &[u8],
+        expected: Option<Entry>,
+        obj: &Object,
+    ) -> Result<Option<u64>, StoreError> {
+        let body = obj.to_bytes();
+        let deleted = obj.is_deleted();
+        let flags = if deleted { FLAG_DELETED } else { 0 };
+        loop {
+            let backlog = {
+                let l = self.log.borrow();
+                (l.unflushed_bytes() > self.cfg.max_unflushed_bytes).then(|| l.appended_lsn())
+            };
+            if let Some(lsn) = backlog {
+                self.wait_durable(lsn).await?;
+            }
+            if self.index.borrow().get(p, key) != expected {
+                return Ok(None);
+            }
+            let appended =
+                self.log
+                    .borrow_mut()
+                    .try_append(RecordKind::Object, flags, key, &body)?;
+            match appended {
+                Some((loc, lsn)) => {
+                    self.index
+                        .borrow_mut()
+                        .insert(p, key, Entry::new(loc, deleted));
+                    return Ok(Some(lsn));
+                }
+                None => {
+                    log::rotate(&self.log, format::record_len(key.len(), body.len())).await?;
+                    let spare_log = self.log.clone();
+                    glommio::spawn_local(async move { log::prepare_spare(&spare_log).await })
+                        .detach();
+                }
+            }
+        }
+    }
+
+    async fn wait_durable(&self, lsn: u64) -> Result<(), StoreError> {
+        let rx = self.log.borrow_mut().durable_waiter(lsn);
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+
+    async fn read_record(&self, loc: Loc) -> Result<Rc<[u8]>, StoreError> {
+        if let Some(b) = self.log.borrow().buffered(loc) {
+            return Ok(Rc::from(b));
+        }
+        if let Some(b) = self.cache.borrow().get(&loc) {
+            return Ok(b);
+        }
+        let file = self
+            .log
+            .borrow()
+            .file(loc.segment)
+            .ok_or_else(|| StoreError::Corrupt {
+                segment: loc.segment,
+                offset: u64::from(loc.offset),
+                what: "the index points into a segment that is not open".into(),
+            })?;
+        let r = file
+            .read_at(u64::from(loc.offset), loc.len as usize)
+            .await
+            .map_err(|e| StoreError::io(format!("reading segment {}", loc.segment), e.into()))?;
+        let data: Rc<[u8]> = Rc::from(&*r);
+        self.cache.borrow_mut().insert(loc, data.clone());
+        Ok(data)
+    }
+
+    /// Reads and verifies the record at `loc`: checksum, length and object
+    /// invariants are checked again after every read from disk.
+    pub async fn read_object(&self, loc: Loc) -> Result<Object, StoreError> {
+        let data = self.read_record(loc).await?;
+        let corrupt = |what: String| StoreError::Corrupt {
+            segment: loc.segment,
+            offset: u64::from(loc.offset),
+            what,
+        };
+        let rec = decode_record(&data)
+            .map_err(|e| corrupt(e.to_string()))?
+            .ok_or_else(|| corrupt("no record here".into()))?;
+        if rec.len != loc.len as usize {
+            return Err(corrupt(format!(
+                "record is {} bytes, the index says {}",
+                rec.len, loc.len
+            )));
+        }
+        Object::decode(rec.body).map_err(|e| corrupt(e.to_string()))
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        let counts = self.index.borrow().counts();
+        let log = self.log.borrow();
+        StoreStats {
+            keys: counts.live,
+            tombstones: counts.deleted,
+            log_bytes: self.recovered_bytes + log.appended_lsn(),
+            segments: log.segments().count() as u32,
+        }
+    }
+
+    /// Flushes everything, stops the flusher and records a clean stop.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        log::flush_all(&self.log).await?;
+        self.log.borrow_mut().shut_down();
+        self.epochs
+            .borrow_mut()
+            .close_clean()
+            .map_err(|e| StoreError::io("recording a clean stop".into(), e))
+    }
+}
+
+static EMPTY_VV: VersionVector = VersionVector::new_const();

@@ -1,0 +1,237 @@
+//! Rebuilding a shard's index from its log at start-up.
+//!
+//! Segments are replayed in id order, records in offset order; a later record
+//! of a key replaces an earlier one. The first record that fails its checks
+//! ends the valid log. That is expected exactly once, at the tail: a group
+//! commit that was cut short by a crash was never acknowledged, so it is
+//! dropped and the segment truncated there. Valid records *after* a bad one in
+//! a later segment cannot come from a torn tail (segments are flushed in
+//! order), so that is reported as corruption and the node refuses to start
+//! rather than silently dropping acknowledged data.
+
+use super::format::{
+    decode_record, peek_len, FormatError, SegmentHeader, HEADER_BYTES, MAX_RECORD_BYTES,
+    RECORD_HEADER_BYTES,
+};
+use super::index::{Entry, Index, KeyHasher, Loc};
+use super::log::open_dma;
+use super::segment::{self, segment_path};
+use super::StoreError;
+use glommio::io::DmaFile;
+use ringkv_core::keyspace::partition_of;
+use std::collections::HashMap;
+use std::path::Path;
+use std::rc::Rc;
+
+const READ_WINDOW: usize = 1 << 20;
+
+/// What a start-up found and did, for the log and for tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    pub segments: usize,
+    pub records: u64,
+    /// Where a torn tail was cut off: segment, offset, bytes dropped, why.
+    pub truncated: Option<(u32, u64, u64, String)>,
+}
+
+pub struct Recovered {
+    pub files: HashMap<u32, Rc<DmaFile>>,
+    pub index: Index,
+    /// Valid bytes per segment (header included).
+    pub ends: HashMap<u32, u64>,
+    pub next_segment: u32,
+    pub report: RecoveryReport,
+}
+
+enum ScanEnd {
+    Clean { end: u64 },
+    Bad { offset: u64, reason: FormatError },
+}
+
+/// Reads records from `HEADER_BYTES` on, calling `visit` for each valid one.
+async fn scan(
+    file: &DmaFile,
+    id: u32,
+    size: u64,
+    mut visit: impl FnMut(&[u8], u8, Loc),
+) -> Result<ScanEnd, StoreError> {
+    let mut pos = HEADER_BYTES;
+    let mut buf: Vec<u8> = Vec::new();
+    let mut buf_off = pos;
+    loop {
+        let rel = (pos - buf_off) as usize;
+        let avail = buf.len() - rel;
+        let want = match peek_len(&buf[rel..]) {
+            Some(l)
+                if l >= RECORD_HEADER_BYTES && l <= MAX_RECORD_BYTES && pos + l as u64 <= size =>
+            {
+                l
+            }
+            _ => RECORD_HEADER_BYTES,
+        };
+        let loaded_to = buf_off + buf.len() as u64;
+        if avail < want && loaded_to < size {
+            buf.drain(..rel);
+            buf_off = pos;
+            let len = (READ_WINDOW.max(want - avail) as u64).min(size - loaded_to) as usize;
+            let from = buf_off + buf.len() as u64;
+            let chunk = file
+                .read_at(from, len)
+                .await
+                .map_err(|e| StoreError::io(format!("reading segment {id}"), e.into()))?;
+            if chunk.is_empty() {
+                return Err(StoreError::Io(format!(
+                    "segment {id} ended at {from}, before its size {size}"
+                )));
+            }
+            buf.extend_from_slice(&chunk);
+            continue;
+        }
+        match decode_record(&buf[rel..]) {
+            Ok(None) => return Ok(ScanEnd::Clean { end: pos }),
+            Ok(Some(r)) => {
+                let loc = Loc {
+                    segment: id,
+                    offset: pos as u32,
+                    len: r.len as u32,
+                };
+                visit(r.key, r.flags, loc);
+                pos += r.len as u64;
+            }
+            Err(reason) => {
+                return Ok(ScanEnd::Bad {
+                    offset: pos,
+                    reason,
+                })
+            }
+        }
+    }
+}
+
+async fn read_header(file: &DmaFile, id: u32) -> Result<SegmentHeader, StoreError> {
+    let b = file
+        .read_at(0, HEADER_BYTES as usize)
+        .await
+        .map_err(|e| StoreError::io(format!("reading segment {id} header"), e.into()))?;
+    SegmentHeader::decode(&b).map_err(|e| StoreError::Corrupt {
+        segment: id,
+        offset: 0,
+        what: e.to_string(),
+    })
+}
+
+async fn file_size(file: &DmaFile, id: u32) -> Result<u64, StoreError> {
+    file.file_size()
+        .await
+        .map_err(|e| StoreError::io(format!("sizing segment {id}"), e.into()))
+}
+
+/// Replays every segment in `dir` into a fresh index.
+pub async fn recover(
+    dir: &Path,
+    shard: u32,
+    partitions: u32,
+    hasher: KeyHasher,
+) -> Result<Recovered, StoreError> {
+    let ids = segment::list_segments(dir)
+        .map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))?;
+    let mut index = Index::new(partitions, hasher);
+    let mut files = HashMap::new();
+    let mut ends = HashMap::new();
+    let mut report = RecoveryReport {
+        segments: ids.len(),
+        ..Default::default()
+    };
+    let mut torn: Option<(u32, u64, u64, FormatError)> = None;
+
+    for &id in &ids {
+        let path = segment_path(dir, id);
+        let file = open_dma(&path).await?;
+        let header = read_header(&file, id).await?;
+        if header.segment != id || header.shard != shard {
+            return Err(StoreError::Corrupt {
+                segment: id,
+                offset: 0,
+                what: format!(
+                    "header names shard {} segment {}: file is misplaced",
+                    header.shard, header.segment
+                ),
+            });
+        }
+        let size = file_size(&file, id).await?;
+        if let Some((bad_seg, bad_off, _, reason)) = &torn {
+            // Past a torn tail only empty segments may follow.
+            let mut stray = 0u64;
+            scan(&file, id, size, |_, _, _| stray += 1).await?;
+            if stray > 0 {
+                return Err(StoreError::Corrupt {
+                    segment: *bad_seg,
+                    offset: *bad_off,
+                    what: format!(
+                        "{reason}, and segment {id} after it holds {stray} valid records; \
+                         this is damage, not a torn write: inspect the directory with `ringkv inspect`"
+                    ),
+                });
+            }
+            continue;
+        }
+        let mut records = 0u64;
+        let end = scan(&file, id, size, |key, flags, loc| {
+            records += 1;
+            let deleted = flags & super::format::FLAG_DELETED != 0;
+            index.insert(partition_of(key, partitions), key, Entry::new(loc, deleted));
+        })
+        .await?;
+        report.records += records;
+        match end {
+            ScanEnd::Clean { end } => {
+                ends.insert(id, end);
+            }
+            ScanEnd::Bad { offset, reason } => {
+                ends.insert(id, offset);
+                torn = Some((id, offset, size - offset, reason));
+            }
+        }
+        files.insert(id, file);
+    }
+
+    if let Some((id, offset, _, reason)) = torn {
+        // Only the tail is dropped; count what really held data (not the
+        // preallocated zeros) for the report.
+        let dropped = torn_bytes(&files[&id], id, offset).await?;
+        tracing::warn!(shard, segment = id, offset, dropped, %reason, "truncating a torn tail left by a crash");
+        let path = segment_path(dir, id);
+        glommio::executor()
+            .spawn_blocking(move || segment::truncate_segment(&path, offset))
+            .await
+            .map_err(|e| StoreError::io(format!("truncating segment {id}"), e))?;
+        for later in ids.iter().filter(|&&s| s > id) {
+            let path = segment_path(dir, *later);
+            std::fs::remove_file(&path)
+                .map_err(|e| StoreError::io(format!("removing empty segment {later}"), e))?;
+        }
+        report.truncated = Some((id, offset, dropped, reason.to_string()));
+    }
+    let next_segment = ids.last().map_or(1, |l| l + 1);
+    Ok(Recovered {
+        files,
+        index,
+        ends,
+        next_segment,
+        report,
+    })
+}
+
+/// Bytes from `offset` up to the last non-zero byte within the next few blocks.
+async fn torn_bytes(file: &DmaFile, id: u32, offset: u64) -> Result<u64, StoreError> {
+    let size = file_size(file, id).await?;
+    let len = (size - offset).min(MAX_RECORD_BYTES as u64 + READ_WINDOW as u64) as usize;
+    let tail = file
+        .read_at(offset, len)
+        .await
+        .map_err(|e| StoreError::io(format!("reading segment {id}"), e.into()))?;
+    Ok(tail
+        .iter()
+        .rposition(|&b| b != 0)
+        .map_or(0, |i| i as u64 + 1))
+}

@@ -1,0 +1,129 @@
+//! Segment files on disk: naming, creation and listing.
+//!
+//! A segment is created whole or not at all: its header is written to a
+//! temporary file, the file is preallocated to its full capacity and synced,
+//! then renamed into place and the directory synced. So a segment file that
+//! exists always has a valid header, and because space is reserved up front a
+//! full disk surfaces when a segment is created, before any record is
+//! accepted into it, never in the middle of a group commit.
+//!
+//! These functions block; the store runs them on glommio's blocking pool.
+
+use super::format::{SegmentHeader, HEADER_BYTES};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+const SUFFIX: &str = ".seg";
+
+pub fn segment_path(dir: &Path, id: u32) -> PathBuf {
+    dir.join(format!("{id:010}{SUFFIX}"))
+}
+
+/// Segment ids present in `dir`, sorted. Leftover temporary files from a
+/// creation interrupted by a crash are removed.
+pub fn list_segments(dir: &Path) -> io::Result<Vec<u32>> {
+    let mut ids = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.ends_with(".seg.tmp") {
+            fs::remove_file(entry.path())?;
+        } else if let Some(id) = name
+            .strip_suffix(SUFFIX)
+            .and_then(|s| s.parse::<u32>().ok())
+        {
+            ids.push(id);
+        }
+    }
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+pub fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Creates segment `header.segment` in `dir` with room for `capacity` bytes.
+pub fn create_segment(dir: &Path, header: &SegmentHeader, capacity: u64) -> io::Result<PathBuf> {
+    assert!(capacity > HEADER_BYTES);
+    let path = segment_path(dir, header.segment);
+    let tmp = path.with_extension("seg.tmp");
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&tmp)?;
+        f.write_all(&header.encode())?;
+        preallocate(&f, capacity)?;
+        f.sync_all()?;
+        fs::rename(&tmp, &path)?;
+        fsync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map(|()| path)
+}
+
+/// Reserves `len` bytes for `f` so later writes cannot fail for lack of space.
+fn preallocate(f: &File, len: u64) -> io::Result<()> {
+    // SAFETY: fallocate only reads the descriptor and integers.
+    let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len as libc::off_t) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        // File systems without fallocate: fall back to a sized (sparse) file.
+        Some(libc::EOPNOTSUPP) => f.set_len(len),
+        _ => Err(err),
+    }
+}
+
+/// Cuts a segment to `len` bytes (dropping a torn tail or unused space) and
+/// makes that durable.
+pub fn truncate_segment(path: &Path, len: u64) -> io::Result<()> {
+    let f = OpenOptions::new().write(true).open(path)?;
+    f.set_len(len)?;
+    f.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_created_segment_has_its_header_and_full_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = SegmentHeader {
+            shard: 0,
+            segment: 7,
+            incarnation: 1,
+            created_ms: 2,
+        };
+        let path = create_segment(dir.path(), &h, 1 << 20).unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().len(), 1 << 20);
+        let bytes = fs::read(&path).unwrap();
+        assert_eq!(SegmentHeader::decode(&bytes).unwrap(), h);
+        assert_eq!(list_segments(dir.path()).unwrap(), vec![7]);
+        assert!(
+            create_segment(dir.path(), &h, 1 << 20).is_err()
+                || list_segments(dir.path()).unwrap() == vec![7]
+        );
+    }
+
+    #[test]
+    fn leftover_temporary_files_are_cleaned_up() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("0000000003.seg.tmp"), b"partial").unwrap();
+        fs::write(dir.path().join("0000000002.seg"), b"x").unwrap();
+        fs::write(dir.path().join("notes.txt"), b"x").unwrap();
+        assert_eq!(list_segments(dir.path()).unwrap(), vec![2]);
+        assert!(!dir.path().join("0000000003.seg.tmp").exists());
+    }
+}

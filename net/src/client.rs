@@ -1,0 +1,306 @@
+//! A blocking client for one ringkv endpoint.
+//!
+//! It sends each request to the node (and shard) it is connected to; routing
+//! across a cluster is the cluster client's job. Requests can be pipelined:
+//! [`Client::send`] queues without waiting and [`Client::recv`] returns
+//! responses in the order they arrive.
+
+use crate::proto::{
+    GetResult, Hello, HelloAck, Level, NodeInfo, Reply, Request, Response, WireError,
+};
+use crate::session::{Event, Session, SessionError};
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::Duration;
+use thiserror::Error;
+
+pub const DEFAULT_CLUSTER: &str = "ringkv";
+
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    #[error("{0}")]
+    Server(WireError),
+    #[error("cannot reach {addr}: {source}")]
+    Connect { addr: String, source: io::Error },
+    #[error("connection failed: {0}")]
+    Io(#[from] io::Error),
+    #[error("no response within {0:?}")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    #[error("unexpected reply to {request}: {reply:?}")]
+    UnexpectedReply {
+        request: &'static str,
+        reply: Box<Reply>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub cluster: String,
+    /// How long to wait for a connection and for each response.
+    pub timeout: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            cluster: DEFAULT_CLUSTER.to_string(),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Options of a put or delete.
+#[derive(Debug, Clone, Default)]
+pub struct WriteOptions {
+    pub context: Vec<u8>,
+    pub w: Level,
+    pub durable: Option<bool>,
+}
+
+pub struct Client {
+    stream: TcpStream,
+    session: Session,
+    timeout: Duration,
+    server: HelloAck,
+    /// Responses that arrived while waiting for another one.
+    early: HashMap<u64, Response>,
+}
+
+impl Client {
+    pub fn connect(
+        addr: impl ToSocketAddrs + std::fmt::Display,
+        config: &ClientConfig,
+    ) -> Result<Client, ClientError> {
+        let name = addr.to_string();
+        let connect_err = |source| ClientError::Connect {
+            addr: name.clone(),
+            source,
+        };
+        let addrs: Vec<SocketAddr> = addr.to_socket_addrs().map_err(connect_err)?.collect();
+        let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+        for a in addrs {
+            match TcpStream::connect_timeout(&a, config.timeout) {
+                Ok(stream) => return Self::handshake(stream, config),
+                Err(e) => last = e,
+            }
+        }
+        Err(connect_err(last))
+    }
+
+    fn handshake(stream: TcpStream, config: &ClientConfig) -> Result<Client, ClientError> {
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(config.timeout))?;
+        stream.set_write_timeout(Some(config.timeout))?;
+        let mut c = Client {
+            stream,
+            session: Session::new(Hello::client(&config.cluster)),
+            timeout: config.timeout,
+            server: HelloAck {
+                protocol_version: 0,
+                node_id: String::new(),
+                shard: 0,
+                shards: 0,
+                cluster: String::new(),
+            },
+            early: HashMap::new(),
+        };
+        c.flush()?;
+        loop {
+            match c.next_event()? {
+                Event::Connected(ack) => {
+                    c.server = ack;
+                    return Ok(c);
+                }
+                Event::Response(r) => {
+                    return Err(SessionError::Protocol(format!(
+                        "response {} before handshake",
+                        r.id
+                    ))
+                    .into())
+                }
+            }
+        }
+    }
+
+    /// What the server said about itself in the handshake.
+    pub fn server(&self) -> &HelloAck {
+        &self.server
+    }
+
+    pub fn set_timeout(&mut self, timeout: Duration) -> io::Result<()> {
+        self.timeout = timeout;
+        self.stream.set_read_timeout(Some(timeout))?;
+        self.stream.set_write_timeout(Some(timeout))
+    }
+
+    /// Queues and sends a request without waiting for its response.
+    pub fn send(&mut self, body: Request) -> Result<u64, ClientError> {
+        let id = self
+            .session
+            .send(body, self.timeout.as_millis().min(u32::MAX as u128) as u32);
+        self.flush()?;
+        Ok(id)
+    }
+
+    /// Queues requests and sends them in one write.
+    pub fn send_batch(
+        &mut self,
+        bodies: impl IntoIterator<Item = Request>,
+    ) -> Result<Vec<u64>, ClientError> {
+        let t = self.timeout.as_millis().min(u32::MAX as u128) as u32;
+        let ids = bodies
+            .into_iter()
+            .map(|b| self.session.send(b, t))
+            .collect();
+        self.flush()?;
+        Ok(ids)
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.session.in_flight() + self.early.len()
+    }
+
+    /// The next response to arrive, whichever request it answers.
+    pub fn recv(&mut self) -> Result<Response, ClientError> {
+        if let Some(id) = self.early.keys().next().copied() {
+            return Ok(self.early.remove(&id).expect("key just seen"));
+        }
+        match self.next_event()? {
+            Event::Response(r) => Ok(r),
+            Event::Connected(_) => Err(SessionError::Protocol("second handshake".into()).into()),
+        }
+    }
+
+    /// Waits for the response to request `id`.
+    pub fn wait(&mut self, id: u64) -> Result<Reply, ClientError> {
+        loop {
+            if let Some(r) = self.early.remove(&id) {
+                return r.result.map_err(ClientError::Server);
+            }
+            let r = self.recv()?;
+            if r.id == id {
+                return r.result.map_err(ClientError::Server);
+            }
+            self.early.insert(r.id, r);
+        }
+    }
+
+    pub fn call(&mut self, body: Request) -> Result<Reply, ClientError> {
+        let id = self.send(body)?;
+        self.wait(id)
+    }
+
+    pub fn get(&mut self, key: &[u8], r: Level) -> Result<GetResult, ClientError> {
+        match self.call(Request::Get {
+            key: key.to_vec(),
+            r,
+        })? {
+            Reply::Get(g) => Ok(g),
+            other => Err(unexpected("get", other)),
+        }
+    }
+
+    /// Writes `value`; returns the context of the new version.
+    pub fn put(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        opts: &WriteOptions,
+    ) -> Result<Vec<u8>, ClientError> {
+        let body = Request::Put {
+            key: key.to_vec(),
+            value: value.to_vec(),
+            context: opts.context.clone(),
+            w: opts.w,
+            durable: opts.durable,
+        };
+        match self.call(body)? {
+            Reply::Put { context } => Ok(context),
+            other => Err(unexpected("put", other)),
+        }
+    }
+
+    pub fn delete(&mut self, key: &[u8], opts: &WriteOptions) -> Result<(), ClientError> {
+        let body = Request::Delete {
+            key: key.to_vec(),
+            context: opts.context.clone(),
+            w: opts.w,
+            durable: opts.durable,
+        };
+        match self.call(body)? {
+            Reply::Delete => Ok(()),
+            other => Err(unexpected("delete", other)),
+        }
+    }
+
+    pub fn ping(&mut self) -> Result<(), ClientError> {
+        match self.call(Request::Ping {
+            payload: Vec::new(),
+        })? {
+            Reply::Pong { .. } => Ok(()),
+            other => Err(unexpected("ping", other)),
+        }
+    }
+
+    pub fn node_info(&mut self) -> Result<NodeInfo, ClientError> {
+        match self.call(Request::NodeInfo)? {
+            Reply::NodeInfo(n) => Ok(n),
+            other => Err(unexpected("node-info", other)),
+        }
+    }
+
+    fn flush(&mut self) -> Result<(), ClientError> {
+        let out = self.session.output();
+        if !out.is_empty() {
+            let n = out.len();
+            self.stream.write_all(out).map_err(|e| self.io_error(e))?;
+            self.session.consumed(n);
+        }
+        Ok(())
+    }
+
+    fn next_event(&mut self) -> Result<Event, ClientError> {
+        loop {
+            if let Some(e) = self.session.poll()? {
+                return Ok(e);
+            }
+            const READ: usize = 64 * 1024;
+            let buf = self.session.read_buffer(READ);
+            let n = match self.stream.read(buf) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.session.commit_read(READ, 0);
+                    return Err(self.io_error(e));
+                }
+            };
+            self.session.commit_read(READ, n);
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "server closed the connection",
+                )
+                .into());
+            }
+        }
+    }
+
+    fn io_error(&self, e: io::Error) -> ClientError {
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                ClientError::Timeout(self.timeout)
+            }
+            _ => ClientError::Io(e),
+        }
+    }
+}
+
+fn unexpected(request: &'static str, reply: Reply) -> ClientError {
+    ClientError::UnexpectedReply {
+        request,
+        reply: Box::new(reply),
+    }
+}

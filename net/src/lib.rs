@@ -1,0 +1,18 @@
+//! ringkv's wire protocol and client library.
+//!
+//! - [`frame`]: length-prefixed framing with a maximum frame size;
+//! - [`proto`]: typed messages and their verified flatbuffer encoding;
+//! - [`session`]: the client side of a connection as a sans-I/O state machine;
+//! - [`client`]: a blocking, pipelining client for one endpoint.
+//!
+//! The schema is `net/schema/ringkv.fbs`; the generated code lives in
+//! `generated/` and is refreshed by `tools/gen-wire.sh`.
+
+pub mod client;
+pub mod frame;
+mod generated;
+pub mod proto;
+pub mod session;
+
+pub use client::{Client, ClientConfig, ClientError, WriteOptions};
+pub use proto::{ErrorCode, GetResult, Level, Reply, Request, WireError};

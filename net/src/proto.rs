@@ -1,0 +1,960 @@
+//! Typed protocol messages and their flatbuffer encoding.
+//!
+//! The rest of ringkv speaks [`Message`]; only this module touches the
+//! generated flatbuffer code. Decoding always runs the flatbuffer verifier with
+//! limits sized to our messages ([`DecodeLimits`]): network input is never
+//! trusted, and a message that fails verification is an error, not a panic.
+
+use crate::frame;
+use crate::generated as fb;
+use flatbuffers::{FlatBufferBuilder, VerifierOptions, WIPOffset};
+use std::fmt;
+use thiserror::Error;
+
+/// "RKV1" read as a little-endian u32.
+pub const MAGIC: u32 = u32::from_le_bytes(*b"RKV1");
+pub const PROTOCOL_VERSION: u16 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Client,
+    Peer,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub magic: u32,
+    pub protocol_version: u16,
+    pub role: Role,
+    pub cluster: String,
+    pub node_id: String,
+    pub credentials: Vec<u8>,
+}
+
+impl Hello {
+    pub fn client(cluster: &str) -> Hello {
+        Hello {
+            magic: MAGIC,
+            protocol_version: PROTOCOL_VERSION,
+            role: Role::Client,
+            cluster: cluster.to_string(),
+            node_id: String::new(),
+            credentials: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelloAck {
+    pub protocol_version: u16,
+    pub node_id: String,
+    pub shard: u16,
+    pub shards: u16,
+    pub cluster: String,
+}
+
+/// What went wrong, as the wire names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    Internal,
+    BadRequest,
+    PairTooLarge,
+    Unavailable,
+    Timeout,
+    Overloaded,
+    Storage,
+    UnknownMessage,
+    ProtocolMismatch,
+    ClusterMismatch,
+    StaleTopology,
+    FrameTooLarge,
+    MalformedFrame,
+}
+
+impl ErrorCode {
+    fn to_fb(self) -> fb::ErrorCode {
+        match self {
+            ErrorCode::Internal => fb::ErrorCode::Internal,
+            ErrorCode::BadRequest => fb::ErrorCode::BadRequest,
+            ErrorCode::PairTooLarge => fb::ErrorCode::PairTooLarge,
+            ErrorCode::Unavailable => fb::ErrorCode::Unavailable,
+            ErrorCode::Timeout => fb::ErrorCode::Timeout,
+            ErrorCode::Overloaded => fb::ErrorCode::Overloaded,
+            ErrorCode::Storage => fb::ErrorCode::Storage,
+            ErrorCode::UnknownMessage => fb::ErrorCode::UnknownMessage,
+            ErrorCode::ProtocolMismatch => fb::ErrorCode::ProtocolMismatch,
+            ErrorCode::ClusterMismatch => fb::ErrorCode::ClusterMismatch,
+            ErrorCode::StaleTopology => fb::ErrorCode::StaleTopology,
+            ErrorCode::FrameTooLarge => fb::ErrorCode::FrameTooLarge,
+            ErrorCode::MalformedFrame => fb::ErrorCode::MalformedFrame,
+        }
+    }
+
+    fn from_fb(c: fb::ErrorCode) -> ErrorCode {
+        match c {
+            fb::ErrorCode::BadRequest => ErrorCode::BadRequest,
+            fb::ErrorCode::PairTooLarge => ErrorCode::PairTooLarge,
+            fb::ErrorCode::Unavailable => ErrorCode::Unavailable,
+            fb::ErrorCode::Timeout => ErrorCode::Timeout,
+            fb::ErrorCode::Overloaded => ErrorCode::Overloaded,
+            fb::ErrorCode::Storage => ErrorCode::Storage,
+            fb::ErrorCode::UnknownMessage => ErrorCode::UnknownMessage,
+            fb::ErrorCode::ProtocolMismatch => ErrorCode::ProtocolMismatch,
+            fb::ErrorCode::ClusterMismatch => ErrorCode::ClusterMismatch,
+            fb::ErrorCode::StaleTopology => ErrorCode::StaleTopology,
+            fb::ErrorCode::FrameTooLarge => ErrorCode::FrameTooLarge,
+            fb::ErrorCode::MalformedFrame => ErrorCode::MalformedFrame,
+            // Internal, and codes from a newer peer that we do not know.
+            _ => ErrorCode::Internal,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorCode::Internal => "Internal",
+            ErrorCode::BadRequest => "BadRequest",
+            ErrorCode::PairTooLarge => "PairTooLarge",
+            ErrorCode::Unavailable => "Unavailable",
+            ErrorCode::Timeout => "Timeout",
+            ErrorCode::Overloaded => "Overloaded",
+            ErrorCode::Storage => "Storage",
+            ErrorCode::UnknownMessage => "UnknownMessage",
+            ErrorCode::ProtocolMismatch => "ProtocolMismatch",
+            ErrorCode::ClusterMismatch => "ClusterMismatch",
+            ErrorCode::StaleTopology => "StaleTopology",
+            ErrorCode::FrameTooLarge => "FrameTooLarge",
+            ErrorCode::MalformedFrame => "MalformedFrame",
+        }
+    }
+}
+
+/// An error as carried on the wire: a code and a human-readable line.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{}: {message}", code.name())]
+pub struct WireError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl WireError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> WireError {
+        WireError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// A read or write quorum as requested by a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Level {
+    /// The server's default (quorum).
+    #[default]
+    Default,
+    Quorum,
+    All,
+    /// An explicit number of replicas, 1..=N; `Count(1)` is "one".
+    Count(u8),
+}
+
+impl Level {
+    const QUORUM: u8 = 254;
+    const ALL: u8 = 255;
+
+    pub fn to_byte(self) -> u8 {
+        match self {
+            Level::Default => 0,
+            Level::Quorum => Self::QUORUM,
+            Level::All => Self::ALL,
+            Level::Count(n) => {
+                assert!(
+                    n > 0 && n < Self::QUORUM,
+                    "explicit quorum {n} out of range"
+                );
+                n
+            }
+        }
+    }
+
+    pub fn from_byte(b: u8) -> Level {
+        match b {
+            0 => Level::Default,
+            Self::QUORUM => Level::Quorum,
+            Self::ALL => Level::All,
+            n => Level::Count(n),
+        }
+    }
+
+    /// Resolves the level against the replication factor `n`; `None` when an
+    /// explicit count is not in 1..=n.
+    pub fn resolve(self, n: usize) -> Option<usize> {
+        match self {
+            Level::Default | Level::Quorum => Some(n / 2 + 1),
+            Level::All => Some(n),
+            Level::Count(c) => (1..=n).contains(&(c as usize)).then_some(c as usize),
+        }
+    }
+}
+
+impl std::str::FromStr for Level {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Level, String> {
+        match s {
+            "one" => Ok(Level::Count(1)),
+            "quorum" => Ok(Level::Quorum),
+            "all" => Ok(Level::All),
+            _ => match s.parse::<u8>() {
+                Ok(n) if n > 0 && n < Level::QUORUM => Ok(Level::Count(n)),
+                _ => Err(format!(
+                    "'{s}' is not one, quorum, all or a replica count 1..=253"
+                )),
+            },
+        }
+    }
+}
+
+impl fmt::Display for Level {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Level::Default => write!(f, "default"),
+            Level::Quorum => write!(f, "quorum"),
+            Level::All => write!(f, "all"),
+            Level::Count(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Get {
+        key: Vec<u8>,
+        r: Level,
+    },
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        context: Vec<u8>,
+        w: Level,
+        durable: Option<bool>,
+    },
+    Delete {
+        key: Vec<u8>,
+        context: Vec<u8>,
+        w: Level,
+        durable: Option<bool>,
+    },
+    Ping {
+        payload: Vec<u8>,
+    },
+    NodeInfo,
+}
+
+impl Request {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Get { .. } => "get",
+            Request::Put { .. } => "put",
+            Request::Delete { .. } => "delete",
+            Request::Ping { .. } => "ping",
+            Request::NodeInfo => "node-info",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestFrame {
+    pub id: u64,
+    /// 0 = the server's default.
+    pub timeout_ms: u32,
+    pub body: Request,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GetResult {
+    pub found: bool,
+    pub values: Vec<Vec<u8>>,
+    pub context: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ShardStats {
+    pub shard: u16,
+    pub keys: u64,
+    pub tombstones: u64,
+    pub disk_bytes: u64,
+    pub segments: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeInfo {
+    pub node_id: String,
+    pub cluster: String,
+    pub listen: String,
+    pub version: String,
+    pub partitions: u32,
+    pub shards: Vec<ShardStats>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Get(GetResult),
+    Put { context: Vec<u8> },
+    Delete,
+    Pong { payload: Vec<u8> },
+    NodeInfo(NodeInfo),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub id: u64,
+    pub result: Result<Reply, WireError>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Hello(Hello),
+    HelloAck(HelloAck),
+    Request(RequestFrame),
+    Response(Response),
+    /// A connection-level error; the sender closes the connection after it.
+    Error(WireError),
+}
+
+/// Why a frame's payload could not be turned into a [`Message`].
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum DecodeError {
+    #[error("unverifiable flatbuffer: {0}")]
+    Malformed(String),
+    #[error("unknown message type {0}")]
+    UnknownMessage(u8),
+    #[error("message lacks required field '{0}'")]
+    Missing(&'static str),
+}
+
+impl DecodeError {
+    /// The wire error to answer a client with.
+    pub fn to_wire(&self) -> WireError {
+        let code = match self {
+            DecodeError::UnknownMessage(_) => ErrorCode::UnknownMessage,
+            DecodeError::Malformed(_) | DecodeError::Missing(_) => ErrorCode::MalformedFrame,
+        };
+        WireError::new(code, self.to_string())
+    }
+}
+
+/// Verifier limits: how deep and how many tables a message may have.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeLimits {
+    pub max_depth: usize,
+    pub max_tables: usize,
+}
+
+impl DecodeLimits {
+    /// What a server accepts from clients: requests are a handful of tables.
+    pub const SERVER: DecodeLimits = DecodeLimits {
+        max_depth: 6,
+        max_tables: 16,
+    };
+    /// What a client accepts from servers: a get may return many siblings.
+    pub const CLIENT: DecodeLimits = DecodeLimits {
+        max_depth: 6,
+        max_tables: 1 << 16,
+    };
+}
+
+/// Decodes one frame payload.
+pub fn decode(payload: &[u8], limits: DecodeLimits) -> Result<Message, DecodeError> {
+    let opts = VerifierOptions {
+        max_depth: limits.max_depth,
+        max_tables: limits.max_tables,
+        max_apparent_size: payload.len().saturating_mul(2).max(1024),
+        ignore_missing_null_terminator: false,
+    };
+    let frame = flatbuffers::root_with_opts::<fb::Frame>(&opts, payload)
+        .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    match frame.body_type() {
+        fb::FrameBody::Hello => {
+            let h = frame.body_as_hello().ok_or(DecodeError::Missing("hello"))?;
+            Ok(Message::Hello(Hello {
+                magic: h.magic(),
+                protocol_version: h.protocol_version(),
+                role: if h.role() == fb::Role::Peer {
+                    Role::Peer
+                } else {
+                    Role::Client
+                },
+                cluster: h.cluster().unwrap_or_default().to_string(),
+                node_id: h.node_id().unwrap_or_default().to_string(),
+                credentials: bytes(h.credentials()),
+            }))
+        }
+        fb::FrameBody::HelloAck => {
+            let h = frame
+                .body_as_hello_ack()
+                .ok_or(DecodeError::Missing("hello_ack"))?;
+            Ok(Message::HelloAck(HelloAck {
+                protocol_version: h.protocol_version(),
+                node_id: h.node_id().unwrap_or_default().to_string(),
+                shard: h.shard(),
+                shards: h.shards(),
+                cluster: h.cluster().unwrap_or_default().to_string(),
+            }))
+        }
+        fb::FrameBody::Request => {
+            let r = frame
+                .body_as_request()
+                .ok_or(DecodeError::Missing("request"))?;
+            Ok(Message::Request(RequestFrame {
+                id: r.id(),
+                timeout_ms: r.timeout_ms(),
+                body: decode_request(&r)?,
+            }))
+        }
+        fb::FrameBody::Response => {
+            let r = frame
+                .body_as_response()
+                .ok_or(DecodeError::Missing("response"))?;
+            let result = match r.error() {
+                Some(e) => Err(decode_error(&e)),
+                None => Ok(decode_reply(&r)?),
+            };
+            Ok(Message::Response(Response { id: r.id(), result }))
+        }
+        fb::FrameBody::Error => {
+            let e = frame.body_as_error().ok_or(DecodeError::Missing("error"))?;
+            Ok(Message::Error(decode_error(&e)))
+        }
+        other => Err(DecodeError::UnknownMessage(other.0)),
+    }
+}
+
+fn bytes(v: Option<flatbuffers::Vector<'_, u8>>) -> Vec<u8> {
+    v.map(|v| v.bytes().to_vec()).unwrap_or_default()
+}
+
+fn decode_error(e: &fb::Error<'_>) -> WireError {
+    WireError {
+        code: ErrorCode::from_fb(e.code()),
+        message: e.message().unwrap_or_default().to_string(),
+    }
+}
+
+fn decode_request(r: &fb::Request<'_>) -> Result<Request, DecodeError> {
+    Ok(match r.body_type() {
+        fb::RequestBody::GetRequest => {
+            let g = r.body_as_get_request().ok_or(DecodeError::Missing("get"))?;
+            Request::Get {
+                key: bytes(g.key()),
+                r: Level::from_byte(g.r()),
+            }
+        }
+        fb::RequestBody::PutRequest => {
+            let p = r.body_as_put_request().ok_or(DecodeError::Missing("put"))?;
+            Request::Put {
+                key: bytes(p.key()),
+                value: bytes(p.value()),
+                context: bytes(p.context()),
+                w: Level::from_byte(p.w()),
+                durable: p.durable(),
+            }
+        }
+        fb::RequestBody::DeleteRequest => {
+            let d = r
+                .body_as_delete_request()
+                .ok_or(DecodeError::Missing("delete"))?;
+            Request::Delete {
+                key: bytes(d.key()),
+                context: bytes(d.context()),
+                w: Level::from_byte(d.w()),
+                durable: d.durable(),
+            }
+        }
+        fb::RequestBody::PingRequest => {
+            let p = r
+                .body_as_ping_request()
+                .ok_or(DecodeError::Missing("ping"))?;
+            Request::Ping {
+                payload: bytes(p.payload()),
+            }
+        }
+        fb::RequestBody::NodeInfoRequest => Request::NodeInfo,
+        other => return Err(DecodeError::UnknownMessage(other.0)),
+    })
+}
+
+fn decode_reply(r: &fb::Response<'_>) -> Result<Reply, DecodeError> {
+    Ok(match r.result_type() {
+        fb::ResultBody::GetResult => {
+            let g = r
+                .result_as_get_result()
+                .ok_or(DecodeError::Missing("get result"))?;
+            let values = g
+                .values()
+                .map(|vs| vs.iter().map(|v| bytes(v.data())).collect())
+                .unwrap_or_default();
+            Reply::Get(GetResult {
+                found: g.found(),
+                values,
+                context: bytes(g.context()),
+            })
+        }
+        fb::ResultBody::PutResult => {
+            let p = r
+                .result_as_put_result()
+                .ok_or(DecodeError::Missing("put result"))?;
+            Reply::Put {
+                context: bytes(p.context()),
+            }
+        }
+        fb::ResultBody::DeleteResult => Reply::Delete,
+        fb::ResultBody::PongResult => {
+            let p = r
+                .result_as_pong_result()
+                .ok_or(DecodeError::Missing("pong"))?;
+            Reply::Pong {
+                payload: bytes(p.payload()),
+            }
+        }
+        fb::ResultBody::NodeInfoResult => {
+            let n = r
+                .result_as_node_info_result()
+                .ok_or(DecodeError::Missing("node info"))?;
+            let shards = n
+                .shards()
+                .map(|v| {
+                    v.iter()
+                        .map(|s| ShardStats {
+                            shard: s.shard(),
+                            keys: s.keys(),
+                            tombstones: s.tombstones(),
+                            disk_bytes: s.disk_bytes(),
+                            segments: s.segments(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            Reply::NodeInfo(NodeInfo {
+                node_id: n.node_id().unwrap_or_default().to_string(),
+                cluster: n.cluster().unwrap_or_default().to_string(),
+                listen: n.listen().unwrap_or_default().to_string(),
+                version: n.version().unwrap_or_default().to_string(),
+                partitions: n.partitions(),
+                shards,
+            })
+        }
+        fb::ResultBody::NONE => return Err(DecodeError::Missing("result or error")),
+        other => return Err(DecodeError::UnknownMessage(other.0)),
+    })
+}
+
+/// Builds framed messages; keep one per connection to reuse its buffer.
+pub struct Encoder {
+    fbb: FlatBufferBuilder<'static>,
+}
+
+impl Default for Encoder {
+    fn default() -> Self {
+        Encoder::new()
+    }
+}
+
+impl Encoder {
+    pub fn new() -> Encoder {
+        Encoder {
+            fbb: FlatBufferBuilder::with_capacity(1024),
+        }
+    }
+
+    /// Appends `msg`, framed, to `out`.
+    pub fn encode(&mut self, msg: &Message, out: &mut Vec<u8>) {
+        self.fbb.reset();
+        let fbb = &mut self.fbb;
+        let (body_type, body) = match msg {
+            Message::Hello(h) => (fb::FrameBody::Hello, encode_hello(fbb, h)),
+            Message::HelloAck(h) => (fb::FrameBody::HelloAck, encode_hello_ack(fbb, h)),
+            Message::Request(r) => (fb::FrameBody::Request, encode_request(fbb, r)),
+            Message::Response(r) => (fb::FrameBody::Response, encode_response(fbb, r)),
+            Message::Error(e) => (fb::FrameBody::Error, encode_error(fbb, e).as_union_value()),
+        };
+        let frame = fb::Frame::create(
+            fbb,
+            &fb::FrameArgs {
+                body_type,
+                body: Some(body),
+            },
+        );
+        fbb.finish(frame, None);
+        let data = fbb.finished_data();
+        frame::put_header(out, data.len());
+        out.extend_from_slice(data);
+    }
+
+    /// Convenience for one message in a fresh buffer.
+    pub fn to_vec(&mut self, msg: &Message) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode(msg, &mut out);
+        out
+    }
+}
+
+type Fbb = FlatBufferBuilder<'static>;
+type Union = WIPOffset<flatbuffers::UnionWIPOffset>;
+
+fn encode_hello(fbb: &mut Fbb, h: &Hello) -> Union {
+    let cluster = fbb.create_string(&h.cluster);
+    let node_id = fbb.create_string(&h.node_id);
+    let credentials = fbb.create_vector(&h.credentials);
+    fb::Hello::create(
+        fbb,
+        &fb::HelloArgs {
+            magic: h.magic,
+            protocol_version: h.protocol_version,
+            role: if h.role == Role::Peer {
+                fb::Role::Peer
+            } else {
+                fb::Role::Client
+            },
+            cluster: Some(cluster),
+            credentials: Some(credentials),
+            node_id: Some(node_id),
+        },
+    )
+    .as_union_value()
+}
+
+fn encode_hello_ack(fbb: &mut Fbb, h: &HelloAck) -> Union {
+    let node_id = fbb.create_string(&h.node_id);
+    let cluster = fbb.create_string(&h.cluster);
+    fb::HelloAck::create(
+        fbb,
+        &fb::HelloAckArgs {
+            protocol_version: h.protocol_version,
+            node_id: Some(node_id),
+            shard: h.shard,
+            shards: h.shards,
+            cluster: Some(cluster),
+        },
+    )
+    .as_union_value()
+}
+
+fn encode_error<'a>(fbb: &mut FlatBufferBuilder<'a>, e: &WireError) -> WIPOffset<fb::Error<'a>> {
+    let message = fbb.create_string(&e.message);
+    fb::Error::create(
+        fbb,
+        &fb::ErrorArgs {
+            code: e.code.to_fb(),
+            message: Some(message),
+        },
+    )
+}
+
+fn encode_request(fbb: &mut Fbb, r: &RequestFrame) -> Union {
+    let (body_type, body) = match &r.body {
+        Request::Get { key, r } => {
+            let key = fbb.create_vector(key);
+            let t = fb::GetRequest::create(
+                fbb,
+                &fb::GetRequestArgs {
+                    key: Some(key),
+                    r: r.to_byte(),
+                },
+            );
+            (fb::RequestBody::GetRequest, t.as_union_value())
+        }
+        Request::Put {
+            key,
+            value,
+            context,
+            w,
+            durable,
+        } => {
+            let key = fbb.create_vector(key);
+            let value = fbb.create_vector(value);
+            let context = fbb.create_vector(context);
+            let t = fb::PutRequest::create(
+                fbb,
+                &fb::PutRequestArgs {
+                    key: Some(key),
+                    value: Some(value),
+                    context: Some(context),
+                    w: w.to_byte(),
+                    durable: *durable,
+                },
+            );
+            (fb::RequestBody::PutRequest, t.as_union_value())
+        }
+        Request::Delete {
+            key,
+            context,
+            w,
+            durable,
+        } => {
+            let key = fbb.create_vector(key);
+            let context = fbb.create_vector(context);
+            let t = fb::DeleteRequest::create(
+                fbb,
+                &fb::DeleteRequestArgs {
+                    key: Some(key),
+                    context: Some(context),
+                    w: w.to_byte(),
+                    durable: *durable,
+                },
+            );
+            (fb::RequestBody::DeleteRequest, t.as_union_value())
+        }
+        Request::Ping { payload } => {
+            let payload = fbb.create_vector(payload);
+            let t = fb::PingRequest::create(
+                fbb,
+                &fb::PingRequestArgs {
+                    payload: Some(payload),
+                },
+            );
+            (fb::RequestBody::PingRequest, t.as_union_value())
+        }
+        Request::NodeInfo => {
+            let t = fb::NodeInfoRequest::create(fbb, &fb::NodeInfoRequestArgs {});
+            (fb::RequestBody::NodeInfoRequest, t.as_union_value())
+        }
+    };
+    fb::Request::create(
+        fbb,
+        &fb::RequestArgs {
+            id: r.id,
+            timeout_ms: r.timeout_ms,
+            body_type,
+            body: Some(body),
+        },
+    )
+    .as_union_value()
+}
+
+fn encode_response(fbb: &mut Fbb, r: &Response) -> Union {
+    let mut args = fb::ResponseArgs {
+        id: r.id,
+        ..Default::default()
+    };
+    match &r.result {
+        Err(e) => args.error = Some(encode_error(fbb, e)),
+        Ok(reply) => {
+            let (t, v) = encode_reply(fbb, reply);
+            args.result_type = t;
+            args.result = Some(v);
+        }
+    }
+    fb::Response::create(fbb, &args).as_union_value()
+}
+
+fn encode_reply(fbb: &mut Fbb, reply: &Reply) -> (fb::ResultBody, Union) {
+    match reply {
+        Reply::Get(g) => {
+            let values: Vec<_> = g
+                .values
+                .iter()
+                .map(|v| {
+                    let data = fbb.create_vector(v);
+                    fb::Value::create(fbb, &fb::ValueArgs { data: Some(data) })
+                })
+                .collect();
+            let values = fbb.create_vector(&values);
+            let context = fbb.create_vector(&g.context);
+            let t = fb::GetResult::create(
+                fbb,
+                &fb::GetResultArgs {
+                    found: g.found,
+                    values: Some(values),
+                    context: Some(context),
+                },
+            );
+            (fb::ResultBody::GetResult, t.as_union_value())
+        }
+        Reply::Put { context } => {
+            let context = fbb.create_vector(context);
+            let t = fb::PutResult::create(
+                fbb,
+                &fb::PutResultArgs {
+                    context: Some(context),
+                },
+            );
+            (fb::ResultBody::PutResult, t.as_union_value())
+        }
+        Reply::Delete => {
+            let t = fb::DeleteResult::create(fbb, &fb::DeleteResultArgs {});
+            (fb::ResultBody::DeleteResult, t.as_union_value())
+        }
+        Reply::Pong { payload } => {
+            let payload = fbb.create_vector(payload);
+            let t = fb::PongResult::create(
+                fbb,
+                &fb::PongResultArgs {
+                    payload: Some(payload),
+                },
+            );
+            (fb::ResultBody::PongResult, t.as_union_value())
+        }
+        Reply::NodeInfo(n) => {
+            let shards: Vec<_> = n
+                .shards
+                .iter()
+                .map(|s| {
+                    fb::ShardStats::create(
+                        fbb,
+                        &fb::ShardStatsArgs {
+                            shard: s.shard,
+                            keys: s.keys,
+                            tombstones: s.tombstones,
+                            disk_bytes: s.disk_bytes,
+                            segments: s.segments,
+                        },
+                    )
+                })
+                .collect();
+            let shards = fbb.create_vector(&shards);
+            let node_id = fbb.create_string(&n.node_id);
+            let cluster = fbb.create_string(&n.cluster);
+            let listen = fbb.create_string(&n.listen);
+            let version = fbb.create_string(&n.version);
+            let t = fb::NodeInfoResult::create(
+                fbb,
+                &fb::NodeInfoResultArgs {
+                    node_id: Some(node_id),
+                    cluster: Some(cluster),
+                    listen: Some(listen),
+                    version: Some(version),
+                    partitions: n.partitions,
+                    shards: Some(shards),
+                },
+            );
+            (fb::ResultBody::NodeInfoResult, t.as_union_value())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::FrameDecoder;
+
+    fn round_trip(msg: Message, limits: DecodeLimits) -> Message {
+        let bytes = Encoder::new().to_vec(&msg);
+        let mut d = FrameDecoder::new(1 << 20);
+        d.push(&bytes);
+        let payload = d.next_frame().unwrap().unwrap().to_vec();
+        decode(&payload, limits).unwrap()
+    }
+
+    #[test]
+    fn every_message_kind_round_trips() {
+        let msgs = vec![
+            Message::Hello(Hello::client("prod")),
+            Message::HelloAck(HelloAck {
+                protocol_version: 1,
+                node_id: "n1".into(),
+                shard: 2,
+                shards: 4,
+                cluster: "prod".into(),
+            }),
+            Message::Request(RequestFrame {
+                id: 7,
+                timeout_ms: 100,
+                body: Request::Put {
+                    key: b"k".to_vec(),
+                    value: vec![0, 255, 1],
+                    context: vec![1, 0],
+                    w: Level::All,
+                    durable: Some(false),
+                },
+            }),
+            Message::Request(RequestFrame {
+                id: 8,
+                timeout_ms: 0,
+                body: Request::Get {
+                    key: b"k".to_vec(),
+                    r: Level::Count(2),
+                },
+            }),
+            Message::Request(RequestFrame {
+                id: 9,
+                timeout_ms: 0,
+                body: Request::Delete {
+                    key: b"k".to_vec(),
+                    context: vec![],
+                    w: Level::Default,
+                    durable: None,
+                },
+            }),
+            Message::Request(RequestFrame {
+                id: 10,
+                timeout_ms: 0,
+                body: Request::NodeInfo,
+            }),
+            Message::Response(Response {
+                id: 7,
+                result: Ok(Reply::Get(GetResult {
+                    found: true,
+                    values: vec![b"a".to_vec(), vec![]],
+                    context: vec![1],
+                })),
+            }),
+            Message::Response(Response {
+                id: 8,
+                result: Err(WireError::new(ErrorCode::PairTooLarge, "too big")),
+            }),
+            Message::Response(Response {
+                id: 9,
+                result: Ok(Reply::Delete),
+            }),
+            Message::Error(WireError::new(ErrorCode::ClusterMismatch, "wrong cluster")),
+        ];
+        for m in msgs {
+            assert_eq!(round_trip(m.clone(), DecodeLimits::CLIENT), m);
+        }
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for len in 0..64 {
+            let junk: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
+            assert!(
+                decode(&junk, DecodeLimits::SERVER).is_err(),
+                "junk of {len} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn a_server_refuses_responses_with_more_tables_than_a_request_needs() {
+        let many = Message::Response(Response {
+            id: 1,
+            result: Ok(Reply::Get(GetResult {
+                found: true,
+                values: vec![vec![1]; 100],
+                context: vec![],
+            })),
+        });
+        let bytes = Encoder::new().to_vec(&many);
+        assert!(matches!(
+            decode(&bytes[4..], DecodeLimits::SERVER),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(decode(&bytes[4..], DecodeLimits::CLIENT).is_ok());
+    }
+
+    #[test]
+    fn levels_parse_and_resolve_against_n() {
+        assert_eq!("one".parse::<Level>().unwrap().resolve(3), Some(1));
+        assert_eq!("quorum".parse::<Level>().unwrap().resolve(3), Some(2));
+        assert_eq!("all".parse::<Level>().unwrap().resolve(5), Some(5));
+        assert_eq!(Level::Default.resolve(3), Some(2));
+        assert_eq!("4".parse::<Level>().unwrap().resolve(3), None);
+        assert!("0".parse::<Level>().is_err());
+        assert!("many".parse::<Level>().is_err());
+        for b in 0..=255u8 {
+            let l = Level::from_byte(b);
+            assert_eq!(l.to_byte(), b);
+        }
+    }
+}
