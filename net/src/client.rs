@@ -5,9 +5,7 @@
 //! [`Client::send`] queues without waiting and [`Client::recv`] returns
 //! responses in the order they arrive.
 
-use crate::proto::{
-    GetResult, Hello, HelloAck, Level, NodeInfo, Reply, Request, Response, WireError,
-};
+use crate::proto::{GetResult, Hello, HelloAck, Level, NodeInfo, Reply, Request, Response, WireError};
 use crate::session::{Event, Session, SessionError};
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -31,10 +29,7 @@ pub enum ClientError {
     #[error(transparent)]
     Session(#[from] SessionError),
     #[error("unexpected reply to {request}: {reply:?}")]
-    UnexpectedReply {
-        request: &'static str,
-        reply: Box<Reply>,
-    },
+    UnexpectedReply { request: &'static str, reply: Box<Reply> },
 }
 
 #[derive(Debug, Clone)]
@@ -46,10 +41,7 @@ pub struct ClientConfig {
 
 impl Default for ClientConfig {
     fn default() -> Self {
-        ClientConfig {
-            cluster: DEFAULT_CLUSTER.to_string(),
-            timeout: Duration::from_secs(10),
-        }
+        ClientConfig { cluster: DEFAULT_CLUSTER.to_string(), timeout: Duration::from_secs(10) }
     }
 }
 
@@ -71,15 +63,9 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn connect(
-        addr: impl ToSocketAddrs + std::fmt::Display,
-        config: &ClientConfig,
-    ) -> Result<Client, ClientError> {
+    pub fn connect(addr: impl ToSocketAddrs + std::fmt::Display, config: &ClientConfig) -> Result<Client, ClientError> {
         let name = addr.to_string();
-        let connect_err = |source| ClientError::Connect {
-            addr: name.clone(),
-            source,
-        };
+        let connect_err = |source| ClientError::Connect { addr: name.clone(), source };
         let addrs: Vec<SocketAddr> = addr.to_socket_addrs().map_err(connect_err)?.collect();
         let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
         for a in addrs {
@@ -109,20 +95,12 @@ impl Client {
             early: HashMap::new(),
         };
         c.flush()?;
-        loop {
-            match c.next_event()? {
-                Event::Connected(ack) => {
-                    c.server = ack;
-                    return Ok(c);
-                }
-                Event::Response(r) => {
-                    return Err(SessionError::Protocol(format!(
-                        "response {} before handshake",
-                        r.id
-                    ))
-                    .into())
-                }
+        match c.next_event()? {
+            Event::Connected(ack) => {
+                c.server = ack;
+                Ok(c)
             }
+            Event::Response(r) => Err(SessionError::Protocol(format!("response {} before handshake", r.id)).into()),
         }
     }
 
@@ -139,23 +117,15 @@ impl Client {
 
     /// Queues and sends a request without waiting for its response.
     pub fn send(&mut self, body: Request) -> Result<u64, ClientError> {
-        let id = self
-            .session
-            .send(body, self.timeout.as_millis().min(u32::MAX as u128) as u32);
+        let id = self.session.send(body, self.timeout.as_millis().min(u32::MAX as u128) as u32);
         self.flush()?;
         Ok(id)
     }
 
     /// Queues requests and sends them in one write.
-    pub fn send_batch(
-        &mut self,
-        bodies: impl IntoIterator<Item = Request>,
-    ) -> Result<Vec<u64>, ClientError> {
+    pub fn send_batch(&mut self, bodies: impl IntoIterator<Item = Request>) -> Result<Vec<u64>, ClientError> {
         let t = self.timeout.as_millis().min(u32::MAX as u128) as u32;
-        let ids = bodies
-            .into_iter()
-            .map(|b| self.session.send(b, t))
-            .collect();
+        let ids = bodies.into_iter().map(|b| self.session.send(b, t)).collect();
         self.flush()?;
         Ok(ids)
     }
@@ -169,19 +139,24 @@ impl Client {
         if let Some(id) = self.early.keys().next().copied() {
             return Ok(self.early.remove(&id).expect("key just seen"));
         }
+        self.recv_from_socket()
+    }
+
+    fn recv_from_socket(&mut self) -> Result<Response, ClientError> {
         match self.next_event()? {
             Event::Response(r) => Ok(r),
             Event::Connected(_) => Err(SessionError::Protocol("second handshake".into()).into()),
         }
     }
 
-    /// Waits for the response to request `id`.
+    /// Waits for the response to request `id`; others that arrive first are
+    /// kept for their own `wait` or `recv`.
     pub fn wait(&mut self, id: u64) -> Result<Reply, ClientError> {
+        if let Some(r) = self.early.remove(&id) {
+            return r.result.map_err(ClientError::Server);
+        }
         loop {
-            if let Some(r) = self.early.remove(&id) {
-                return r.result.map_err(ClientError::Server);
-            }
-            let r = self.recv()?;
+            let r = self.recv_from_socket()?;
             if r.id == id {
                 return r.result.map_err(ClientError::Server);
             }
@@ -195,22 +170,14 @@ impl Client {
     }
 
     pub fn get(&mut self, key: &[u8], r: Level) -> Result<GetResult, ClientError> {
-        match self.call(Request::Get {
-            key: key.to_vec(),
-            r,
-        })? {
+        match self.call(Request::Get { key: key.to_vec(), r })? {
             Reply::Get(g) => Ok(g),
             other => Err(unexpected("get", other)),
         }
     }
 
     /// Writes `value`; returns the context of the new version.
-    pub fn put(
-        &mut self,
-        key: &[u8],
-        value: &[u8],
-        opts: &WriteOptions,
-    ) -> Result<Vec<u8>, ClientError> {
+    pub fn put(&mut self, key: &[u8], value: &[u8], opts: &WriteOptions) -> Result<Vec<u8>, ClientError> {
         let body = Request::Put {
             key: key.to_vec(),
             value: value.to_vec(),
@@ -225,12 +192,8 @@ impl Client {
     }
 
     pub fn delete(&mut self, key: &[u8], opts: &WriteOptions) -> Result<(), ClientError> {
-        let body = Request::Delete {
-            key: key.to_vec(),
-            context: opts.context.clone(),
-            w: opts.w,
-            durable: opts.durable,
-        };
+        let body =
+            Request::Delete { key: key.to_vec(), context: opts.context.clone(), w: opts.w, durable: opts.durable };
         match self.call(body)? {
             Reply::Delete => Ok(()),
             other => Err(unexpected("delete", other)),
@@ -238,9 +201,7 @@ impl Client {
     }
 
     pub fn ping(&mut self) -> Result<(), ClientError> {
-        match self.call(Request::Ping {
-            payload: Vec::new(),
-        })? {
+        match self.call(Request::Ping { payload: Vec::new() })? {
             Reply::Pong { .. } => Ok(()),
             other => Err(unexpected("ping", other)),
         }
@@ -272,35 +233,23 @@ impl Client {
             let buf = self.session.read_buffer(READ);
             let n = match self.stream.read(buf) {
                 Ok(n) => n,
-                Err(e) => {
-                    self.session.commit_read(READ, 0);
-                    return Err(self.io_error(e));
-                }
+                Err(e) => return Err(self.io_error(e)),
             };
-            self.session.commit_read(READ, n);
+            self.session.commit_read(n);
             if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "server closed the connection",
-                )
-                .into());
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "server closed the connection").into());
             }
         }
     }
 
     fn io_error(&self, e: io::Error) -> ClientError {
         match e.kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-                ClientError::Timeout(self.timeout)
-            }
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::Timeout(self.timeout),
             _ => ClientError::Io(e),
         }
     }
 }
 
 fn unexpected(request: &'static str, reply: Reply) -> ClientError {
-    ClientError::UnexpectedReply {
-        request,
-        reply: Box::new(reply),
-    }
+    ClientError::UnexpectedReply { request, reply: Box::new(reply) }
 }

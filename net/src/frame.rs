@@ -28,21 +28,21 @@ pub fn put_header(out: &mut Vec<u8>, len: usize) {
 }
 
 /// Accumulates bytes from a stream and yields complete frames.
+///
+/// `storage[start..end]` holds the unconsumed bytes. Storage is initialised
+/// once as it grows and reused, so reading straight into [`FrameDecoder::spare`]
+/// costs no per-read zeroing.
 #[derive(Debug)]
 pub struct FrameDecoder {
-    buf: Vec<u8>,
-    /// Start of the unconsumed bytes in `buf`.
+    storage: Vec<u8>,
     start: usize,
+    end: usize,
     max_frame: usize,
 }
 
 impl FrameDecoder {
     pub fn new(max_frame: usize) -> Self {
-        FrameDecoder {
-            buf: Vec::new(),
-            start: 0,
-            max_frame,
-        }
+        FrameDecoder { storage: Vec::new(), start: 0, end: 0, max_frame }
     }
 
     pub fn max_frame(&self) -> usize {
@@ -51,35 +51,36 @@ impl FrameDecoder {
 
     /// Bytes received but not yet returned as frames.
     pub fn buffered(&self) -> usize {
-        self.buf.len() - self.start
+        self.end - self.start
     }
 
     /// Adds bytes read from the stream.
     pub fn push(&mut self, data: &[u8]) {
-        self.compact();
-        self.buf.extend_from_slice(data);
+        let spare = self.spare(data.len());
+        spare[..data.len()].copy_from_slice(data);
+        self.end += data.len();
     }
 
-    /// A spare region of at least `min` bytes to read into directly; commit
-    /// what was read with [`FrameDecoder::commit`]. Saves a copy per read.
+    /// A region of at least `min` bytes to read into directly; keep what was
+    /// read with [`FrameDecoder::commit`].
     pub fn spare(&mut self, min: usize) -> &mut [u8] {
         self.compact();
-        let len = self.buf.len();
-        self.buf.resize(len + min, 0);
-        &mut self.buf[len..]
+        if self.storage.len() < self.end + min {
+            self.storage.resize(self.end + min, 0);
+        }
+        &mut self.storage[self.end..]
     }
 
-    /// Keeps `n` bytes of the region handed out by the last [`FrameDecoder::spare`].
-    pub fn commit(&mut self, spare_len: usize, n: usize) {
-        assert!(n <= spare_len);
-        let new_len = self.buf.len() - spare_len + n;
-        self.buf.truncate(new_len);
+    /// Keeps `n` bytes written into the region from the last [`FrameDecoder::spare`].
+    pub fn commit(&mut self, n: usize) {
+        assert!(self.end + n <= self.storage.len(), "committed more than the spare region");
+        self.end += n;
     }
 
     /// The next complete frame's payload, if one is buffered. After an error
     /// the stream is out of sync: the caller must close the connection.
     pub fn next_frame(&mut self) -> Result<Option<&[u8]>, FrameError> {
-        let avail = &self.buf[self.start..];
+        let avail = &self.storage[self.start..self.end];
         if avail.len() < LEN_BYTES {
             return Ok(None);
         }
@@ -88,39 +89,28 @@ impl FrameDecoder {
             return Err(FrameError::Empty);
         }
         if len > self.max_frame {
-            return Err(FrameError::TooLarge {
-                len,
-                max: self.max_frame,
-            });
+            return Err(FrameError::TooLarge { len, max: self.max_frame });
         }
         if avail.len() < LEN_BYTES + len {
-            // Reserve once for the whole frame so large frames do not regrow
-            // the buffer read by read; bounded by max_frame checked above.
-            let need = self.start + LEN_BYTES + len;
-            if self.buf.capacity() < need {
-                self.buf.reserve(need - self.buf.len());
-            }
             return Ok(None);
         }
         let from = self.start + LEN_BYTES;
         self.start = from + len;
-        Ok(Some(&self.buf[from..from + len]))
+        Ok(Some(&self.storage[from..from + len]))
     }
 
     fn compact(&mut self) {
         if self.start == 0 {
             return;
         }
-        if self.start == self.buf.len() {
-            self.buf.clear();
-            // Give back the memory a large frame left behind.
-            if self.buf.capacity() > 1 << 20 {
-                self.buf.shrink_to(64 * 1024);
-            }
-        } else {
-            self.buf.drain(..self.start);
-        }
+        self.storage.copy_within(self.start..self.end, 0);
+        self.end -= self.start;
         self.start = 0;
+        // Give back the memory a large frame left behind.
+        if self.end == 0 && self.storage.len() > 1 << 20 {
+            self.storage.truncate(64 * 1024);
+            self.storage.shrink_to_fit();
+        }
     }
 }
 
@@ -149,11 +139,7 @@ mod tests {
                     got.push(f.to_vec());
                 }
             }
-            assert_eq!(
-                got,
-                vec![b"hello".to_vec(), b"x".to_vec(), b"world!".to_vec()],
-                "chunk {chunk}"
-            );
+            assert_eq!(got, vec![b"hello".to_vec(), b"x".to_vec(), b"world!".to_vec()], "chunk {chunk}");
             assert_eq!(d.buffered(), 0);
         }
     }
@@ -162,17 +148,8 @@ mod tests {
     fn an_oversized_length_is_refused_before_its_bytes_arrive() {
         let mut d = FrameDecoder::new(1024);
         d.push(&(1_000_000u32).to_le_bytes());
-        assert_eq!(
-            d.next_frame(),
-            Err(FrameError::TooLarge {
-                len: 1_000_000,
-                max: 1024
-            })
-        );
-        assert!(
-            d.buf.capacity() < 1024,
-            "no allocation for the announced size"
-        );
+        assert_eq!(d.next_frame(), Err(FrameError::TooLarge { len: 1_000_000, max: 1024 }));
+        assert!(d.storage.capacity() < 1024, "no allocation for the announced size");
     }
 
     #[test]
@@ -188,7 +165,7 @@ mod tests {
         let mut d = FrameDecoder::new(64);
         let spare = d.spare(100);
         spare[..bytes.len()].copy_from_slice(&bytes);
-        d.commit(100, bytes.len());
+        d.commit(bytes.len());
         assert_eq!(d.next_frame().unwrap(), Some(&b"abc"[..]));
         assert_eq!(d.next_frame().unwrap(), Some(&b"defg"[..]));
         assert_eq!(d.next_frame().unwrap(), None);

@@ -139,10 +139,7 @@ pub struct WireError {
 
 impl WireError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> WireError {
-        WireError {
-            code,
-            message: message.into(),
-        }
+        WireError { code, message: message.into() }
     }
 }
 
@@ -168,10 +165,7 @@ impl Level {
             Level::Quorum => Self::QUORUM,
             Level::All => Self::ALL,
             Level::Count(n) => {
-                assert!(
-                    n > 0 && n < Self::QUORUM,
-                    "explicit quorum {n} out of range"
-                );
+                assert!(n > 0 && n < Self::QUORUM, "explicit quorum {n} out of range");
                 n
             }
         }
@@ -195,6 +189,18 @@ impl Level {
             Level::Count(c) => (1..=n).contains(&(c as usize)).then_some(c as usize),
         }
     }
+
+    /// Acknowledgements needed when only `replicas` (<= n) distinct replicas
+    /// of a key exist, as in a cluster smaller than N: named levels apply to
+    /// the replicas that exist, an explicit count stays as asked. `Err` when
+    /// the count is not in 1..=n.
+    pub fn required(self, n: usize, replicas: usize) -> Result<usize, String> {
+        let replicas = replicas.min(n);
+        match self {
+            Level::Count(_) => self.resolve(n).ok_or_else(|| format!("{self} is not between 1 and N={n}")),
+            _ => Ok(self.resolve(replicas.max(1)).expect("named levels always resolve")),
+        }
+    }
 }
 
 impl std::str::FromStr for Level {
@@ -207,9 +213,7 @@ impl std::str::FromStr for Level {
             "all" => Ok(Level::All),
             _ => match s.parse::<u8>() {
                 Ok(n) if n > 0 && n < Level::QUORUM => Ok(Level::Count(n)),
-                _ => Err(format!(
-                    "'{s}' is not one, quorum, all or a replica count 1..=253"
-                )),
+                _ => Err(format!("'{s}' is not one, quorum, all or a replica count 1..=253")),
             },
         }
     }
@@ -228,26 +232,10 @@ impl fmt::Display for Level {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
-    Get {
-        key: Vec<u8>,
-        r: Level,
-    },
-    Put {
-        key: Vec<u8>,
-        value: Vec<u8>,
-        context: Vec<u8>,
-        w: Level,
-        durable: Option<bool>,
-    },
-    Delete {
-        key: Vec<u8>,
-        context: Vec<u8>,
-        w: Level,
-        durable: Option<bool>,
-    },
-    Ping {
-        payload: Vec<u8>,
-    },
+    Get { key: Vec<u8>, r: Level },
+    Put { key: Vec<u8>, value: Vec<u8>, context: Vec<u8>, w: Level, durable: Option<bool> },
+    Delete { key: Vec<u8>, context: Vec<u8>, w: Level, durable: Option<bool> },
+    Ping { payload: Vec<u8> },
     NodeInfo,
 }
 
@@ -331,13 +319,17 @@ pub enum DecodeError {
     UnknownMessage(u8),
     #[error("message lacks required field '{0}'")]
     Missing(&'static str),
+    /// A well-formed request of a type this build does not know: answerable
+    /// with an error response, the connection stays usable.
+    #[error("unknown request type {tag} in request {id}")]
+    UnknownRequest { id: u64, tag: u8 },
 }
 
 impl DecodeError {
     /// The wire error to answer a client with.
     pub fn to_wire(&self) -> WireError {
         let code = match self {
-            DecodeError::UnknownMessage(_) => ErrorCode::UnknownMessage,
+            DecodeError::UnknownMessage(_) | DecodeError::UnknownRequest { .. } => ErrorCode::UnknownMessage,
             DecodeError::Malformed(_) | DecodeError::Missing(_) => ErrorCode::MalformedFrame,
         };
         WireError::new(code, self.to_string())
@@ -353,15 +345,9 @@ pub struct DecodeLimits {
 
 impl DecodeLimits {
     /// What a server accepts from clients: requests are a handful of tables.
-    pub const SERVER: DecodeLimits = DecodeLimits {
-        max_depth: 6,
-        max_tables: 16,
-    };
+    pub const SERVER: DecodeLimits = DecodeLimits { max_depth: 6, max_tables: 16 };
     /// What a client accepts from servers: a get may return many siblings.
-    pub const CLIENT: DecodeLimits = DecodeLimits {
-        max_depth: 6,
-        max_tables: 1 << 16,
-    };
+    pub const CLIENT: DecodeLimits = DecodeLimits { max_depth: 6, max_tables: 1 << 16 };
 }
 
 /// Decodes one frame payload.
@@ -372,28 +358,22 @@ pub fn decode(payload: &[u8], limits: DecodeLimits) -> Result<Message, DecodeErr
         max_apparent_size: payload.len().saturating_mul(2).max(1024),
         ignore_missing_null_terminator: false,
     };
-    let frame = flatbuffers::root_with_opts::<fb::Frame>(&opts, payload)
-        .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    let frame =
+        flatbuffers::root_with_opts::<fb::Frame>(&opts, payload).map_err(|e| DecodeError::Malformed(e.to_string()))?;
     match frame.body_type() {
         fb::FrameBody::Hello => {
             let h = frame.body_as_hello().ok_or(DecodeError::Missing("hello"))?;
             Ok(Message::Hello(Hello {
                 magic: h.magic(),
                 protocol_version: h.protocol_version(),
-                role: if h.role() == fb::Role::Peer {
-                    Role::Peer
-                } else {
-                    Role::Client
-                },
+                role: if h.role() == fb::Role::Peer { Role::Peer } else { Role::Client },
                 cluster: h.cluster().unwrap_or_default().to_string(),
                 node_id: h.node_id().unwrap_or_default().to_string(),
                 credentials: bytes(h.credentials()),
             }))
         }
         fb::FrameBody::HelloAck => {
-            let h = frame
-                .body_as_hello_ack()
-                .ok_or(DecodeError::Missing("hello_ack"))?;
+            let h = frame.body_as_hello_ack().ok_or(DecodeError::Missing("hello_ack"))?;
             Ok(Message::HelloAck(HelloAck {
                 protocol_version: h.protocol_version(),
                 node_id: h.node_id().unwrap_or_default().to_string(),
@@ -403,19 +383,15 @@ pub fn decode(payload: &[u8], limits: DecodeLimits) -> Result<Message, DecodeErr
             }))
         }
         fb::FrameBody::Request => {
-            let r = frame
-                .body_as_request()
-                .ok_or(DecodeError::Missing("request"))?;
-            Ok(Message::Request(RequestFrame {
-                id: r.id(),
-                timeout_ms: r.timeout_ms(),
-                body: decode_request(&r)?,
-            }))
+            let r = frame.body_as_request().ok_or(DecodeError::Missing("request"))?;
+            let body = decode_request(&r).map_err(|e| match e {
+                DecodeError::UnknownMessage(tag) => DecodeError::UnknownRequest { id: r.id(), tag },
+                e => e,
+            })?;
+            Ok(Message::Request(RequestFrame { id: r.id(), timeout_ms: r.timeout_ms(), body }))
         }
         fb::FrameBody::Response => {
-            let r = frame
-                .body_as_response()
-                .ok_or(DecodeError::Missing("response"))?;
+            let r = frame.body_as_response().ok_or(DecodeError::Missing("response"))?;
             let result = match r.error() {
                 Some(e) => Err(decode_error(&e)),
                 None => Ok(decode_reply(&r)?),
@@ -435,20 +411,14 @@ fn bytes(v: Option<flatbuffers::Vector<'_, u8>>) -> Vec<u8> {
 }
 
 fn decode_error(e: &fb::Error<'_>) -> WireError {
-    WireError {
-        code: ErrorCode::from_fb(e.code()),
-        message: e.message().unwrap_or_default().to_string(),
-    }
+    WireError { code: ErrorCode::from_fb(e.code()), message: e.message().unwrap_or_default().to_string() }
 }
 
 fn decode_request(r: &fb::Request<'_>) -> Result<Request, DecodeError> {
     Ok(match r.body_type() {
         fb::RequestBody::GetRequest => {
             let g = r.body_as_get_request().ok_or(DecodeError::Missing("get"))?;
-            Request::Get {
-                key: bytes(g.key()),
-                r: Level::from_byte(g.r()),
-            }
+            Request::Get { key: bytes(g.key()), r: Level::from_byte(g.r()) }
         }
         fb::RequestBody::PutRequest => {
             let p = r.body_as_put_request().ok_or(DecodeError::Missing("put"))?;
@@ -461,9 +431,7 @@ fn decode_request(r: &fb::Request<'_>) -> Result<Request, DecodeError> {
             }
         }
         fb::RequestBody::DeleteRequest => {
-            let d = r
-                .body_as_delete_request()
-                .ok_or(DecodeError::Missing("delete"))?;
+            let d = r.body_as_delete_request().ok_or(DecodeError::Missing("delete"))?;
             Request::Delete {
                 key: bytes(d.key()),
                 context: bytes(d.context()),
@@ -472,12 +440,8 @@ fn decode_request(r: &fb::Request<'_>) -> Result<Request, DecodeError> {
             }
         }
         fb::RequestBody::PingRequest => {
-            let p = r
-                .body_as_ping_request()
-                .ok_or(DecodeError::Missing("ping"))?;
-            Request::Ping {
-                payload: bytes(p.payload()),
-            }
+            let p = r.body_as_ping_request().ok_or(DecodeError::Missing("ping"))?;
+            Request::Ping { payload: bytes(p.payload()) }
         }
         fb::RequestBody::NodeInfoRequest => Request::NodeInfo,
         other => return Err(DecodeError::UnknownMessage(other.0)),
@@ -487,40 +451,21 @@ fn decode_request(r: &fb::Request<'_>) -> Result<Request, DecodeError> {
 fn decode_reply(r: &fb::Response<'_>) -> Result<Reply, DecodeError> {
     Ok(match r.result_type() {
         fb::ResultBody::GetResult => {
-            let g = r
-                .result_as_get_result()
-                .ok_or(DecodeError::Missing("get result"))?;
-            let values = g
-                .values()
-                .map(|vs| vs.iter().map(|v| bytes(v.data())).collect())
-                .unwrap_or_default();
-            Reply::Get(GetResult {
-                found: g.found(),
-                values,
-                context: bytes(g.context()),
-            })
+            let g = r.result_as_get_result().ok_or(DecodeError::Missing("get result"))?;
+            let values = g.values().map(|vs| vs.iter().map(|v| bytes(v.data())).collect()).unwrap_or_default();
+            Reply::Get(GetResult { found: g.found(), values, context: bytes(g.context()) })
         }
         fb::ResultBody::PutResult => {
-            let p = r
-                .result_as_put_result()
-                .ok_or(DecodeError::Missing("put result"))?;
-            Reply::Put {
-                context: bytes(p.context()),
-            }
+            let p = r.result_as_put_result().ok_or(DecodeError::Missing("put result"))?;
+            Reply::Put { context: bytes(p.context()) }
         }
         fb::ResultBody::DeleteResult => Reply::Delete,
         fb::ResultBody::PongResult => {
-            let p = r
-                .result_as_pong_result()
-                .ok_or(DecodeError::Missing("pong"))?;
-            Reply::Pong {
-                payload: bytes(p.payload()),
-            }
+            let p = r.result_as_pong_result().ok_or(DecodeError::Missing("pong"))?;
+            Reply::Pong { payload: bytes(p.payload()) }
         }
         fb::ResultBody::NodeInfoResult => {
-            let n = r
-                .result_as_node_info_result()
-                .ok_or(DecodeError::Missing("node info"))?;
+            let n = r.result_as_node_info_result().ok_or(DecodeError::Missing("node info"))?;
             let shards = n
                 .shards()
                 .map(|v| {
@@ -562,9 +507,7 @@ impl Default for Encoder {
 
 impl Encoder {
     pub fn new() -> Encoder {
-        Encoder {
-            fbb: FlatBufferBuilder::with_capacity(1024),
-        }
+        Encoder { fbb: FlatBufferBuilder::with_capacity(1024) }
     }
 
     /// Appends `msg`, framed, to `out`.
@@ -578,13 +521,7 @@ impl Encoder {
             Message::Response(r) => (fb::FrameBody::Response, encode_response(fbb, r)),
             Message::Error(e) => (fb::FrameBody::Error, encode_error(fbb, e).as_union_value()),
         };
-        let frame = fb::Frame::create(
-            fbb,
-            &fb::FrameArgs {
-                body_type,
-                body: Some(body),
-            },
-        );
+        let frame = fb::Frame::create(fbb, &fb::FrameArgs { body_type, body: Some(body) });
         fbb.finish(frame, None);
         let data = fbb.finished_data();
         frame::put_header(out, data.len());
@@ -611,11 +548,7 @@ fn encode_hello(fbb: &mut Fbb, h: &Hello) -> Union {
         &fb::HelloArgs {
             magic: h.magic,
             protocol_version: h.protocol_version,
-            role: if h.role == Role::Peer {
-                fb::Role::Peer
-            } else {
-                fb::Role::Client
-            },
+            role: if h.role == Role::Peer { fb::Role::Peer } else { fb::Role::Client },
             cluster: Some(cluster),
             credentials: Some(credentials),
             node_id: Some(node_id),
@@ -642,35 +575,17 @@ fn encode_hello_ack(fbb: &mut Fbb, h: &HelloAck) -> Union {
 
 fn encode_error<'a>(fbb: &mut FlatBufferBuilder<'a>, e: &WireError) -> WIPOffset<fb::Error<'a>> {
     let message = fbb.create_string(&e.message);
-    fb::Error::create(
-        fbb,
-        &fb::ErrorArgs {
-            code: e.code.to_fb(),
-            message: Some(message),
-        },
-    )
+    fb::Error::create(fbb, &fb::ErrorArgs { code: e.code.to_fb(), message: Some(message) })
 }
 
 fn encode_request(fbb: &mut Fbb, r: &RequestFrame) -> Union {
     let (body_type, body) = match &r.body {
         Request::Get { key, r } => {
             let key = fbb.create_vector(key);
-            let t = fb::GetRequest::create(
-                fbb,
-                &fb::GetRequestArgs {
-                    key: Some(key),
-                    r: r.to_byte(),
-                },
-            );
+            let t = fb::GetRequest::create(fbb, &fb::GetRequestArgs { key: Some(key), r: r.to_byte() });
             (fb::RequestBody::GetRequest, t.as_union_value())
         }
-        Request::Put {
-            key,
-            value,
-            context,
-            w,
-            durable,
-        } => {
+        Request::Put { key, value, context, w, durable } => {
             let key = fbb.create_vector(key);
             let value = fbb.create_vector(value);
             let context = fbb.create_vector(context);
@@ -686,33 +601,18 @@ fn encode_request(fbb: &mut Fbb, r: &RequestFrame) -> Union {
             );
             (fb::RequestBody::PutRequest, t.as_union_value())
         }
-        Request::Delete {
-            key,
-            context,
-            w,
-            durable,
-        } => {
+        Request::Delete { key, context, w, durable } => {
             let key = fbb.create_vector(key);
             let context = fbb.create_vector(context);
             let t = fb::DeleteRequest::create(
                 fbb,
-                &fb::DeleteRequestArgs {
-                    key: Some(key),
-                    context: Some(context),
-                    w: w.to_byte(),
-                    durable: *durable,
-                },
+                &fb::DeleteRequestArgs { key: Some(key), context: Some(context), w: w.to_byte(), durable: *durable },
             );
             (fb::RequestBody::DeleteRequest, t.as_union_value())
         }
         Request::Ping { payload } => {
             let payload = fbb.create_vector(payload);
-            let t = fb::PingRequest::create(
-                fbb,
-                &fb::PingRequestArgs {
-                    payload: Some(payload),
-                },
-            );
+            let t = fb::PingRequest::create(fbb, &fb::PingRequestArgs { payload: Some(payload) });
             (fb::RequestBody::PingRequest, t.as_union_value())
         }
         Request::NodeInfo => {
@@ -720,23 +620,12 @@ fn encode_request(fbb: &mut Fbb, r: &RequestFrame) -> Union {
             (fb::RequestBody::NodeInfoRequest, t.as_union_value())
         }
     };
-    fb::Request::create(
-        fbb,
-        &fb::RequestArgs {
-            id: r.id,
-            timeout_ms: r.timeout_ms,
-            body_type,
-            body: Some(body),
-        },
-    )
-    .as_union_value()
+    fb::Request::create(fbb, &fb::RequestArgs { id: r.id, timeout_ms: r.timeout_ms, body_type, body: Some(body) })
+        .as_union_value()
 }
 
 fn encode_response(fbb: &mut Fbb, r: &Response) -> Union {
-    let mut args = fb::ResponseArgs {
-        id: r.id,
-        ..Default::default()
-    };
+    let mut args = fb::ResponseArgs { id: r.id, ..Default::default() };
     match &r.result {
         Err(e) => args.error = Some(encode_error(fbb, e)),
         Ok(reply) => {
@@ -763,22 +652,13 @@ fn encode_reply(fbb: &mut Fbb, reply: &Reply) -> (fb::ResultBody, Union) {
             let context = fbb.create_vector(&g.context);
             let t = fb::GetResult::create(
                 fbb,
-                &fb::GetResultArgs {
-                    found: g.found,
-                    values: Some(values),
-                    context: Some(context),
-                },
+                &fb::GetResultArgs { found: g.found, values: Some(values), context: Some(context) },
             );
             (fb::ResultBody::GetResult, t.as_union_value())
         }
         Reply::Put { context } => {
             let context = fbb.create_vector(context);
-            let t = fb::PutResult::create(
-                fbb,
-                &fb::PutResultArgs {
-                    context: Some(context),
-                },
-            );
+            let t = fb::PutResult::create(fbb, &fb::PutResultArgs { context: Some(context) });
             (fb::ResultBody::PutResult, t.as_union_value())
         }
         Reply::Delete => {
@@ -787,12 +667,7 @@ fn encode_reply(fbb: &mut Fbb, reply: &Reply) -> (fb::ResultBody, Union) {
         }
         Reply::Pong { payload } => {
             let payload = fbb.create_vector(payload);
-            let t = fb::PongResult::create(
-                fbb,
-                &fb::PongResultArgs {
-                    payload: Some(payload),
-                },
-            );
+            let t = fb::PongResult::create(fbb, &fb::PongResultArgs { payload: Some(payload) });
             (fb::ResultBody::PongResult, t.as_union_value())
         }
         Reply::NodeInfo(n) => {
@@ -871,26 +746,14 @@ mod tests {
             Message::Request(RequestFrame {
                 id: 8,
                 timeout_ms: 0,
-                body: Request::Get {
-                    key: b"k".to_vec(),
-                    r: Level::Count(2),
-                },
+                body: Request::Get { key: b"k".to_vec(), r: Level::Count(2) },
             }),
             Message::Request(RequestFrame {
                 id: 9,
                 timeout_ms: 0,
-                body: Request::Delete {
-                    key: b"k".to_vec(),
-                    context: vec![],
-                    w: Level::Default,
-                    durable: None,
-                },
+                body: Request::Delete { key: b"k".to_vec(), context: vec![], w: Level::Default, durable: None },
             }),
-            Message::Request(RequestFrame {
-                id: 10,
-                timeout_ms: 0,
-                body: Request::NodeInfo,
-            }),
+            Message::Request(RequestFrame { id: 10, timeout_ms: 0, body: Request::NodeInfo }),
             Message::Response(Response {
                 id: 7,
                 result: Ok(Reply::Get(GetResult {
@@ -899,14 +762,8 @@ mod tests {
                     context: vec![1],
                 })),
             }),
-            Message::Response(Response {
-                id: 8,
-                result: Err(WireError::new(ErrorCode::PairTooLarge, "too big")),
-            }),
-            Message::Response(Response {
-                id: 9,
-                result: Ok(Reply::Delete),
-            }),
+            Message::Response(Response { id: 8, result: Err(WireError::new(ErrorCode::PairTooLarge, "too big")) }),
+            Message::Response(Response { id: 9, result: Ok(Reply::Delete) }),
             Message::Error(WireError::new(ErrorCode::ClusterMismatch, "wrong cluster")),
         ];
         for m in msgs {
@@ -918,10 +775,7 @@ mod tests {
     fn garbage_is_an_error_not_a_panic() {
         for len in 0..64 {
             let junk: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
-            assert!(
-                decode(&junk, DecodeLimits::SERVER).is_err(),
-                "junk of {len} accepted"
-            );
+            assert!(decode(&junk, DecodeLimits::SERVER).is_err(), "junk of {len} accepted");
         }
     }
 
@@ -929,17 +783,10 @@ mod tests {
     fn a_server_refuses_responses_with_more_tables_than_a_request_needs() {
         let many = Message::Response(Response {
             id: 1,
-            result: Ok(Reply::Get(GetResult {
-                found: true,
-                values: vec![vec![1]; 100],
-                context: vec![],
-            })),
+            result: Ok(Reply::Get(GetResult { found: true, values: vec![vec![1]; 100], context: vec![] })),
         });
         let bytes = Encoder::new().to_vec(&many);
-        assert!(matches!(
-            decode(&bytes[4..], DecodeLimits::SERVER),
-            Err(DecodeError::Malformed(_))
-        ));
+        assert!(matches!(decode(&bytes[4..], DecodeLimits::SERVER), Err(DecodeError::Malformed(_))));
         assert!(decode(&bytes[4..], DecodeLimits::CLIENT).is_ok());
     }
 
@@ -950,11 +797,42 @@ mod tests {
         assert_eq!("all".parse::<Level>().unwrap().resolve(5), Some(5));
         assert_eq!(Level::Default.resolve(3), Some(2));
         assert_eq!("4".parse::<Level>().unwrap().resolve(3), None);
+        // A one-node cluster with N=3: quorum and all mean its one replica.
+        assert_eq!(Level::Default.required(3, 1), Ok(1));
+        assert_eq!(Level::All.required(3, 2), Ok(2));
+        assert_eq!(Level::Count(2).required(3, 1), Ok(2));
+        assert!(Level::Count(4).required(3, 3).is_err());
         assert!("0".parse::<Level>().is_err());
         assert!("many".parse::<Level>().is_err());
         for b in 0..=255u8 {
             let l = Level::from_byte(b);
             assert_eq!(l.to_byte(), b);
         }
+    }
+}
+
+/// Builders of deliberately odd frames, for tests of how peers react.
+#[doc(hidden)]
+pub mod testing {
+    use super::*;
+
+    /// A framed, well-formed request whose body has a union type this build
+    /// does not define.
+    pub fn request_with_unknown_type(id: u64, body_type: u8) -> Vec<u8> {
+        let mut fbb = FlatBufferBuilder::new();
+        let body = fb::NodeInfoRequest::create(&mut fbb, &fb::NodeInfoRequestArgs {}).as_union_value();
+        let req = fb::Request::create(
+            &mut fbb,
+            &fb::RequestArgs { id, timeout_ms: 0, body_type: fb::RequestBody(body_type), body: Some(body) },
+        );
+        let frame = fb::Frame::create(
+            &mut fbb,
+            &fb::FrameArgs { body_type: fb::FrameBody::Request, body: Some(req.as_union_value()) },
+        );
+        fbb.finish(frame, None);
+        let mut out = Vec::new();
+        frame::put_header(&mut out, fbb.finished_data().len());
+        out.extend_from_slice(fbb.finished_data());
+        out
     }
 }

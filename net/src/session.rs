@@ -7,8 +7,8 @@
 
 use crate::frame::{FrameDecoder, FrameError};
 use crate::proto::{
-    decode, DecodeError, DecodeLimits, Encoder, Hello, HelloAck, Message, Request, RequestFrame,
-    Response, WireError, PROTOCOL_VERSION,
+    decode, DecodeError, DecodeLimits, Encoder, Hello, HelloAck, Message, Request, RequestFrame, Response, WireError,
+    PROTOCOL_VERSION,
 };
 use std::collections::HashSet;
 use thiserror::Error;
@@ -78,14 +78,7 @@ impl Session {
         let id = self.next_id;
         self.next_id += 1;
         self.pending.insert(id);
-        self.encoder.encode(
-            &Message::Request(RequestFrame {
-                id,
-                timeout_ms,
-                body,
-            }),
-            &mut self.out,
-        );
+        self.encoder.encode(&Message::Request(RequestFrame { id, timeout_ms, body }), &mut self.out);
         id
     }
 
@@ -109,8 +102,8 @@ impl Session {
         self.decoder.spare(min)
     }
 
-    pub fn commit_read(&mut self, spare_len: usize, n: usize) {
-        self.decoder.commit(spare_len, n);
+    pub fn commit_read(&mut self, n: usize) {
+        self.decoder.commit(n);
     }
 
     /// The next event from what has been received, if any. An error means the
@@ -132,17 +125,12 @@ impl Session {
             }
             Message::Response(r) if self.state == State::Ready => {
                 if !self.pending.remove(&r.id) {
-                    return Err(SessionError::Protocol(format!(
-                        "response to unknown request {}",
-                        r.id
-                    )));
+                    return Err(SessionError::Protocol(format!("response to unknown request {}", r.id)));
                 }
                 Ok(Some(Event::Response(r)))
             }
             Message::Error(e) => Err(SessionError::Refused(e)),
-            other => Err(SessionError::Protocol(format!(
-                "unexpected message {other:?}"
-            ))),
+            other => Err(SessionError::Protocol(format!("unexpected message {other:?}"))),
         }
     }
 }
@@ -170,37 +158,13 @@ mod tests {
     #[test]
     fn pipelined_responses_match_their_requests_in_any_order() {
         let mut s = Session::new(Hello::client("c"));
-        let a = s.send(
-            Request::Get {
-                key: b"a".to_vec(),
-                r: Level::Default,
-            },
-            0,
-        );
-        let b = s.send(
-            Request::Get {
-                key: b"b".to_vec(),
-                r: Level::Default,
-            },
-            0,
-        );
+        let a = s.send(Request::Get { key: b"a".to_vec(), r: Level::Default }, 0);
+        let b = s.send(Request::Get { key: b"b".to_vec(), r: Level::Default }, 0);
         assert_eq!(s.in_flight(), 2);
         server_says(&mut s, ack());
         assert!(matches!(s.poll().unwrap(), Some(Event::Connected(_))));
-        server_says(
-            &mut s,
-            Message::Response(Response {
-                id: b,
-                result: Ok(Reply::Delete),
-            }),
-        );
-        server_says(
-            &mut s,
-            Message::Response(Response {
-                id: a,
-                result: Ok(Reply::Delete),
-            }),
-        );
+        server_says(&mut s, Message::Response(Response { id: b, result: Ok(Reply::Delete) }));
+        server_says(&mut s, Message::Response(Response { id: a, result: Ok(Reply::Delete) }));
         let ids: Vec<u64> = std::iter::from_fn(|| match s.poll().unwrap() {
             Some(Event::Response(r)) => Some(r.id),
             _ => None,
@@ -224,22 +188,13 @@ mod tests {
     #[test]
     fn a_refusal_and_a_stray_response_are_errors() {
         let mut s = Session::new(Hello::client("c"));
-        server_says(
-            &mut s,
-            Message::Error(WireError::new(ErrorCode::ClusterMismatch, "no")),
-        );
+        server_says(&mut s, Message::Error(WireError::new(ErrorCode::ClusterMismatch, "no")));
         assert!(matches!(s.poll(), Err(SessionError::Refused(_))));
 
         let mut s = Session::new(Hello::client("c"));
         server_says(&mut s, ack());
         s.poll().unwrap();
-        server_says(
-            &mut s,
-            Message::Response(Response {
-                id: 99,
-                result: Ok(Reply::Delete),
-            }),
-        );
+        server_says(&mut s, Message::Response(Response { id: 99, result: Ok(Reply::Delete) }));
         assert!(matches!(s.poll(), Err(SessionError::Protocol(_))));
     }
 }

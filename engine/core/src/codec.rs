@@ -63,10 +63,7 @@ impl<'a> Reader<'a> {
     }
 
     pub fn u8(&mut self) -> Result<u8, DecodeError> {
-        let b = *self
-            .buf
-            .get(self.pos)
-            .ok_or(DecodeError { what: "truncated" })?;
+        let b = *self.buf.get(self.pos).ok_or(DecodeError { what: "truncated" })?;
         self.pos += 1;
         Ok(b)
     }
@@ -131,17 +128,7 @@ mod tests {
 
     #[test]
     fn varints_round_trip_at_every_width() {
-        let samples = [
-            0u64,
-            1,
-            127,
-            128,
-            300,
-            16_383,
-            16_384,
-            u32::MAX as u64,
-            u64::MAX,
-        ];
+        let samples = [0u64, 1, 127, 128, 300, 16_383, 16_384, u32::MAX as u64, u64::MAX];
         for v in samples {
             let mut out = Vec::new();
             put_varint(&mut out, v);

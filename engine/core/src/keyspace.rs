@@ -29,9 +29,7 @@ pub fn partition_of(key: &[u8], q: u32) -> u32 {
 /// Checks a partition count given by an operator.
 pub fn validate_partitions(q: u32) -> Result<(), String> {
     if q == 0 || !q.is_power_of_two() || q > 1 << 16 {
-        return Err(format!(
-            "partitions must be a power of two between 1 and 65536, got {q}"
-        ));
+        return Err(format!("partitions must be a power of two between 1 and 65536, got {q}"));
     }
     Ok(())
 }
@@ -74,10 +72,7 @@ pub fn validate_pair(key: &[u8], value: &[u8], max_pair_bytes: usize) -> Result<
     validate_key(key)?;
     let len = key.len() + value.len();
     if len > max_pair_bytes {
-        return Err(PairError::PairTooLarge {
-            len,
-            max: max_pair_bytes,
-        });
+        return Err(PairError::PairTooLarge { len, max: max_pair_bytes });
     }
     Ok(())
 }
@@ -99,15 +94,9 @@ mod tests {
     fn pair_limits_are_inclusive_and_keys_must_be_nonempty() {
         assert_eq!(validate_pair(b"", b"v", 100), Err(PairError::EmptyKey));
         assert!(validate_pair(&[1; 1024], b"", 2048).is_ok());
-        assert_eq!(
-            validate_pair(&[1; 1025], b"", 2048),
-            Err(PairError::KeyTooLong { len: 1025 })
-        );
+        assert_eq!(validate_pair(&[1; 1025], b"", 2048), Err(PairError::KeyTooLong { len: 1025 }));
         assert!(validate_pair(b"k", &[0; 99], 100).is_ok());
-        assert_eq!(
-            validate_pair(b"k", &[0; 100], 100),
-            Err(PairError::PairTooLarge { len: 101, max: 100 })
-        );
+        assert_eq!(validate_pair(b"k", &[0; 100], 100), Err(PairError::PairTooLarge { len: 101, max: 100 }));
     }
 
     #[test]

@@ -39,10 +39,7 @@ pub const MAX_EPOCH: u64 = (1 << EPOCH_BITS) - 1;
 impl Actor {
     pub fn new(incarnation: u64, shard: u16, epoch: u64) -> Actor {
         assert!(epoch <= MAX_EPOCH, "epoch {epoch} over 48 bits");
-        Actor {
-            incarnation,
-            lane: (u64::from(shard) << EPOCH_BITS) | epoch,
-        }
+        Actor { incarnation, lane: (u64::from(shard) << EPOCH_BITS) | epoch }
     }
 
     pub fn shard(&self) -> u16 {
@@ -61,10 +58,7 @@ impl Actor {
     }
 
     fn decode(r: &mut Reader<'_>) -> Result<Actor, DecodeError> {
-        Ok(Actor {
-            incarnation: r.u64_le()?,
-            lane: r.u64_le()?,
-        })
+        Ok(Actor { incarnation: r.u64_le()?, lane: r.u64_le()? })
     }
 }
 
@@ -89,9 +83,7 @@ impl VersionVector {
 
     /// The empty history, usable in statics.
     pub const fn new_const() -> Self {
-        VersionVector {
-            entries: Vec::new(),
-        }
+        VersionVector { entries: Vec::new() }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -278,20 +270,14 @@ impl Object {
 
     /// Bytes of value payload across siblings (used for accounting).
     pub fn value_bytes(&self) -> usize {
-        self.siblings
-            .iter()
-            .map(|s| s.value.as_ref().map_or(0, Vec::len))
-            .sum()
+        self.siblings.iter().map(|s| s.value.as_ref().map_or(0, Vec::len)).sum()
     }
 
     /// The dot a coordinator acting as `actor` mints for a write on top of
     /// `local` with client context `ctx`.
     pub fn next_dot(local: Option<&Object>, ctx: &VersionVector, actor: Actor) -> Dot {
         let seen = local.map_or(0, |o| o.vv.get(&actor)).max(ctx.get(&actor));
-        Dot {
-            actor,
-            counter: seen + 1,
-        }
+        Dot { actor, counter: seen + 1 }
     }
 
     /// The object after a client write (a value or, with `None`, a delete)
@@ -306,16 +292,8 @@ impl Object {
     ) -> Object {
         let empty = Object::default();
         let local = local.unwrap_or(&empty);
-        assert!(
-            !local.vv.covers(&dot),
-            "dot {dot:?} reused: the coordinator minted it before"
-        );
-        let mut siblings: Vec<Sibling> = local
-            .siblings
-            .iter()
-            .filter(|s| !ctx.covers(&s.dot))
-            .cloned()
-            .collect();
+        assert!(!local.vv.covers(&dot), "dot {dot:?} reused: the coordinator minted it before");
+        let mut siblings: Vec<Sibling> = local.siblings.iter().filter(|s| !ctx.covers(&s.dot)).cloned().collect();
         let at = siblings.partition_point(|s| s.dot < dot);
         siblings.insert(at, Sibling { dot, ts_ms, value });
         let mut vv = local.vv.join(ctx);
@@ -344,11 +322,7 @@ impl Object {
                     // sibling. Should a bug ever make them differ, pick one
                     // deterministically so that replicas still converge.
                     let (x, y) = (&a[i], &b[j]);
-                    let keep = if (x.ts_ms, &x.value) >= (y.ts_ms, &y.value) {
-                        x
-                    } else {
-                        y
-                    };
+                    let keep = if (x.ts_ms, &x.value) >= (y.ts_ms, &y.value) { x } else { y };
                     siblings.push(keep.clone());
                     i += 1;
                     j += 1;
@@ -367,10 +341,7 @@ impl Object {
                 }
             }
         }
-        let out = Object {
-            vv: self.vv.join(&other.vv),
-            siblings,
-        };
+        let out = Object { vv: self.vv.join(&other.vv), siblings };
         out.debug_assert_invariants();
         out
     }
@@ -383,10 +354,7 @@ impl Object {
 
     fn debug_assert_invariants(&self) {
         if cfg!(debug_assertions) {
-            assert!(
-                self.check_invariants().is_ok(),
-                "object invariant broken: {self:?}"
-            );
+            assert!(self.check_invariants().is_ok(), "object invariant broken: {self:?}");
         }
     }
 
@@ -439,11 +407,7 @@ impl Object {
 
     fn encoded_len_hint(&self) -> usize {
         8 + self.vv.entries.len() * 20
-            + self
-                .siblings
-                .iter()
-                .map(|s| 16 + s.value.as_ref().map_or(0, Vec::len))
-                .sum::<usize>()
+            + self.siblings.iter().map(|s| 16 + s.value.as_ref().map_or(0, Vec::len)).sum::<usize>()
     }
 
     /// Parses an object written by [`Object::encode`], checking every
@@ -472,11 +436,7 @@ impl Object {
                 }
                 _ => return err("unknown sibling kind"),
             };
-            siblings.push(Sibling {
-                dot: Dot { actor, counter },
-                ts_ms,
-                value,
-            });
+            siblings.push(Sibling { dot: Dot { actor, counter }, ts_ms, value });
         }
         if !r.is_empty() {
             return err("trailing bytes after object");
@@ -495,12 +455,7 @@ impl Object {
 /// above `min_epoch`: the first epoch the shard can vouch for, that is one whose
 /// minted dots are all still in the local object. Otherwise it must mint under a
 /// fresh epoch (the caller allocates one), so a dot can never be minted twice.
-pub fn reusable_actor(
-    local: Option<&Object>,
-    incarnation: u64,
-    shard: u16,
-    min_epoch: u64,
-) -> Option<Actor> {
+pub fn reusable_actor(local: Option<&Object>, incarnation: u64, shard: u16, min_epoch: u64) -> Option<Actor> {
     local?
         .vv
         .iter()
@@ -523,9 +478,7 @@ mod tests {
     }
 
     fn values(o: &Object) -> Vec<String> {
-        o.values()
-            .map(|v| String::from_utf8(v.to_vec()).unwrap())
-            .collect()
+        o.values().map(|v| String::from_utf8(v.to_vec()).unwrap()).collect()
     }
 
     #[test]
@@ -584,10 +537,7 @@ mod tests {
         assert_eq!(values(&old.merge(&reborn)), ["old", "new"]);
         // Reusing the old actor is exactly the bug the epochs prevent.
         assert_eq!(reusable_actor(Some(&old), 7, 0, 2), None);
-        assert_eq!(
-            reusable_actor(Some(&old), 7, 0, 1),
-            Some(Actor::new(7, 0, 1))
-        );
+        assert_eq!(reusable_actor(Some(&old), 7, 0, 1), Some(Actor::new(7, 0, 1)));
     }
 
     #[test]
@@ -611,10 +561,7 @@ mod tests {
         assert!(Object::decode(&[1, 0, 1, 0]).is_err());
         let good = put(None, &VersionVector::new(), actor(1), "v").to_bytes();
         for cut in 0..good.len() {
-            assert!(
-                Object::decode(&good[..cut]).is_err(),
-                "prefix of {cut} bytes accepted"
-            );
+            assert!(Object::decode(&good[..cut]).is_err(), "prefix of {cut} bytes accepted");
         }
     }
 }

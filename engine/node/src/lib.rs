@@ -5,4 +5,10 @@
 //! - [`server`]: starts the shards, checks the data directory, handles signals.
 
 pub mod clock;
+pub mod config;
+pub mod conn;
+pub mod datadir;
+pub mod server;
+pub mod service;
+pub mod shard;
 pub mod store;

@@ -21,33 +21,19 @@ fn config(dir: &Path, segment_bytes: u64) -> StoreConfig {
 }
 
 fn run<T: 'static>(f: impl std::future::Future<Output = T> + 'static) -> T {
-    LocalExecutorBuilder::new(Placement::Unbound)
-        .make()
-        .unwrap()
-        .run(f)
+    LocalExecutorBuilder::new(Placement::Unbound).make().unwrap().run(f)
 }
 
 const BLIND: WriteContext = WriteContext::Client(VersionVector::new_const());
 
 async fn put(s: &Store, key: &str, value: &str) {
-    s.write(
-        key.as_bytes(),
-        Some(value.as_bytes().to_vec()),
-        &BLIND,
-        true,
-        1,
-    )
-    .await
-    .unwrap();
+    s.write(key.as_bytes(), Some(value.as_bytes().to_vec()), &BLIND, true, 1).await.unwrap();
 }
 
 async fn values(s: &Store, key: &str) -> Vec<String> {
     match s.get(key.as_bytes()).await.unwrap() {
         None => vec![],
-        Some(o) => o
-            .values()
-            .map(|v| String::from_utf8(v.to_vec()).unwrap())
-            .collect(),
+        Some(o) => o.values().map(|v| String::from_utf8(v.to_vec()).unwrap()).collect(),
     }
 }
 
@@ -63,19 +49,9 @@ fn writes_are_read_back_after_a_clean_restart() {
         let s = open(&d, 1 << 20).await;
         put(&s, "a", "1").await;
         let ctx = s.get(b"a").await.unwrap().unwrap().context().clone();
-        s.write(
-            b"a",
-            Some(b"2".to_vec()),
-            &WriteContext::Client(ctx),
-            true,
-            2,
-        )
-        .await
-        .unwrap();
+        s.write(b"a", Some(b"2".to_vec()), &WriteContext::Client(ctx), true, 2).await.unwrap();
         put(&s, "b", "x").await;
-        s.write(b"b", None, &WriteContext::Local, true, 3)
-            .await
-            .unwrap();
+        s.write(b"b", None, &WriteContext::Local, true, 3).await.unwrap();
         assert_eq!(values(&s, "a").await, ["2"]);
         assert!(s.get(b"b").await.unwrap().unwrap().is_deleted());
         s.close().await.unwrap();
@@ -97,15 +73,7 @@ fn blind_writes_become_siblings_and_a_read_context_resolves_them() {
         put(&s, "k", "two").await;
         assert_eq!(values(&s, "k").await, ["one", "two"]);
         let ctx = s.get(b"k").await.unwrap().unwrap().context().clone();
-        s.write(
-            b"k",
-            Some(b"three".to_vec()),
-            &WriteContext::Client(ctx),
-            true,
-            1,
-        )
-        .await
-        .unwrap();
+        s.write(b"k", Some(b"three".to_vec()), &WriteContext::Client(ctx), true, 1).await.unwrap();
         assert_eq!(values(&s, "k").await, ["three"]);
     });
 }
@@ -124,15 +92,7 @@ fn many_small_segments_rotate_and_recover_in_order() {
                 let cur = s.get(key.as_bytes()).await.unwrap();
                 let ctx = cur.map(|o| o.context().clone()).unwrap_or_default();
                 let v = format!("{round}-{value}");
-                s.write(
-                    key.as_bytes(),
-                    Some(v.into_bytes()),
-                    &WriteContext::Client(ctx),
-                    round == 2,
-                    1,
-                )
-                .await
-                .unwrap();
+                s.write(key.as_bytes(), Some(v.into_bytes()), &WriteContext::Client(ctx), round == 2, 1).await.unwrap();
             }
         }
         s.close().await.unwrap();
@@ -207,23 +167,12 @@ fn torn_tail_case(damage: impl FnOnce(&mut Vec<u8>, usize, usize)) {
     run(async move {
         let s = open(&d, 1 << 20).await;
         let report = s.recovery_report().clone();
-        let (_, offset, _, _) = report
-            .truncated
-            .clone()
-            .expect("the damaged tail was truncated");
+        let (_, offset, _, _) = report.truncated.clone().expect("the damaged tail was truncated");
         assert_eq!(offset as usize, start, "cut exactly at the damaged record");
         for i in 0..49 {
-            assert_eq!(
-                values(&s, &format!("k{i}")).await,
-                [format!("value-{i}")],
-                "k{i} survives"
-            );
+            assert_eq!(values(&s, &format!("k{i}")).await, [format!("value-{i}")], "k{i} survives");
         }
-        assert_eq!(
-            values(&s, "k49").await,
-            Vec::<String>::new(),
-            "the torn write is gone, not garbled"
-        );
+        assert_eq!(values(&s, "k49").await, Vec::<String>::new(), "the torn write is gone, not garbled");
         // The store keeps working and a second restart is clean.
         put(&s, "after", "ok").await;
         s.close().await.unwrap();

@@ -25,12 +25,7 @@ pub struct RecordCache {
 
 impl RecordCache {
     pub fn new(capacity: usize) -> Self {
-        RecordCache {
-            map: HashMap::new(),
-            clock: VecDeque::new(),
-            bytes: 0,
-            capacity,
-        }
+        RecordCache { map: HashMap::new(), clock: VecDeque::new(), bytes: 0, capacity }
     }
 
     pub fn get(&self, loc: &Loc) -> Option<Rc<[u8]>> {
@@ -57,13 +52,7 @@ impl RecordCache {
         }
         self.bytes += data.len();
         self.clock.push_back(loc);
-        self.map.insert(
-            loc,
-            Slot {
-                data,
-                referenced: Cell::new(false),
-            },
-        );
+        self.map.insert(loc, Slot { data, referenced: Cell::new(false) });
     }
 
     pub fn bytes(&self) -> usize {
@@ -76,11 +65,7 @@ mod tests {
     use super::*;
 
     fn loc(offset: u32) -> Loc {
-        Loc {
-            segment: 1,
-            offset,
-            len: 10,
-        }
+        Loc { segment: 1, offset, len: 10 }
     }
 
     #[test]
@@ -94,10 +79,7 @@ mod tests {
         c.insert(loc(9), vec![9; 20].into());
         assert!(c.bytes() <= 100);
         assert!(c.get(&loc(0)).is_some());
-        assert!(
-            c.get(&loc(1)).is_none(),
-            "the unreferenced oldest entry went first"
-        );
+        assert!(c.get(&loc(1)).is_none(), "the unreferenced oldest entry went first");
         assert_eq!(&*c.get(&loc(9)).unwrap(), &[9u8; 20][..]);
     }
 

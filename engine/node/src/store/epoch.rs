@@ -33,19 +33,10 @@ pub struct EpochState {
 }
 
 impl EpochState {
-    const FRESH: EpochState = EpochState {
-        floor: 1,
-        leased: 1,
-        clean: true,
-    };
+    const FRESH: EpochState = EpochState { floor: 1, leased: 1, clean: true };
 
     fn render(&self) -> String {
-        format!(
-            "ringkv-epochs v1 floor={} leased={} clean={}\n",
-            self.floor,
-            self.leased,
-            u8::from(self.clean)
-        )
+        format!("ringkv-epochs v1 floor={} leased={} clean={}\n", self.floor, self.leased, u8::from(self.clean))
     }
 
     fn parse(s: &str) -> Option<EpochState> {
@@ -57,28 +48,16 @@ impl EpochState {
         let floor = field("floor=")?;
         let leased = field("leased=")?;
         let clean = field("clean=")?;
-        (floor <= leased && clean <= 1).then_some(EpochState {
-            floor,
-            leased,
-            clean: clean == 1,
-        })
+        (floor <= leased && clean <= 1).then_some(EpochState { floor, leased, clean: clean == 1 })
     }
 
     /// The state to run under after loading `self`: where to start handing out
     /// epochs, and the floor that applies from now on.
     pub fn on_start(self) -> EpochState {
         if self.clean {
-            EpochState {
-                floor: self.floor,
-                leased: self.leased,
-                clean: false,
-            }
+            EpochState { floor: self.floor, leased: self.leased, clean: false }
         } else {
-            EpochState {
-                floor: self.leased,
-                leased: self.leased,
-                clean: false,
-            }
+            EpochState { floor: self.leased, leased: self.leased, clean: false }
         }
     }
 }
@@ -95,20 +74,13 @@ impl Epochs {
         let path = dir.join("epochs");
         let loaded = match fs::read_to_string(&path) {
             Ok(s) => EpochState::parse(&s).ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{} is damaged: {s:?}", path.display()),
-                )
+                io::Error::new(io::ErrorKind::InvalidData, format!("{} is damaged: {s:?}", path.display()))
             })?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => EpochState::FRESH,
             Err(e) => return Err(e),
         };
         let state = loaded.on_start();
-        let mut e = Epochs {
-            path,
-            state,
-            next: state.leased,
-        };
+        let mut e = Epochs { path, state, next: state.leased };
         e.state.leased = e.next + LEASE;
         e.persist()?;
         Ok(e)
@@ -135,13 +107,7 @@ impl Epochs {
     /// The state to write for a lease extension; write it with [`write_state`]
     /// and then call [`Epochs::extended`].
     pub fn extension(&self) -> (PathBuf, EpochState) {
-        (
-            self.path.clone(),
-            EpochState {
-                leased: self.state.leased + LEASE,
-                ..self.state
-            },
-        )
+        (self.path.clone(), EpochState { leased: self.state.leased + LEASE, ..self.state })
     }
 
     pub fn extended(&mut self, state: EpochState) {
@@ -152,11 +118,7 @@ impl Epochs {
     /// Records a clean stop: everything is flushed, and the next run may start
     /// exactly at the next unused epoch.
     pub fn close_clean(&mut self) -> io::Result<()> {
-        self.state = EpochState {
-            floor: self.state.floor,
-            leased: self.next,
-            clean: true,
-        };
+        self.state = EpochState { floor: self.state.floor, leased: self.next, clean: true };
         self.persist()
     }
 
@@ -187,10 +149,7 @@ mod tests {
         assert_eq!(e.floor(), 1);
         drop(e); // no close_clean: a crash
         let mut e = Epochs::open(dir.path()).unwrap();
-        assert!(
-            e.floor() > first,
-            "the epoch used before the crash is no longer reusable"
-        );
+        assert!(e.floor() > first, "the epoch used before the crash is no longer reusable");
         assert!(e.take() >= e.floor());
     }
 

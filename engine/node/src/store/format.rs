@@ -109,12 +109,7 @@ impl SegmentHeader {
         if u64_at(40) != xxh3_64(&b[..Self::CHECKED_BYTES]) {
             return Err(FormatError::HeaderChecksum);
         }
-        Ok(SegmentHeader {
-            shard: u32_at(12),
-            segment: u32_at(16),
-            incarnation: u64_at(24),
-            created_ms: u64_at(32),
-        })
+        Ok(SegmentHeader { shard: u32_at(12), segment: u32_at(16), incarnation: u64_at(24), created_ms: u64_at(32) })
     }
 }
 
@@ -129,24 +124,11 @@ pub const FLAG_DELETED: u8 = 1;
 const KNOWN_FLAGS: u8 = FLAG_DELETED;
 
 /// Appends one record to `out` and returns its length.
-pub fn encode_record(
-    kind: RecordKind,
-    flags: u8,
-    key: &[u8],
-    body: &[u8],
-    out: &mut Vec<u8>,
-) -> usize {
+pub fn encode_record(kind: RecordKind, flags: u8, key: &[u8], body: &[u8], out: &mut Vec<u8>) -> usize {
     assert_eq!(flags & !KNOWN_FLAGS, 0, "unknown record flags {flags:#x}");
-    assert!(
-        !key.is_empty() && key.len() <= u16::MAX as usize,
-        "record key of {} bytes",
-        key.len()
-    );
+    assert!(!key.is_empty() && key.len() <= u16::MAX as usize, "record key of {} bytes", key.len());
     let len = record_len(key.len(), body.len());
-    assert!(
-        len <= MAX_RECORD_BYTES,
-        "record of {len} bytes over the maximum"
-    );
+    assert!(len <= MAX_RECORD_BYTES, "record of {len} bytes over the maximum");
     let start = out.len();
     out.extend_from_slice(&[0u8; 8]);
     out.extend_from_slice(&(len as u32).to_le_bytes());
@@ -188,20 +170,12 @@ pub fn decode_record(buf: &[u8]) -> Result<Option<RecordRef<'_>>, FormatError> {
         return Ok(None);
     }
     if buf.len() < RECORD_HEADER_BYTES {
-        return if buf.iter().all(|&b| b == 0) {
-            Ok(None)
-        } else {
-            Err(FormatError::BadLength(buf.len() as u64))
-        };
+        return if buf.iter().all(|&b| b == 0) { Ok(None) } else { Err(FormatError::BadLength(buf.len() as u64)) };
     }
     let sum = u64::from_le_bytes(buf[0..8].try_into().expect("8 bytes"));
     let len = peek_len(buf).expect("header present") as u64;
     if len == 0 {
-        return if sum == 0 {
-            Ok(None)
-        } else {
-            Err(FormatError::BadLength(0))
-        };
+        return if sum == 0 { Ok(None) } else { Err(FormatError::BadLength(0)) };
     }
     if len < RECORD_HEADER_BYTES as u64 || len > MAX_RECORD_BYTES as u64 || len > buf.len() as u64 {
         return Err(FormatError::BadLength(len));
@@ -221,13 +195,7 @@ pub fn decode_record(buf: &[u8]) -> Result<Option<RecordRef<'_>>, FormatError> {
     }
     let key = &buf[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + key_len];
     let body = &buf[RECORD_HEADER_BYTES + key_len..len];
-    Ok(Some(RecordRef {
-        kind,
-        flags,
-        key,
-        body,
-        len,
-    }))
+    Ok(Some(RecordRef { kind, flags, key, body, len }))
 }
 
 pub fn align_down(v: u64) -> u64 {
@@ -250,21 +218,12 @@ mod tests {
 
     #[test]
     fn headers_round_trip_and_reject_damage() {
-        let h = SegmentHeader {
-            shard: 3,
-            segment: 17,
-            incarnation: 0xdead_beef,
-            created_ms: 1_700_000_000_000,
-        };
+        let h = SegmentHeader { shard: 3, segment: 17, incarnation: 0xdead_beef, created_ms: 1_700_000_000_000 };
         let mut b = h.encode();
         assert_eq!(b.len() as u64, HEADER_BYTES);
         assert_eq!(SegmentHeader::decode(&b).unwrap(), h);
         b[20] ^= 1;
-        assert_eq!(
-            SegmentHeader::decode(&b),
-            Err(FormatError::HeaderChecksum),
-            "reserved bytes are checked too"
-        );
+        assert_eq!(SegmentHeader::decode(&b), Err(FormatError::HeaderChecksum), "reserved bytes are checked too");
         b[20] ^= 1;
         b[13] ^= 1;
         assert_eq!(SegmentHeader::decode(&b), Err(FormatError::HeaderChecksum));
@@ -293,10 +252,7 @@ mod tests {
                 let mut bad = rec.clone();
                 bad[byte] ^= 1 << bit;
                 bad.extend([0u8; 64]);
-                assert!(
-                    decode_record(&bad).is_err(),
-                    "flip of bit {bit} in byte {byte} went unnoticed"
-                );
+                assert!(decode_record(&bad).is_err(), "flip of bit {bit} in byte {byte} went unnoticed");
             }
         }
     }
@@ -305,10 +261,7 @@ mod tests {
     fn every_truncation_of_a_record_is_detected() {
         let rec = record(b"key", b"0123456789");
         for cut in 1..rec.len() {
-            assert!(
-                decode_record(&rec[..cut]).is_err(),
-                "record cut to {cut} bytes accepted"
-            );
+            assert!(decode_record(&rec[..cut]).is_err(), "record cut to {cut} bytes accepted");
         }
     }
 

@@ -32,24 +32,12 @@ const _: () = assert!(std::mem::size_of::<Entry>() == 12);
 
 impl Entry {
     pub fn new(loc: Loc, deleted: bool) -> Entry {
-        assert!(
-            loc.len < DELETED,
-            "record length {} does not fit the index",
-            loc.len
-        );
-        Entry {
-            segment: loc.segment,
-            offset: loc.offset,
-            len_and_flags: loc.len | if deleted { DELETED } else { 0 },
-        }
+        assert!(loc.len < DELETED, "record length {} does not fit the index", loc.len);
+        Entry { segment: loc.segment, offset: loc.offset, len_and_flags: loc.len | if deleted { DELETED } else { 0 } }
     }
 
     pub fn loc(&self) -> Loc {
-        Loc {
-            segment: self.segment,
-            offset: self.offset,
-            len: self.len_and_flags & !DELETED,
-        }
+        Loc { segment: self.segment, offset: self.offset, len: self.len_and_flags & !DELETED }
     }
 
     pub fn is_deleted(&self) -> bool {
@@ -90,10 +78,7 @@ pub struct PartitionIndex {
 
 impl PartitionIndex {
     fn new(hasher: KeyHasher) -> Self {
-        PartitionIndex {
-            map: HashMap::with_hasher(hasher),
-            counts: PartitionCounts::default(),
-        }
+        PartitionIndex { map: HashMap::with_hasher(hasher), counts: PartitionCounts::default() }
     }
 
     pub fn get(&self, key: &[u8]) -> Option<Entry> {
@@ -117,14 +102,8 @@ impl PartitionIndex {
     }
 
     fn count(&mut self, e: &Entry, delta: i64) {
-        let c = if e.is_deleted() {
-            &mut self.counts.deleted
-        } else {
-            &mut self.counts.live
-        };
-        *c = c
-            .checked_add_signed(delta)
-            .expect("index counts never go negative");
+        let c = if e.is_deleted() { &mut self.counts.deleted } else { &mut self.counts.live };
+        *c = c.checked_add_signed(delta).expect("index counts never go negative");
     }
 
     /// Points `key` at a new record; returns the entry it replaced.
@@ -162,11 +141,7 @@ pub struct Index {
 
 impl Index {
     pub fn new(partitions: u32, hasher: KeyHasher) -> Index {
-        Index {
-            partitions: (0..partitions).map(|_| None).collect(),
-            hasher,
-            live_bytes: HashMap::new(),
-        }
+        Index { partitions: (0..partitions).map(|_| None).collect(), hasher, live_bytes: HashMap::new() }
     }
 
     pub fn partition(&self, p: u32) -> Option<&PartitionIndex> {
@@ -198,13 +173,8 @@ impl Index {
     }
 
     fn release(&mut self, loc: Loc) {
-        let live = self
-            .live_bytes
-            .get_mut(&loc.segment)
-            .expect("a replaced record's segment is accounted");
-        *live = live
-            .checked_sub(u64::from(loc.len))
-            .expect("live bytes never go negative");
+        let live = self.live_bytes.get_mut(&loc.segment).expect("a replaced record's segment is accounted");
+        *live = live.checked_sub(u64::from(loc.len)).expect("live bytes never go negative");
     }
 
     /// Bytes of records the index still points to in `segment`.
@@ -213,20 +183,14 @@ impl Index {
     }
 
     pub fn counts(&self) -> PartitionCounts {
-        self.partitions
-            .iter()
-            .flatten()
-            .fold(PartitionCounts::default(), |acc, p| PartitionCounts {
-                live: acc.live + p.counts.live,
-                deleted: acc.deleted + p.counts.deleted,
-            })
+        self.partitions.iter().flatten().fold(PartitionCounts::default(), |acc, p| PartitionCounts {
+            live: acc.live + p.counts.live,
+            deleted: acc.deleted + p.counts.deleted,
+        })
     }
 
     pub fn partitions(&self) -> impl Iterator<Item = (u32, &PartitionIndex)> {
-        self.partitions
-            .iter()
-            .enumerate()
-            .filter_map(|(p, i)| i.as_ref().map(|i| (p as u32, i)))
+        self.partitions.iter().enumerate().filter_map(|(p, i)| i.as_ref().map(|i| (p as u32, i)))
     }
 }
 
@@ -235,33 +199,18 @@ mod tests {
     use super::*;
 
     fn loc(segment: u32, offset: u32, len: u32) -> Loc {
-        Loc {
-            segment,
-            offset,
-            len,
-        }
+        Loc { segment, offset, len }
     }
 
     #[test]
     fn replacing_a_key_moves_its_bytes_and_counts() {
         let mut ix = Index::new(4, KeyHasher::new(1));
-        assert_eq!(
-            ix.insert(2, b"k", Entry::new(loc(1, 4096, 100), false)),
-            None
-        );
+        assert_eq!(ix.insert(2, b"k", Entry::new(loc(1, 4096, 100), false)), None);
         assert_eq!(ix.live_bytes(1), 100);
-        let old = ix
-            .insert(2, b"k", Entry::new(loc(2, 4096, 50), true))
-            .unwrap();
+        let old = ix.insert(2, b"k", Entry::new(loc(2, 4096, 50), true)).unwrap();
         assert_eq!(old.loc(), loc(1, 4096, 100));
         assert_eq!((ix.live_bytes(1), ix.live_bytes(2)), (0, 50));
-        assert_eq!(
-            ix.counts(),
-            PartitionCounts {
-                live: 0,
-                deleted: 1
-            }
-        );
+        assert_eq!(ix.counts(), PartitionCounts { live: 0, deleted: 1 });
         assert!(ix.get(2, b"k").unwrap().is_deleted());
         assert_eq!(ix.get(1, b"k"), None);
         ix.remove(2, b"k");

@@ -119,20 +119,14 @@ async fn create(cfg: &LogConfig, id: u32, capacity: u64) -> Result<Rc<DmaFile>, 
     let path = glommio::executor()
         .spawn_blocking(move || segment::create_segment(&dir, &header, capacity))
         .await
-        .map_err(|e| {
-            StoreError::io(format!("creating segment {id} in {}", cfg.dir.display()), e)
-        })?;
+        .map_err(|e| StoreError::io(format!("creating segment {id} in {}", cfg.dir.display()), e))?;
     open_dma(&path).await
 }
 
 impl Log {
     /// A log that continues after the recovered segments `files`, writing
     /// into a new segment `next_segment`.
-    pub async fn start(
-        cfg: LogConfig,
-        files: HashMap<u32, Rc<DmaFile>>,
-        next_segment: u32,
-    ) -> Result<Log, StoreError> {
+    pub async fn start(cfg: LogConfig, files: HashMap<u32, Rc<DmaFile>>, next_segment: u32) -> Result<Log, StoreError> {
         let capacity = cfg.segment_bytes;
         let file = create(&cfg, next_segment, capacity).await?;
         let mut files = files;
@@ -140,13 +134,7 @@ impl Log {
         Ok(Log {
             cfg,
             files,
-            active: Tail {
-                segment: next_segment,
-                file,
-                base: HEADER_BYTES,
-                buf: Vec::new(),
-                capacity,
-            },
+            active: Tail { segment: next_segment, file, base: HEADER_BYTES, buf: Vec::new(), capacity },
             sealing: VecDeque::new(),
             spare: None,
             next_segment: next_segment + 1,
@@ -177,10 +165,7 @@ impl Log {
         if loc.segment == self.active.segment {
             return self.active.slice(loc);
         }
-        self.sealing
-            .iter()
-            .find(|t| t.segment == loc.segment)
-            .and_then(|t| t.slice(loc))
+        self.sealing.iter().find(|t| t.segment == loc.segment).and_then(|t| t.slice(loc))
     }
 
     pub fn unflushed_bytes(&self) -> u64 {
@@ -273,64 +258,77 @@ impl Log {
     }
 }
 
+/// What [`rotate`] must do next.
+enum Rotation {
+    Done,
+    /// Another task is creating a segment.
+    Wait,
+    Create {
+        cfg: LogConfig,
+        id: u32,
+        capacity: u64,
+    },
+}
+
+impl Log {
+    /// The synchronous part of rotation: switch to a spare big enough for
+    /// `len` bytes if there is one, or claim the right to create a segment.
+    fn try_rotate(&mut self, len: usize) -> Result<Rotation, StoreError> {
+        self.check_writable()?;
+        if (len as u64) <= self.active.room() {
+            return Ok(Rotation::Done);
+        }
+        let need = HEADER_BYTES + len as u64;
+        if let Some(spare) = self.spare.take_if(|s| s.capacity >= need) {
+            let fresh = Tail {
+                segment: spare.segment,
+                file: spare.file,
+                base: HEADER_BYTES,
+                buf: Vec::new(),
+                capacity: spare.capacity,
+            };
+            let old = std::mem::replace(&mut self.active, fresh);
+            // An empty buffer means everything in the old segment is already
+            // durable; otherwise its last bytes still need a flush.
+            if !old.buf.is_empty() {
+                self.sealing.push_back(old);
+            }
+            self.kick();
+            return Ok(Rotation::Done);
+        }
+        if self.creating {
+            return Ok(Rotation::Wait);
+        }
+        self.creating = true;
+        let id = self.next_segment;
+        self.next_segment += 1;
+        Ok(Rotation::Create { cfg: self.cfg.clone(), id, capacity: self.cfg.segment_bytes.max(align_up(need)) })
+    }
+
+    /// Installs a segment created for rotation as the spare, replacing (and
+    /// deleting) a spare that was too small.
+    fn install_spare(&mut self, spare: Spare) {
+        self.files.insert(spare.segment, spare.file.clone());
+        if let Some(small) = self.spare.replace(spare) {
+            self.files.remove(&small.segment);
+            let _ = std::fs::remove_file(segment::segment_path(&self.cfg.dir, small.segment));
+        }
+    }
+}
+
 /// Makes room for a record of `len` bytes by starting a new segment.
 pub async fn rotate(log: &std::cell::RefCell<Log>, len: usize) -> Result<(), StoreError> {
-    let need = HEADER_BYTES + len as u64;
     loop {
-        {
-            let mut l = log.borrow_mut();
-            l.check_writable()?;
-            if (len as u64) <= l.active.room() {
-                return Ok(());
+        let step = log.borrow_mut().try_rotate(len)?;
+        match step {
+            Rotation::Done => return Ok(()),
+            Rotation::Wait => glommio::timer::sleep(std::time::Duration::from_millis(1)).await,
+            Rotation::Create { cfg, id, capacity } => {
+                let made = create(&cfg, id, capacity).await;
+                let mut l = log.borrow_mut();
+                l.creating = false;
+                l.install_spare(Spare { segment: id, file: made?, capacity });
             }
-            if let Some(spare) = l.spare.take_if(|s| s.capacity >= need) {
-                let old = std::mem::replace(
-                    &mut l.active,
-                    Tail {
-                        segment: spare.segment,
-                        file: spare.file,
-                        base: HEADER_BYTES,
-                        buf: Vec::new(),
-                        capacity: spare.capacity,
-                    },
-                );
-                // An empty buffer means everything in the old segment is
-                // already durable; otherwise its last bytes still need a flush.
-                if !old.buf.is_empty() {
-                    l.sealing.push_back(old);
-                }
-                l.kick();
-                return Ok(());
-            }
-            if l.creating {
-                drop(l);
-                // Another task is creating a segment; let it finish.
-                glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
-                continue;
-            }
-            l.creating = true;
-        }
-        let (cfg, id, capacity) = {
-            let mut l = log.borrow_mut();
-            let id = l.next_segment;
-            l.next_segment += 1;
-            (l.cfg.clone(), id, l.cfg.segment_bytes.max(align_up(need)))
-        };
-        let made = create(&cfg, id, capacity).await;
-        let mut l = log.borrow_mut();
-        l.creating = false;
-        let file = made?;
-        l.files.insert(id, file.clone());
-        if let Some(old_spare) = l.spare.replace(Spare {
-            segment: id,
-            file,
-            capacity,
-        }) {
-            // A spare too small for this record: keep it for later rotations by
-            // putting the bigger one first; the small one is simply unused.
-            l.files.remove(&old_spare.segment);
-            let path = segment::segment_path(&cfg.dir, old_spare.segment);
-            let _ = std::fs::remove_file(path);
         }
     }
 }
@@ -351,14 +349,7 @@ pub async fn prepare_spare(log: &std::cell::RefCell<Log>) {
     let mut l = log.borrow_mut();
     l.creating = false;
     match made {
-        Ok(file) => {
-            l.files.insert(id, file.clone());
-            l.spare = Some(Spare {
-                segment: id,
-                file,
-                capacity: cfg.segment_bytes,
-            });
-        }
+        Ok(file) => l.install_spare(Spare { segment: id, file, capacity: cfg.segment_bytes }),
         Err(e) => {
             tracing::warn!(shard = cfg.shard, error = %e, "could not create a spare segment; will retry on rotation")
         }
@@ -378,21 +369,13 @@ struct Job {
 impl Job {
     fn of(t: &Tail) -> Job {
         let buf = (!t.buf.is_empty()).then(|| {
-            let mut buf = t
-                .file
-                .alloc_dma_buffer(align_up(t.buf.len() as u64) as usize);
+            let mut buf = t.file.alloc_dma_buffer(align_up(t.buf.len() as u64) as usize);
             let dst = buf.as_bytes_mut();
             dst[..t.buf.len()].copy_from_slice(&t.buf);
             dst[t.buf.len()..].fill(0);
             buf
         });
-        Job {
-            segment: t.segment,
-            file: t.file.clone(),
-            base: t.base,
-            len: t.buf.len(),
-            buf,
-        }
+        Job { segment: t.segment, file: t.file.clone(), base: t.base, len: t.buf.len(), buf }
     }
 
     fn end(&self) -> u64 {
@@ -402,20 +385,16 @@ impl Job {
     async fn write(&mut self) -> Result<(), StoreError> {
         if let Some(buf) = self.buf.take() {
             let size = buf.len();
-            let n = self.file.write_at(buf, self.base).await.map_err(|e| {
-                StoreError::io(format!("writing segment {}", self.segment), e.into())
-            })?;
+            let n = self
+                .file
+                .write_at(buf, self.base)
+                .await
+                .map_err(|e| StoreError::io(format!("writing segment {}", self.segment), e.into()))?;
             if n != size {
-                return Err(StoreError::Io(format!(
-                    "short write to segment {}: {n} of {size} bytes",
-                    self.segment
-                )));
+                return Err(StoreError::Io(format!("short write to segment {}: {n} of {size} bytes", self.segment)));
             }
         }
-        self.file
-            .fdatasync()
-            .await
-            .map_err(|e| StoreError::io(format!("syncing segment {}", self.segment), e.into()))
+        self.file.fdatasync().await.map_err(|e| StoreError::io(format!("syncing segment {}", self.segment), e.into()))
     }
 }
 
@@ -458,11 +437,7 @@ async fn flush_once(log: &std::cell::RefCell<Log>) -> Result<(), StoreError> {
         let job = log.borrow().sealing.front().map(Job::of);
         let Some(mut job) = job else { break };
         job.write().await?;
-        let done = log
-            .borrow_mut()
-            .sealing
-            .pop_front()
-            .expect("sealing tail still queued");
+        let done = log.borrow_mut().sealing.pop_front().expect("sealing tail still queued");
         assert_eq!(done.segment, job.segment);
         assert_eq!(done.end(), job.end(), "no appends go to a sealed segment");
     }

@@ -44,11 +44,7 @@ pub enum StoreError {
     #[error("store is read-only after a failed write ({0}); restart the node")]
     Poisoned(String),
     #[error("corrupt data in segment {segment} at offset {offset}: {what}")]
-    Corrupt {
-        segment: u32,
-        offset: u64,
-        what: String,
-    },
+    Corrupt { segment: u32, offset: u64, what: String },
     #[error("store is shutting down")]
     Closed,
 }
@@ -109,26 +105,18 @@ pub struct Store {
 impl Store {
     /// Recovers the shard's log and starts its flusher.
     pub async fn open(cfg: StoreConfig) -> Result<Rc<Store>, StoreError> {
-        std::fs::create_dir_all(&cfg.dir)
-            .map_err(|e| StoreError::io(format!("creating {}", cfg.dir.display()), e))?;
-        let epochs = Epochs::open(&cfg.dir)
-            .map_err(|e| StoreError::io(format!("epoch state in {}", cfg.dir.display()), e))?;
-        let rec = recovery::recover(
-            &cfg.dir,
-            u32::from(cfg.shard),
-            cfg.partitions,
-            KeyHasher::new(cfg.hash_seed),
-        )
-        .await?;
+        std::fs::create_dir_all(&cfg.dir).map_err(|e| StoreError::io(format!("creating {}", cfg.dir.display()), e))?;
+        let epochs =
+            Epochs::open(&cfg.dir).map_err(|e| StoreError::io(format!("epoch state in {}", cfg.dir.display()), e))?;
+        let rec =
+            recovery::recover(&cfg.dir, u32::from(cfg.shard), cfg.partitions, KeyHasher::new(cfg.hash_seed)).await?;
         let log_cfg = LogConfig {
             dir: cfg.dir.clone(),
             shard: u32::from(cfg.shard),
             incarnation: cfg.incarnation,
             segment_bytes: cfg.segment_bytes,
         };
-        let log = Rc::new(RefCell::new(
-            Log::start(log_cfg, rec.files, rec.next_segment).await?,
-        ));
+        let log = Rc::new(RefCell::new(Log::start(log_cfg, rec.files, rec.next_segment).await?));
         glommio::spawn_local(log::run_flusher(log.clone())).detach();
         let spare_log = log.clone();
         glommio::spawn_local(async move { log::prepare_spare(&spare_log).await }).detach();
@@ -200,12 +188,7 @@ impl Store {
 
     /// Merges a version from another replica into this one (replication,
     /// read repair, handoff). Nothing is written when it adds nothing.
-    pub async fn merge(
-        &self,
-        key: &[u8],
-        remote: &Object,
-        durable: bool,
-    ) -> Result<Object, StoreError> {
+    pub async fn merge(&self, key: &[u8], remote: &Object, durable: bool) -> Result<Object, StoreError> {
         let p = self.partition(key);
         loop {
             self.log.borrow().check_writable()?;
@@ -235,11 +218,7 @@ impl Store {
         if let Some(a) = reusable_actor(local, self.cfg.incarnation, self.cfg.shard, floor) {
             return Ok(a);
         }
-        Ok(Actor::new(
-            self.cfg.incarnation,
-            self.cfg.shard,
-            self.fresh_epoch().await?,
-        ))
+        Ok(Actor::new(self.cfg.incarnation, self.cfg.shard, self.fresh_epoch().await?))
     }
 
     async fn fresh_epoch(&self) -> Result<u64, StoreError> {
@@ -253,12 +232,10 @@ impl Store {
             }
             self.extending_lease.set(true);
             let (path, state) = self.epochs.borrow().extension();
-            let written = glommio::executor()
-                .spawn_blocking(move || epoch::write_state(&path, &state).map(|()| state))
-                .await;
+            let written =
+                glommio::executor().spawn_blocking(move || epoch::write_state(&path, &state).map(|()| state)).await;
             self.extending_lease.set(false);
-            let state =
-                written.map_err(|e| StoreError::io("extending the epoch lease".into(), e))?;
+            let state = written.map_err(|e| StoreError::io("extending the epoch lease".into(), e))?;
             self.epochs.borrow_mut().extended(state);
         }
     }
@@ -286,22 +263,21 @@ impl Store {
             if self.index.borrow().get(p, key) != expected {
                 return Ok(None);
             }
-            let appended =
-                self.log
-                    .borrow_mut()
-                    .try_append(RecordKind::Object, flags, key, &body)?;
+            let appended = self.log.borrow_mut().try_append(RecordKind::Object, flags, key, &body)?;
             match appended {
                 Some((loc, lsn)) => {
-                    self.index
-                        .borrow_mut()
-                        .insert(p, key, Entry::new(loc, deleted));
+                    self.index.borrow_mut().insert(p, key, Entry::new(loc, deleted));
+                    // The next write to this key reads it back; keep it in
+                    // memory past the flush instead of paying a disk read.
+                    if let Some(bytes) = self.log.borrow().buffered(loc) {
+                        self.cache.borrow_mut().insert(loc, Rc::from(bytes));
+                    }
                     return Ok(Some(lsn));
                 }
                 None => {
                     log::rotate(&self.log, format::record_len(key.len(), body.len())).await?;
                     let spare_log = self.log.clone();
-                    glommio::spawn_local(async move { log::prepare_spare(&spare_log).await })
-                        .detach();
+                    glommio::spawn_local(async move { log::prepare_spare(&spare_log).await }).detach();
                 }
             }
         }
@@ -319,15 +295,11 @@ impl Store {
         if let Some(b) = self.cache.borrow().get(&loc) {
             return Ok(b);
         }
-        let file = self
-            .log
-            .borrow()
-            .file(loc.segment)
-            .ok_or_else(|| StoreError::Corrupt {
-                segment: loc.segment,
-                offset: u64::from(loc.offset),
-                what: "the index points into a segment that is not open".into(),
-            })?;
+        let file = self.log.borrow().file(loc.segment).ok_or_else(|| StoreError::Corrupt {
+            segment: loc.segment,
+            offset: u64::from(loc.offset),
+            what: "the index points into a segment that is not open".into(),
+        })?;
         let r = file
             .read_at(u64::from(loc.offset), loc.len as usize)
             .await
@@ -341,19 +313,12 @@ impl Store {
     /// invariants are checked again after every read from disk.
     pub async fn read_object(&self, loc: Loc) -> Result<Object, StoreError> {
         let data = self.read_record(loc).await?;
-        let corrupt = |what: String| StoreError::Corrupt {
-            segment: loc.segment,
-            offset: u64::from(loc.offset),
-            what,
-        };
+        let corrupt = |what: String| StoreError::Corrupt { segment: loc.segment, offset: u64::from(loc.offset), what };
         let rec = decode_record(&data)
             .map_err(|e| corrupt(e.to_string()))?
             .ok_or_else(|| corrupt("no record here".into()))?;
         if rec.len != loc.len as usize {
-            return Err(corrupt(format!(
-                "record is {} bytes, the index says {}",
-                rec.len, loc.len
-            )));
+            return Err(corrupt(format!("record is {} bytes, the index says {}", rec.len, loc.len)));
         }
         Object::decode(rec.body).map_err(|e| corrupt(e.to_string()))
     }
@@ -373,10 +338,7 @@ impl Store {
     pub async fn close(&self) -> Result<(), StoreError> {
         log::flush_all(&self.log).await?;
         self.log.borrow_mut().shut_down();
-        self.epochs
-            .borrow_mut()
-            .close_clean()
-            .map_err(|e| StoreError::io("recording a clean stop".into(), e))
+        self.epochs.borrow_mut().close_clean().map_err(|e| StoreError::io("recording a clean stop".into(), e))
     }
 }
 

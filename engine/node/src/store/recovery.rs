@@ -10,8 +10,7 @@
 //! rather than silently dropping acknowledged data.
 
 use super::format::{
-    decode_record, peek_len, FormatError, SegmentHeader, HEADER_BYTES, MAX_RECORD_BYTES,
-    RECORD_HEADER_BYTES,
+    decode_record, peek_len, FormatError, SegmentHeader, HEADER_BYTES, MAX_RECORD_BYTES, RECORD_HEADER_BYTES,
 };
 use super::index::{Entry, Index, KeyHasher, Loc};
 use super::log::open_dma;
@@ -62,11 +61,7 @@ async fn scan(
         let rel = (pos - buf_off) as usize;
         let avail = buf.len() - rel;
         let want = match peek_len(&buf[rel..]) {
-            Some(l)
-                if l >= RECORD_HEADER_BYTES && l <= MAX_RECORD_BYTES && pos + l as u64 <= size =>
-            {
-                l
-            }
+            Some(l) if (RECORD_HEADER_BYTES..=MAX_RECORD_BYTES).contains(&l) && pos + l as u64 <= size => l,
             _ => RECORD_HEADER_BYTES,
         };
         let loaded_to = buf_off + buf.len() as u64;
@@ -75,14 +70,10 @@ async fn scan(
             buf_off = pos;
             let len = (READ_WINDOW.max(want - avail) as u64).min(size - loaded_to) as usize;
             let from = buf_off + buf.len() as u64;
-            let chunk = file
-                .read_at(from, len)
-                .await
-                .map_err(|e| StoreError::io(format!("reading segment {id}"), e.into()))?;
+            let chunk =
+                file.read_at(from, len).await.map_err(|e| StoreError::io(format!("reading segment {id}"), e.into()))?;
             if chunk.is_empty() {
-                return Err(StoreError::Io(format!(
-                    "segment {id} ended at {from}, before its size {size}"
-                )));
+                return Err(StoreError::Io(format!("segment {id} ended at {from}, before its size {size}")));
             }
             buf.extend_from_slice(&chunk);
             continue;
@@ -90,20 +81,11 @@ async fn scan(
         match decode_record(&buf[rel..]) {
             Ok(None) => return Ok(ScanEnd::Clean { end: pos }),
             Ok(Some(r)) => {
-                let loc = Loc {
-                    segment: id,
-                    offset: pos as u32,
-                    len: r.len as u32,
-                };
+                let loc = Loc { segment: id, offset: pos as u32, len: r.len as u32 };
                 visit(r.key, r.flags, loc);
                 pos += r.len as u64;
             }
-            Err(reason) => {
-                return Ok(ScanEnd::Bad {
-                    offset: pos,
-                    reason,
-                })
-            }
+            Err(reason) => return Ok(ScanEnd::Bad { offset: pos, reason }),
         }
     }
 }
@@ -113,35 +95,20 @@ async fn read_header(file: &DmaFile, id: u32) -> Result<SegmentHeader, StoreErro
         .read_at(0, HEADER_BYTES as usize)
         .await
         .map_err(|e| StoreError::io(format!("reading segment {id} header"), e.into()))?;
-    SegmentHeader::decode(&b).map_err(|e| StoreError::Corrupt {
-        segment: id,
-        offset: 0,
-        what: e.to_string(),
-    })
+    SegmentHeader::decode(&b).map_err(|e| StoreError::Corrupt { segment: id, offset: 0, what: e.to_string() })
 }
 
 async fn file_size(file: &DmaFile, id: u32) -> Result<u64, StoreError> {
-    file.file_size()
-        .await
-        .map_err(|e| StoreError::io(format!("sizing segment {id}"), e.into()))
+    file.file_size().await.map_err(|e| StoreError::io(format!("sizing segment {id}"), e.into()))
 }
 
 /// Replays every segment in `dir` into a fresh index.
-pub async fn recover(
-    dir: &Path,
-    shard: u32,
-    partitions: u32,
-    hasher: KeyHasher,
-) -> Result<Recovered, StoreError> {
-    let ids = segment::list_segments(dir)
-        .map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))?;
+pub async fn recover(dir: &Path, shard: u32, partitions: u32, hasher: KeyHasher) -> Result<Recovered, StoreError> {
+    let ids = segment::list_segments(dir).map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))?;
     let mut index = Index::new(partitions, hasher);
     let mut files = HashMap::new();
     let mut ends = HashMap::new();
-    let mut report = RecoveryReport {
-        segments: ids.len(),
-        ..Default::default()
-    };
+    let mut report = RecoveryReport { segments: ids.len(), ..Default::default() };
     let mut torn: Option<(u32, u64, u64, FormatError)> = None;
 
     for &id in &ids {
@@ -152,10 +119,7 @@ pub async fn recover(
             return Err(StoreError::Corrupt {
                 segment: id,
                 offset: 0,
-                what: format!(
-                    "header names shard {} segment {}: file is misplaced",
-                    header.shard, header.segment
-                ),
+                what: format!("header names shard {} segment {}: file is misplaced", header.shard, header.segment),
             });
         }
         let size = file_size(&file, id).await?;
@@ -207,31 +171,19 @@ pub async fn recover(
             .map_err(|e| StoreError::io(format!("truncating segment {id}"), e))?;
         for later in ids.iter().filter(|&&s| s > id) {
             let path = segment_path(dir, *later);
-            std::fs::remove_file(&path)
-                .map_err(|e| StoreError::io(format!("removing empty segment {later}"), e))?;
+            std::fs::remove_file(&path).map_err(|e| StoreError::io(format!("removing empty segment {later}"), e))?;
         }
         report.truncated = Some((id, offset, dropped, reason.to_string()));
     }
     let next_segment = ids.last().map_or(1, |l| l + 1);
-    Ok(Recovered {
-        files,
-        index,
-        ends,
-        next_segment,
-        report,
-    })
+    Ok(Recovered { files, index, ends, next_segment, report })
 }
 
 /// Bytes from `offset` up to the last non-zero byte within the next few blocks.
 async fn torn_bytes(file: &DmaFile, id: u32, offset: u64) -> Result<u64, StoreError> {
     let size = file_size(file, id).await?;
     let len = (size - offset).min(MAX_RECORD_BYTES as u64 + READ_WINDOW as u64) as usize;
-    let tail = file
-        .read_at(offset, len)
-        .await
-        .map_err(|e| StoreError::io(format!("reading segment {id}"), e.into()))?;
-    Ok(tail
-        .iter()
-        .rposition(|&b| b != 0)
-        .map_or(0, |i| i as u64 + 1))
+    let tail =
+        file.read_at(offset, len).await.map_err(|e| StoreError::io(format!("reading segment {id}"), e.into()))?;
+    Ok(tail.iter().rposition(|&b| b != 0).map_or(0, |i| i as u64 + 1))
 }

@@ -32,10 +32,7 @@ pub fn list_segments(dir: &Path) -> io::Result<Vec<u32>> {
         let Some(name) = name.to_str() else { continue };
         if name.ends_with(".seg.tmp") {
             fs::remove_file(entry.path())?;
-        } else if let Some(id) = name
-            .strip_suffix(SUFFIX)
-            .and_then(|s| s.parse::<u32>().ok())
-        {
+        } else if let Some(id) = name.strip_suffix(SUFFIX).and_then(|s| s.parse::<u32>().ok()) {
             ids.push(id);
         }
     }
@@ -53,11 +50,7 @@ pub fn create_segment(dir: &Path, header: &SegmentHeader, capacity: u64) -> io::
     let path = segment_path(dir, header.segment);
     let tmp = path.with_extension("seg.tmp");
     let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .open(&tmp)?;
+        let mut f = OpenOptions::new().write(true).create_new(true).mode(0o644).open(&tmp)?;
         f.write_all(&header.encode())?;
         preallocate(&f, capacity)?;
         f.sync_all()?;
@@ -100,21 +93,13 @@ mod tests {
     #[test]
     fn a_created_segment_has_its_header_and_full_size() {
         let dir = tempfile::tempdir().unwrap();
-        let h = SegmentHeader {
-            shard: 0,
-            segment: 7,
-            incarnation: 1,
-            created_ms: 2,
-        };
+        let h = SegmentHeader { shard: 0, segment: 7, incarnation: 1, created_ms: 2 };
         let path = create_segment(dir.path(), &h, 1 << 20).unwrap();
         assert_eq!(fs::metadata(&path).unwrap().len(), 1 << 20);
         let bytes = fs::read(&path).unwrap();
         assert_eq!(SegmentHeader::decode(&bytes).unwrap(), h);
         assert_eq!(list_segments(dir.path()).unwrap(), vec![7]);
-        assert!(
-            create_segment(dir.path(), &h, 1 << 20).is_err()
-                || list_segments(dir.path()).unwrap() == vec![7]
-        );
+        assert!(create_segment(dir.path(), &h, 1 << 20).is_err() || list_segments(dir.path()).unwrap() == vec![7]);
     }
 
     #[test]

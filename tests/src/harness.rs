@@ -1,0 +1,296 @@
+//! Real `ringkv` processes for tests.
+//!
+//! Every node listens on a loopback address (127.0.0.x) only. A [`Node`]
+//! kills its process when dropped, so a failing test (a panic) still stops
+//! everything it started; the child also gets SIGKILL if the thread that
+//! spawned it dies (PR_SET_PDEATHSIG), which covers a test process that is
+//! itself killed.
+
+use ringkv_net::{Client, ClientConfig};
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The `ringkv` binary of this workspace, built (once per test process) with
+/// the same profile as the tests, so a test never runs a stale binary.
+/// `RINGKV_BIN` overrides it.
+pub fn ringkv_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("RINGKV_BIN") {
+            return PathBuf::from(p);
+        }
+        let exe = std::env::current_exe().expect("test executable path");
+        // target/<profile>/deps/<test> -> target/<profile>
+        let profile_dir = exe.parent().and_then(Path::parent).expect("test binary lives in target/<profile>/deps");
+        let profile = profile_dir.file_name().and_then(|n| n.to_str()).expect("profile dir name").to_string();
+        let target_dir = profile_dir.parent().expect("target dir");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", "ringkv-tools", "--bin", "ringkv"]);
+        cmd.arg("--target-dir").arg(target_dir);
+        match profile.as_str() {
+            "debug" => {}
+            "release" => {
+                cmd.arg("--release");
+            }
+            other => {
+                cmd.args(["--profile", other]);
+            }
+        }
+        cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
+        let status = cmd.status().expect("running cargo to build ringkv");
+        assert!(status.success(), "building the ringkv binary failed");
+        let bin = profile_dir.join("ringkv");
+        assert!(bin.exists(), "{} missing after build", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// `count` consecutive free ports on `ip`, distinct from any other call in
+/// this process.
+pub fn free_ports(ip: Ipv4Addr, count: u16) -> u16 {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = 20_000 + (std::process::id() % 400) as u16 * 100;
+    for _ in 0..2000 {
+        let off = NEXT.fetch_add(count, Ordering::Relaxed);
+        let base = start.wrapping_add(off % 20_000);
+        if !(20_000..=60_000).contains(&base) {
+            continue;
+        }
+        let all_free = (0..count).all(|i| TcpListener::bind(SocketAddrV4::new(ip, base + i)).is_ok());
+        if all_free {
+            return base;
+        }
+    }
+    panic!("no {count} free consecutive ports on {ip}");
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    pub node_id: String,
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub shards: usize,
+    pub dir: PathBuf,
+    pub seeds: Vec<SocketAddr>,
+    /// Extra `ringkv server` flags.
+    pub extra: Vec<String>,
+}
+
+impl NodeSpec {
+    /// A single node on 127.0.0.1 with fresh ports and data under `dir`.
+    pub fn single(dir: &Path, shards: usize) -> NodeSpec {
+        let ip = Ipv4Addr::LOCALHOST;
+        NodeSpec {
+            node_id: "n1".into(),
+            ip,
+            port: free_ports(ip, shards as u16),
+            shards,
+            dir: dir.join("data"),
+            seeds: Vec::new(),
+            extra: Vec::new(),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from((self.ip, self.port))
+    }
+}
+
+pub struct Node {
+    pub spec: NodeSpec,
+    child: Option<Child>,
+    log: PathBuf,
+    starts: u32,
+}
+
+impl Node {
+    /// Starts the node and waits until every shard answers a ping.
+    pub fn start(spec: NodeSpec) -> Node {
+        let log = spec.dir.with_extension("log");
+        let mut n = Node { spec, child: None, log, starts: 0 };
+        n.spawn();
+        n.wait_ready(Duration::from_secs(60));
+        n
+    }
+
+    /// Starts the process without waiting for it to serve.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "node {} is already running", self.spec.node_id);
+        std::fs::create_dir_all(self.spec.dir.parent().expect("data dir has a parent")).expect("creating test dir");
+        let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
+        self.starts += 1;
+        let _ = writeln!(log, "===== start #{} =====", self.starts);
+        let mut cmd = Command::new(ringkv_bin());
+        cmd.arg("server")
+            .args(["--node-id", &self.spec.node_id])
+            .args(["--listen", &self.spec.addr().to_string()])
+            .arg("--data-dir")
+            .arg(&self.spec.dir)
+            .args(["--shards", &self.spec.shards.to_string()])
+            .arg("--no-pin")
+            .args(&self.spec.extra)
+            .env("RINGKV_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log);
+        if !self.spec.seeds.is_empty() {
+            let seeds: Vec<String> = self.spec.seeds.iter().map(ToString::to_string).collect();
+            cmd.args(["--seeds", &seeds.join(",")]);
+        }
+        // SAFETY: prctl is async-signal-safe; no allocation happens in the hook.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        self.child = Some(cmd.spawn().expect("spawning ringkv server"));
+    }
+
+    /// Waits until every shard port completes a handshake and a ping.
+    pub fn wait_ready(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        for shard in 0..self.spec.shards {
+            let addr = SocketAddr::from((self.spec.ip, self.spec.port + shard as u16));
+            loop {
+                if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().expect("try_wait")) {
+                    panic!("node {} exited during start-up ({status}); log:\n{}", self.spec.node_id, self.log());
+                }
+                let cfg = ClientConfig { timeout: Duration::from_secs(2), ..Default::default() };
+                if let Ok(mut c) = Client::connect(addr, &cfg) {
+                    if c.ping().is_ok() {
+                        break;
+                    }
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "node {} not ready in {timeout:?}; log:\n{}",
+                    self.spec.node_id,
+                    self.log()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.spec.addr()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("node is running").id() as i32
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(self.addr(), &ClientConfig::default()).expect("connecting to node")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: sending a signal to our own child process.
+        let rc = unsafe { libc::kill(self.pid(), sig) };
+        assert_eq!(rc, 0, "kill({sig}) failed");
+    }
+
+    /// kill -9: no flush, no clean-stop record.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit (the node flushes and exits 0).
+    pub fn stop(&mut self) {
+        let Some(mut c) = self.child.take() else { return };
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = c.try_wait().expect("try_wait") {
+                assert!(
+                    status.success(),
+                    "node {} exited with {status} on SIGTERM; log:\n{}",
+                    self.spec.node_id,
+                    self.log()
+                );
+                return;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("node {} did not stop within 30s of SIGTERM", self.spec.node_id);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGSTOP: the process stays, but answers nothing.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    /// Starts the process again on the same address and data directory.
+    pub fn restart(&mut self) {
+        self.spawn();
+        self.wait_ready(Duration::from_secs(60));
+    }
+
+    /// Waits for the process to exit by itself, returning whether it succeeded.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let c = self.child.as_mut()?;
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(s) = c.try_wait().expect("try_wait") {
+                self.child = None;
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // A paused process must be resumed to die promptly.
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs the `ringkv` CLI with `args`, feeding `stdin`, and returns its output.
+pub fn cli(args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut cmd = Command::new(ringkv_bin());
+    cmd.args(args).env_remove("RINGKV_ENDPOINT").env("RINGKV_LOG", "warn");
+    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawning ringkv cli");
+    if let Some(input) = stdin {
+        child.stdin.take().expect("stdin piped").write_all(input).expect("writing stdin");
+    }
+    child.wait_with_output().expect("waiting for ringkv cli")
+}

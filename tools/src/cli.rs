@@ -1,0 +1,147 @@
+//! Command-line definitions (DESIGN section 10).
+
+use clap::{Args, Parser, Subcommand};
+use ringkv_net::Level;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "ringkv", version, about = "ringkv: a Dynamo-style distributed key-value store")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run a node in the foreground.
+    Server(ServerArgs),
+    /// Write a value (VALUE, or - to read it from stdin).
+    Put(PutArgs),
+    /// Read a key's value(s); exits 1 when the key is not found.
+    Get(GetArgs),
+    /// Delete a key.
+    Delete(DeleteArgs),
+    /// Show the node's identity, shards and data.
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct ServerArgs {
+    /// Unique node name (default: the one stored in the data directory, or
+    /// the listen address for a new one).
+    #[arg(long)]
+    pub node_id: Option<String>,
+    /// Address of shard 0; shard i listens on port + i [default: 127.0.0.1:7070].
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Where the node keeps its data [default: ./ringkv-data].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Nodes to join through, as IP:PORT,IP:PORT.
+    #[arg(long, value_delimiter = ',')]
+    pub seeds: Option<Vec<String>>,
+    /// Shards (one per core) [default: number of cores].
+    #[arg(long)]
+    pub shards: Option<usize>,
+    /// Relative capacity of this node [default: 1].
+    #[arg(long)]
+    pub weight: Option<u32>,
+    /// A TOML file with any of these settings (flags override it).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Cluster name; clients and peers must use the same [default: ringkv].
+    #[arg(long)]
+    pub cluster: Option<String>,
+    /// Partitions of the hash ring, fixed at cluster creation [default: 256].
+    #[arg(long)]
+    pub partitions: Option<u32>,
+    /// Replication factor N [default: 3].
+    #[arg(long)]
+    pub replicas: Option<usize>,
+    /// Largest key plus value accepted, in bytes [default: 10240].
+    #[arg(long)]
+    pub max_pair_bytes: Option<usize>,
+    /// Size of each log segment file, in MiB [default: 64].
+    #[arg(long)]
+    pub segment_mb: Option<u64>,
+    /// Record cache per shard, in MiB [default: 64].
+    #[arg(long)]
+    pub cache_mb: Option<usize>,
+    /// Default request timeout [default: 5000].
+    #[arg(long)]
+    pub request_timeout_ms: Option<u64>,
+    /// Do not pin shard threads to cores.
+    #[arg(long)]
+    pub no_pin: bool,
+    /// First core to pin shard 0 to [default: 0].
+    #[arg(long)]
+    pub cpu_offset: Option<usize>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Endpoint {
+    /// The node that coordinates the request.
+    #[arg(long, env = "RINGKV_ENDPOINT", default_value = "127.0.0.1:7070")]
+    pub endpoint: String,
+    /// Cluster name to present to the node.
+    #[arg(long, env = "RINGKV_CLUSTER", default_value = "ringkv")]
+    pub cluster: String,
+    /// Give up after this long.
+    #[arg(long, default_value_t = 10_000)]
+    pub timeout_ms: u64,
+}
+
+#[derive(Args)]
+pub struct PutArgs {
+    pub key: String,
+    /// The value, or - to read it (binary-safe) from stdin.
+    pub value: String,
+    #[command(flatten)]
+    pub endpoint: Endpoint,
+    /// Write quorum: one, quorum, all or a count [default: quorum].
+    #[arg(long)]
+    pub w: Option<Level>,
+    /// Context from an earlier get (--json): replaces the values that read saw.
+    #[arg(long)]
+    pub context: Option<String>,
+    /// Acknowledge before the write is on disk.
+    #[arg(long)]
+    pub no_sync: bool,
+    /// Print the new version's context as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct GetArgs {
+    pub key: String,
+    #[command(flatten)]
+    pub endpoint: Endpoint,
+    /// Read quorum: one, quorum, all or a count [default: quorum].
+    #[arg(long)]
+    pub r: Option<Level>,
+    /// Print {"key", "values", "context", "encoding"} instead of raw values.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct DeleteArgs {
+    pub key: String,
+    #[command(flatten)]
+    pub endpoint: Endpoint,
+    #[arg(long)]
+    pub w: Option<Level>,
+    /// Context from an earlier get: delete exactly what that read saw.
+    #[arg(long)]
+    pub context: Option<String>,
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub endpoint: Endpoint,
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,170 @@
+//! `ringkv put|get|delete|status`: one request to the node named by
+//! `--endpoint`, which coordinates it (the CLI never reroutes).
+
+use crate::cli::{DeleteArgs, Endpoint, GetArgs, PutArgs, StatusArgs};
+use crate::Failure;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use ringkv_net::proto::NodeInfo;
+use ringkv_net::{Client, ClientConfig, ClientError, ErrorCode, Level, WriteOptions};
+use serde_json::json;
+use std::io::{IsTerminal, Read, Write};
+use std::time::Duration;
+
+fn connect(e: &Endpoint) -> Result<Client, Failure> {
+    let cfg = ClientConfig { cluster: e.cluster.clone(), timeout: Duration::from_millis(e.timeout_ms) };
+    Client::connect(e.endpoint.as_str(), &cfg).map_err(Failure::from)
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Failure {
+        match e {
+            ClientError::Server(w) => Failure::Refused(match w.code {
+                ErrorCode::PairTooLarge | ErrorCode::BadRequest => w.to_string(),
+                _ => format!("{w}"),
+            }),
+            ClientError::Connect { .. } => Failure::Unreachable(e.to_string()),
+            other => Failure::Unreachable(other.to_string()),
+        }
+    }
+}
+
+fn decode_context(c: &Option<String>) -> Result<Vec<u8>, Failure> {
+    match c {
+        None => Ok(Vec::new()),
+        Some(s) => {
+            URL_SAFE_NO_PAD.decode(s.trim()).map_err(|e| Failure::Usage(format!("--context is not a context: {e}")))
+        }
+    }
+}
+
+pub fn encode_context(c: &[u8]) -> String {
+    URL_SAFE_NO_PAD.encode(c)
+}
+
+fn read_value(v: &str) -> Result<Vec<u8>, Failure> {
+    if v != "-" {
+        return Ok(v.as_bytes().to_vec());
+    }
+    let mut buf = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut buf)
+        .map_err(|e| Failure::Usage(format!("cannot read the value from stdin: {e}")))?;
+    Ok(buf)
+}
+
+pub fn put(a: &PutArgs) -> Result<(), Failure> {
+    let value = read_value(&a.value)?;
+    let opts = WriteOptions {
+        context: decode_context(&a.context)?,
+        w: a.w.unwrap_or(Level::Default),
+        durable: a.no_sync.then_some(false),
+    };
+    let mut c = connect(&a.endpoint)?;
+    let ctx = c.put(a.key.as_bytes(), &value, &opts)?;
+    if a.json {
+        println!("{}", json!({ "key": a.key, "context": encode_context(&ctx) }));
+    }
+    Ok(())
+}
+
+pub fn get(a: &GetArgs) -> Result<(), Failure> {
+    let mut c = connect(&a.endpoint)?;
+    let g = c.get(a.key.as_bytes(), a.r.unwrap_or(Level::Default))?;
+    if a.json {
+        // JSON strings cannot hold arbitrary bytes: text stays text, and if
+        // any value is binary every value is base64 (said by "encoding").
+        let text = g.values.iter().all(|v| std::str::from_utf8(v).is_ok());
+        let render = |v: &[u8]| {
+            if text {
+                String::from_utf8_lossy(v).into_owned()
+            } else {
+                base64::engine::general_purpose::STANDARD.encode(v)
+            }
+        };
+        let out = json!({
+            "key": a.key,
+            "found": g.found,
+            "values": g.values.iter().map(|v| render(v)).collect::<Vec<_>>(),
+            "context": encode_context(&g.context),
+            "encoding": if text { "utf8" } else { "base64" },
+        });
+        println!("{out}");
+        return if g.found { Ok(()) } else { Err(Failure::NotFound) };
+    }
+    if !g.found {
+        return Err(Failure::NotFound);
+    }
+    if g.values.len() > 1 {
+        eprintln!("{} siblings (concurrent writes); use --json for their context", g.values.len());
+    }
+    let mut out = std::io::stdout().lock();
+    let newline = std::io::stdout().is_terminal() || g.values.len() > 1;
+    for v in &g.values {
+        out.write_all(v).and_then(|()| if newline { out.write_all(b"\n") } else { Ok(()) }).map_err(write_failed)?;
+    }
+    out.flush().map_err(write_failed)
+}
+
+fn write_failed(e: std::io::Error) -> Failure {
+    Failure::Unreachable(format!("cannot write to stdout: {e}"))
+}
+
+pub fn delete(a: &DeleteArgs) -> Result<(), Failure> {
+    let opts = WriteOptions { context: decode_context(&a.context)?, w: a.w.unwrap_or(Level::Default), durable: None };
+    let mut c = connect(&a.endpoint)?;
+    c.delete(a.key.as_bytes(), &opts)?;
+    Ok(())
+}
+
+pub fn status(a: &StatusArgs) -> Result<(), Failure> {
+    let mut c = connect(&a.endpoint)?;
+    let info = c.node_info()?;
+    if a.json {
+        println!("{}", status_json(&info));
+    } else {
+        print!("{}", status_text(&info));
+    }
+    Ok(())
+}
+
+fn status_json(n: &NodeInfo) -> serde_json::Value {
+    json!({
+        "node_id": n.node_id,
+        "cluster": n.cluster,
+        "listen": n.listen,
+        "version": n.version,
+        "partitions": n.partitions,
+        "keys": n.shards.iter().map(|s| s.keys).sum::<u64>(),
+        "tombstones": n.shards.iter().map(|s| s.tombstones).sum::<u64>(),
+        "disk_bytes": n.shards.iter().map(|s| s.disk_bytes).sum::<u64>(),
+        "shards": n.shards.iter().map(|s| json!({
+            "shard": s.shard, "keys": s.keys, "tombstones": s.tombstones,
+            "disk_bytes": s.disk_bytes, "segments": s.segments,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn status_text(n: &NodeInfo) -> String {
+    let mut s = format!(
+        "node {}  listen {}  cluster {}  partitions {}  version {}\n",
+        n.node_id, n.listen, n.cluster, n.partitions, n.version
+    );
+    s += &format!("{:>6} {:>12} {:>12} {:>14} {:>9}\n", "shard", "keys", "tombstones", "disk bytes", "segments");
+    for sh in &n.shards {
+        s += &format!(
+            "{:>6} {:>12} {:>12} {:>14} {:>9}\n",
+            sh.shard, sh.keys, sh.tombstones, sh.disk_bytes, sh.segments
+        );
+    }
+    let total = |f: fn(&ringkv_net::proto::ShardStats) -> u64| n.shards.iter().map(f).sum::<u64>();
+    s += &format!(
+        "{:>6} {:>12} {:>12} {:>14} {:>9}\n",
+        "total",
+        total(|x| x.keys),
+        total(|x| x.tombstones),
+        total(|x| x.disk_bytes),
+        total(|x| u64::from(x.segments))
+    );
+    s
+}
