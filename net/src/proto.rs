@@ -232,11 +232,45 @@ impl fmt::Display for Level {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
-    Get { key: Vec<u8>, r: Level },
-    Put { key: Vec<u8>, value: Vec<u8>, context: Vec<u8>, w: Level, durable: Option<bool> },
-    Delete { key: Vec<u8>, context: Vec<u8>, w: Level, durable: Option<bool> },
-    Ping { payload: Vec<u8> },
+    Get {
+        key: Vec<u8>,
+        r: Level,
+    },
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        context: Vec<u8>,
+        w: Level,
+        durable: Option<bool>,
+    },
+    Delete {
+        key: Vec<u8>,
+        context: Vec<u8>,
+        w: Level,
+        durable: Option<bool>,
+    },
+    Ping {
+        payload: Vec<u8>,
+    },
     NodeInfo,
+    Topology,
+    /// Merge `object` (canonical object bytes) into the receiver's replica.
+    ReplicaWrite {
+        key: Vec<u8>,
+        object: Vec<u8>,
+        durable: bool,
+    },
+    /// The receiver's own replica of `key`.
+    ReplicaRead {
+        key: Vec<u8>,
+    },
+    Gossip {
+        state: Vec<u8>,
+    },
+    Handoff {
+        partition: u32,
+        entries: Vec<(Vec<u8>, Vec<u8>)>,
+    },
 }
 
 impl Request {
@@ -247,7 +281,17 @@ impl Request {
             Request::Delete { .. } => "delete",
             Request::Ping { .. } => "ping",
             Request::NodeInfo => "node-info",
+            Request::Topology => "topology",
+            Request::ReplicaWrite { .. } => "replica-write",
+            Request::ReplicaRead { .. } => "replica-read",
+            Request::Gossip { .. } => "gossip",
+            Request::Handoff { .. } => "handoff",
         }
+    }
+
+    /// Requests only other nodes may send.
+    pub fn is_peer_only(&self) -> bool {
+        matches!(self, Request::ReplicaWrite { .. } | Request::Gossip { .. } | Request::Handoff { .. })
     }
 }
 
@@ -257,6 +301,8 @@ pub struct RequestFrame {
     /// 0 = the server's default.
     pub timeout_ms: u32,
     pub body: Request,
+    /// How many nodes already forwarded this request (loops stop at one).
+    pub hops: u8,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -276,6 +322,20 @@ pub struct ShardStats {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MemberInfo {
+    pub node_id: String,
+    pub addr: String,
+    pub status: String,
+    pub alive: bool,
+    pub weight: u32,
+    pub shards: u16,
+    pub partitions_owned: u32,
+    pub partitions_replicated: u32,
+    pub hints_pending: u64,
+    pub keys: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct NodeInfo {
     pub node_id: String,
     pub cluster: String,
@@ -283,6 +343,9 @@ pub struct NodeInfo {
     pub version: String,
     pub partitions: u32,
     pub shards: Vec<ShardStats>,
+    pub replicas: u8,
+    pub ring_version: u64,
+    pub members: Vec<MemberInfo>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -292,12 +355,25 @@ pub enum Reply {
     Delete,
     Pong { payload: Vec<u8> },
     NodeInfo(NodeInfo),
+    Topology { state: Vec<u8>, replicas: u8 },
+    ReplicaWrite,
+    ReplicaRead { found: bool, object: Vec<u8> },
+    Gossip { state: Vec<u8> },
+    Handoff { applied: u32 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
     pub id: u64,
     pub result: Result<Reply, WireError>,
+    /// The answering node's ring version (0 when unknown).
+    pub ring_version: u64,
+}
+
+impl Response {
+    pub fn new(id: u64, result: Result<Reply, WireError>) -> Response {
+        Response { id, result, ring_version: 0 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -346,6 +422,8 @@ pub struct DecodeLimits {
 impl DecodeLimits {
     /// What a server accepts from clients: requests are a handful of tables.
     pub const SERVER: DecodeLimits = DecodeLimits { max_depth: 6, max_tables: 16 };
+    /// What a node accepts from peers: a handoff batch has a table per entry.
+    pub const PEER: DecodeLimits = DecodeLimits { max_depth: 6, max_tables: 1 << 16 };
     /// What a client accepts from servers: a get may return many siblings.
     pub const CLIENT: DecodeLimits = DecodeLimits { max_depth: 6, max_tables: 1 << 16 };
 }
@@ -388,7 +466,7 @@ pub fn decode(payload: &[u8], limits: DecodeLimits) -> Result<Message, DecodeErr
                 DecodeError::UnknownMessage(tag) => DecodeError::UnknownRequest { id: r.id(), tag },
                 e => e,
             })?;
-            Ok(Message::Request(RequestFrame { id: r.id(), timeout_ms: r.timeout_ms(), body }))
+            Ok(Message::Request(RequestFrame { id: r.id(), timeout_ms: r.timeout_ms(), body, hops: r.hops() }))
         }
         fb::FrameBody::Response => {
             let r = frame.body_as_response().ok_or(DecodeError::Missing("response"))?;
@@ -396,7 +474,7 @@ pub fn decode(payload: &[u8], limits: DecodeLimits) -> Result<Message, DecodeErr
                 Some(e) => Err(decode_error(&e)),
                 None => Ok(decode_reply(&r)?),
             };
-            Ok(Message::Response(Response { id: r.id(), result }))
+            Ok(Message::Response(Response { id: r.id(), result, ring_version: r.ring_version() }))
         }
         fb::FrameBody::Error => {
             let e = frame.body_as_error().ok_or(DecodeError::Missing("error"))?;
@@ -444,6 +522,27 @@ fn decode_request(r: &fb::Request<'_>) -> Result<Request, DecodeError> {
             Request::Ping { payload: bytes(p.payload()) }
         }
         fb::RequestBody::NodeInfoRequest => Request::NodeInfo,
+        fb::RequestBody::TopologyRequest => Request::Topology,
+        fb::RequestBody::ReplicaWriteRequest => {
+            let w = r.body_as_replica_write_request().ok_or(DecodeError::Missing("replica write"))?;
+            Request::ReplicaWrite { key: bytes(w.key()), object: bytes(w.object()), durable: w.durable() }
+        }
+        fb::RequestBody::ReplicaReadRequest => {
+            let g = r.body_as_replica_read_request().ok_or(DecodeError::Missing("replica read"))?;
+            Request::ReplicaRead { key: bytes(g.key()) }
+        }
+        fb::RequestBody::GossipRequest => {
+            let g = r.body_as_gossip_request().ok_or(DecodeError::Missing("gossip"))?;
+            Request::Gossip { state: bytes(g.state()) }
+        }
+        fb::RequestBody::HandoffRequest => {
+            let h = r.body_as_handoff_request().ok_or(DecodeError::Missing("handoff"))?;
+            let entries = h
+                .entries()
+                .map(|es| es.iter().map(|e| (bytes(e.key()), bytes(e.object()))).collect())
+                .unwrap_or_default();
+            Request::Handoff { partition: h.partition(), entries }
+        }
         other => return Err(DecodeError::UnknownMessage(other.0)),
     })
 }
@@ -480,6 +579,25 @@ fn decode_reply(r: &fb::Response<'_>) -> Result<Reply, DecodeError> {
                         .collect()
                 })
                 .unwrap_or_default();
+            let members = n
+                .members()
+                .map(|v| {
+                    v.iter()
+                        .map(|m| MemberInfo {
+                            node_id: m.node_id().unwrap_or_default().to_string(),
+                            addr: m.addr().unwrap_or_default().to_string(),
+                            status: m.status().unwrap_or_default().to_string(),
+                            alive: m.alive(),
+                            weight: m.weight(),
+                            shards: m.shards(),
+                            partitions_owned: m.partitions_owned(),
+                            partitions_replicated: m.partitions_replicated(),
+                            hints_pending: m.hints_pending(),
+                            keys: m.keys(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
             Reply::NodeInfo(NodeInfo {
                 node_id: n.node_id().unwrap_or_default().to_string(),
                 cluster: n.cluster().unwrap_or_default().to_string(),
@@ -487,7 +605,27 @@ fn decode_reply(r: &fb::Response<'_>) -> Result<Reply, DecodeError> {
                 version: n.version().unwrap_or_default().to_string(),
                 partitions: n.partitions(),
                 shards,
+                replicas: n.replicas(),
+                ring_version: n.ring_version(),
+                members,
             })
+        }
+        fb::ResultBody::TopologyResult => {
+            let t = r.result_as_topology_result().ok_or(DecodeError::Missing("topology"))?;
+            Reply::Topology { state: bytes(t.state()), replicas: t.replicas() }
+        }
+        fb::ResultBody::ReplicaWriteResult => Reply::ReplicaWrite,
+        fb::ResultBody::ReplicaReadResult => {
+            let g = r.result_as_replica_read_result().ok_or(DecodeError::Missing("replica read result"))?;
+            Reply::ReplicaRead { found: g.found(), object: bytes(g.object()) }
+        }
+        fb::ResultBody::GossipResult => {
+            let g = r.result_as_gossip_result().ok_or(DecodeError::Missing("gossip result"))?;
+            Reply::Gossip { state: bytes(g.state()) }
+        }
+        fb::ResultBody::HandoffResult => {
+            let h = r.result_as_handoff_result().ok_or(DecodeError::Missing("handoff result"))?;
+            Reply::Handoff { applied: h.applied() }
         }
         fb::ResultBody::NONE => return Err(DecodeError::Missing("result or error")),
         other => return Err(DecodeError::UnknownMessage(other.0)),
@@ -619,13 +757,53 @@ fn encode_request(fbb: &mut Fbb, r: &RequestFrame) -> Union {
             let t = fb::NodeInfoRequest::create(fbb, &fb::NodeInfoRequestArgs {});
             (fb::RequestBody::NodeInfoRequest, t.as_union_value())
         }
+        Request::Topology => {
+            let t = fb::TopologyRequest::create(fbb, &fb::TopologyRequestArgs {});
+            (fb::RequestBody::TopologyRequest, t.as_union_value())
+        }
+        Request::ReplicaWrite { key, object, durable } => {
+            let key = fbb.create_vector(key);
+            let object = fbb.create_vector(object);
+            let t = fb::ReplicaWriteRequest::create(
+                fbb,
+                &fb::ReplicaWriteRequestArgs { key: Some(key), object: Some(object), durable: *durable },
+            );
+            (fb::RequestBody::ReplicaWriteRequest, t.as_union_value())
+        }
+        Request::ReplicaRead { key } => {
+            let key = fbb.create_vector(key);
+            let t = fb::ReplicaReadRequest::create(fbb, &fb::ReplicaReadRequestArgs { key: Some(key) });
+            (fb::RequestBody::ReplicaReadRequest, t.as_union_value())
+        }
+        Request::Gossip { state } => {
+            let state = fbb.create_vector(state);
+            let t = fb::GossipRequest::create(fbb, &fb::GossipRequestArgs { state: Some(state) });
+            (fb::RequestBody::GossipRequest, t.as_union_value())
+        }
+        Request::Handoff { partition, entries } => {
+            let es: Vec<_> = entries
+                .iter()
+                .map(|(k, o)| {
+                    let key = fbb.create_vector(k);
+                    let object = fbb.create_vector(o);
+                    fb::HandoffEntry::create(fbb, &fb::HandoffEntryArgs { key: Some(key), object: Some(object) })
+                })
+                .collect();
+            let es = fbb.create_vector(&es);
+            let t =
+                fb::HandoffRequest::create(fbb, &fb::HandoffRequestArgs { partition: *partition, entries: Some(es) });
+            (fb::RequestBody::HandoffRequest, t.as_union_value())
+        }
     };
-    fb::Request::create(fbb, &fb::RequestArgs { id: r.id, timeout_ms: r.timeout_ms, body_type, body: Some(body) })
-        .as_union_value()
+    fb::Request::create(
+        fbb,
+        &fb::RequestArgs { id: r.id, timeout_ms: r.timeout_ms, body_type, body: Some(body), hops: r.hops },
+    )
+    .as_union_value()
 }
 
 fn encode_response(fbb: &mut Fbb, r: &Response) -> Union {
-    let mut args = fb::ResponseArgs { id: r.id, ..Default::default() };
+    let mut args = fb::ResponseArgs { id: r.id, ring_version: r.ring_version, ..Default::default() };
     match &r.result {
         Err(e) => args.error = Some(encode_error(fbb, e)),
         Ok(reply) => {
@@ -688,6 +866,31 @@ fn encode_reply(fbb: &mut Fbb, reply: &Reply) -> (fb::ResultBody, Union) {
                 })
                 .collect();
             let shards = fbb.create_vector(&shards);
+            let members: Vec<_> = n
+                .members
+                .iter()
+                .map(|m| {
+                    let node_id = fbb.create_string(&m.node_id);
+                    let addr = fbb.create_string(&m.addr);
+                    let status = fbb.create_string(&m.status);
+                    fb::MemberInfo::create(
+                        fbb,
+                        &fb::MemberInfoArgs {
+                            node_id: Some(node_id),
+                            addr: Some(addr),
+                            status: Some(status),
+                            alive: m.alive,
+                            weight: m.weight,
+                            shards: m.shards,
+                            partitions_owned: m.partitions_owned,
+                            partitions_replicated: m.partitions_replicated,
+                            hints_pending: m.hints_pending,
+                            keys: m.keys,
+                        },
+                    )
+                })
+                .collect();
+            let members = fbb.create_vector(&members);
             let node_id = fbb.create_string(&n.node_id);
             let cluster = fbb.create_string(&n.cluster);
             let listen = fbb.create_string(&n.listen);
@@ -701,9 +904,37 @@ fn encode_reply(fbb: &mut Fbb, reply: &Reply) -> (fb::ResultBody, Union) {
                     version: Some(version),
                     partitions: n.partitions,
                     shards: Some(shards),
+                    replicas: n.replicas,
+                    ring_version: n.ring_version,
+                    members: Some(members),
                 },
             );
             (fb::ResultBody::NodeInfoResult, t.as_union_value())
+        }
+        Reply::Topology { state, replicas } => {
+            let state = fbb.create_vector(state);
+            let t =
+                fb::TopologyResult::create(fbb, &fb::TopologyResultArgs { state: Some(state), replicas: *replicas });
+            (fb::ResultBody::TopologyResult, t.as_union_value())
+        }
+        Reply::ReplicaWrite => {
+            let t = fb::ReplicaWriteResult::create(fbb, &fb::ReplicaWriteResultArgs {});
+            (fb::ResultBody::ReplicaWriteResult, t.as_union_value())
+        }
+        Reply::ReplicaRead { found, object } => {
+            let object = fbb.create_vector(object);
+            let t =
+                fb::ReplicaReadResult::create(fbb, &fb::ReplicaReadResultArgs { found: *found, object: Some(object) });
+            (fb::ResultBody::ReplicaReadResult, t.as_union_value())
+        }
+        Reply::Gossip { state } => {
+            let state = fbb.create_vector(state);
+            let t = fb::GossipResult::create(fbb, &fb::GossipResultArgs { state: Some(state) });
+            (fb::ResultBody::GossipResult, t.as_union_value())
+        }
+        Reply::Handoff { applied } => {
+            let t = fb::HandoffResult::create(fbb, &fb::HandoffResultArgs { applied: *applied });
+            (fb::ResultBody::HandoffResult, t.as_union_value())
         }
     }
 }
@@ -734,6 +965,7 @@ mod tests {
             }),
             Message::Request(RequestFrame {
                 id: 7,
+                hops: 1,
                 timeout_ms: 100,
                 body: Request::Put {
                     key: b"k".to_vec(),
@@ -746,24 +978,47 @@ mod tests {
             Message::Request(RequestFrame {
                 id: 8,
                 timeout_ms: 0,
+                hops: 0,
                 body: Request::Get { key: b"k".to_vec(), r: Level::Count(2) },
             }),
             Message::Request(RequestFrame {
                 id: 9,
+                hops: 0,
                 timeout_ms: 0,
                 body: Request::Delete { key: b"k".to_vec(), context: vec![], w: Level::Default, durable: None },
             }),
-            Message::Request(RequestFrame { id: 10, timeout_ms: 0, body: Request::NodeInfo }),
+            Message::Request(RequestFrame { id: 10, timeout_ms: 0, hops: 0, body: Request::NodeInfo }),
+            Message::Request(RequestFrame {
+                id: 11,
+                timeout_ms: 0,
+                hops: 0,
+                body: Request::Handoff {
+                    partition: 3,
+                    entries: vec![(b"k".to_vec(), vec![1, 2]), (b"j".to_vec(), vec![])],
+                },
+            }),
+            Message::Request(RequestFrame {
+                id: 12,
+                timeout_ms: 0,
+                hops: 0,
+                body: Request::ReplicaWrite { key: b"k".to_vec(), object: vec![1], durable: false },
+            }),
+            Message::Response(Response {
+                id: 11,
+                ring_version: 9,
+                result: Ok(Reply::Topology { state: vec![1, 2, 3], replicas: 3 }),
+            }),
             Message::Response(Response {
                 id: 7,
+                ring_version: 0,
                 result: Ok(Reply::Get(GetResult {
                     found: true,
                     values: vec![b"a".to_vec(), vec![]],
                     context: vec![1],
                 })),
             }),
-            Message::Response(Response { id: 8, result: Err(WireError::new(ErrorCode::PairTooLarge, "too big")) }),
-            Message::Response(Response { id: 9, result: Ok(Reply::Delete) }),
+            Message::Response(Response::new(8, Err(WireError::new(ErrorCode::PairTooLarge, "too big")))),
+            Message::Response(Response::new(9, Ok(Reply::Delete))),
             Message::Error(WireError::new(ErrorCode::ClusterMismatch, "wrong cluster")),
         ];
         for m in msgs {
@@ -783,6 +1038,7 @@ mod tests {
     fn a_server_refuses_responses_with_more_tables_than_a_request_needs() {
         let many = Message::Response(Response {
             id: 1,
+            ring_version: 0,
             result: Ok(Reply::Get(GetResult { found: true, values: vec![vec![1]; 100], context: vec![] })),
         });
         let bytes = Encoder::new().to_vec(&many);
@@ -823,7 +1079,7 @@ pub mod testing {
         let body = fb::NodeInfoRequest::create(&mut fbb, &fb::NodeInfoRequestArgs {}).as_union_value();
         let req = fb::Request::create(
             &mut fbb,
-            &fb::RequestArgs { id, timeout_ms: 0, body_type: fb::RequestBody(body_type), body: Some(body) },
+            &fb::RequestArgs { id, timeout_ms: 0, body_type: fb::RequestBody(body_type), body: Some(body), hops: 0 },
         );
         let frame = fb::Frame::create(
             &mut fbb,

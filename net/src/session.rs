@@ -78,7 +78,7 @@ impl Session {
         let id = self.next_id;
         self.next_id += 1;
         self.pending.insert(id);
-        self.encoder.encode(&Message::Request(RequestFrame { id, timeout_ms, body }), &mut self.out);
+        self.encoder.encode(&Message::Request(RequestFrame { id, timeout_ms, body, hops: 0 }), &mut self.out);
         id
     }
 
@@ -163,8 +163,8 @@ mod tests {
         assert_eq!(s.in_flight(), 2);
         server_says(&mut s, ack());
         assert!(matches!(s.poll().unwrap(), Some(Event::Connected(_))));
-        server_says(&mut s, Message::Response(Response { id: b, result: Ok(Reply::Delete) }));
-        server_says(&mut s, Message::Response(Response { id: a, result: Ok(Reply::Delete) }));
+        server_says(&mut s, Message::Response(Response::new(b, Ok(Reply::Delete))));
+        server_says(&mut s, Message::Response(Response::new(a, Ok(Reply::Delete))));
         let ids: Vec<u64> = std::iter::from_fn(|| match s.poll().unwrap() {
             Some(Event::Response(r)) => Some(r.id),
             _ => None,
@@ -194,7 +194,7 @@ mod tests {
         let mut s = Session::new(Hello::client("c"));
         server_says(&mut s, ack());
         s.poll().unwrap();
-        server_says(&mut s, Message::Response(Response { id: 99, result: Ok(Reply::Delete) }));
+        server_says(&mut s, Message::Response(Response::new(99, Ok(Reply::Delete))));
         assert!(matches!(s.poll(), Err(SessionError::Protocol(_))));
     }
 }

@@ -37,7 +37,7 @@ proptest! {
         req in request(),
         flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
     ) {
-        let mut bytes = Encoder::new().to_vec(&Message::Request(RequestFrame { id: 1, timeout_ms: 0, body: req }));
+        let mut bytes = Encoder::new().to_vec(&Message::Request(RequestFrame { id: 1, timeout_ms: 0, body: req, hops: 0 }));
         let payload = &mut bytes[4..];
         for (at, x) in flips {
             let i = at.index(payload.len());
@@ -48,7 +48,7 @@ proptest! {
 
     #[test]
     fn requests_round_trip(id in any::<u64>(), timeout_ms in any::<u32>(), body in request()) {
-        let msg = Message::Request(RequestFrame { id, timeout_ms, body });
+        let msg = Message::Request(RequestFrame { id, timeout_ms, body, hops: 0 });
         let bytes = Encoder::new().to_vec(&msg);
         prop_assert_eq!(decode(&bytes[4..], DecodeLimits::SERVER).unwrap(), msg);
     }

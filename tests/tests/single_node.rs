@@ -231,6 +231,7 @@ fn malformed_frames_get_an_error_and_only_that_connection_closes() {
     let ping = Message::Request(ringkv_net::proto::RequestFrame {
         id: 42,
         timeout_ms: 0,
+        hops: 0,
         body: Request::Ping { payload: b"still here".to_vec() },
     });
     s.write_all(&Encoder::new().to_vec(&ping)).unwrap();

@@ -9,7 +9,11 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod codec;
+pub mod failure;
 pub mod keyspace;
+pub mod membership;
+pub mod quorum;
+pub mod ring;
 pub mod version;
 
 pub use keyspace::{key_hash, partition_of, PairError};

@@ -24,7 +24,7 @@ pub async fn handle(shard: &Shard, req: RequestFrame) -> Response {
         Ok(r) => r,
         Err(_) => Err(WireError::new(ErrorCode::Timeout, format!("{kind} did not complete within {timeout:?}"))),
     };
-    Response { id: req.id, result }
+    Response::new(req.id, result)
 }
 
 fn bad_request(msg: impl Into<String>) -> WireError {

@@ -1,0 +1,611 @@
+//! Cluster membership as gossiped state, and the gossip state machine.
+//!
+//! [`ClusterState`] is what nodes exchange: every member's self-description
+//! (address, shards, weight, heartbeat, which shard holds each of its
+//! partitions, load) and the ring. Each member record is written only by its
+//! own node and versioned by (generation, heartbeat), so merging two states
+//! is a per-member maximum and never conflicts. The ring is versioned too;
+//! two rings of the same version (two claimants at once, say during a
+//! partition) are ordered by a hash of their content, so every node keeps
+//! the same one.
+//!
+//! Status is derived, not stored: a member is `Up` when the ring includes
+//! it, `Joining` before, `Leaving` once it asked to leave. `Down` is each
+//! node's own opinion, from its phi-accrual detectors ([`crate::failure`]).
+//!
+//! [`Gossip`] drives one node: every tick it bumps its heartbeat, lets the
+//! claimant (the lowest-id live member of the ring) compute a new ring when
+//! membership changed, and names a peer to exchange state with.
+
+use crate::codec::{err, put_varint, DecodeError, Reader};
+use crate::failure::{PhiAccrual, PhiConfig};
+use crate::ring::{claim, pin_partitions, Claimant, Ring};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// Load figures a member publishes about itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Load {
+    pub ops_per_sec: u64,
+    pub p99_us: u64,
+    pub disk_bytes: u64,
+    pub keys: u64,
+    pub hints: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Member {
+    pub id: String,
+    /// Address of shard 0; shard i is at port + i.
+    pub addr: String,
+    pub shards: u16,
+    pub weight: u32,
+    pub leaving: bool,
+    /// Increases with every start of the node.
+    pub generation: u64,
+    /// Increases with every change and every gossip round.
+    pub heartbeat: u64,
+    /// The shard holding each partition this member replicates.
+    pub pins: BTreeMap<u32, u16>,
+    pub load: Load,
+}
+
+impl Member {
+    fn version(&self) -> (u64, u64) {
+        (self.generation, self.heartbeat)
+    }
+
+    pub fn shard_of(&self, p: u32) -> Option<u16> {
+        self.pins.get(&p).copied()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Joining,
+    Up,
+    Leaving,
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Status::Joining => "joining",
+            Status::Up => "up",
+            Status::Leaving => "leaving",
+        })
+    }
+}
+
+/// Two nodes that can never be one cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mismatch {
+    Cluster { ours: String, theirs: String },
+    Partitions { ours: u32, theirs: u32 },
+}
+
+impl fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Mismatch::Cluster { ours, theirs } => write!(f, "cluster name {theirs:?} differs from ours ({ours:?})"),
+            Mismatch::Partitions { ours, theirs } => {
+                write!(f, "partition count {theirs} differs from ours ({ours}); Q is fixed when a cluster is created")
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterState {
+    pub cluster: String,
+    pub partitions: u32,
+    pub members: BTreeMap<String, Member>,
+    pub ring: Option<Ring>,
+}
+
+/// What a merge changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Merged {
+    /// Members whose record got newer (their heartbeat advanced).
+    pub newer: Vec<String>,
+    pub ring_changed: bool,
+}
+
+fn ring_key(r: &Ring) -> (u64, u64) {
+    let mut b = Vec::new();
+    r.encode(&mut b);
+    (r.version, xxhash_rust::xxh3::xxh3_64(&b))
+}
+
+impl ClusterState {
+    pub fn new(cluster: &str, partitions: u32) -> ClusterState {
+        ClusterState { cluster: cluster.to_string(), partitions, members: BTreeMap::new(), ring: None }
+    }
+
+    pub fn status(&self, id: &str) -> Option<Status> {
+        let m = self.members.get(id)?;
+        Some(if m.leaving {
+            Status::Leaving
+        } else if self.ring.as_ref().is_some_and(|r| r.contains(id)) {
+            Status::Up
+        } else {
+            Status::Joining
+        })
+    }
+
+    /// Checks that `other` belongs to the same cluster.
+    pub fn compatible(&self, other: &ClusterState) -> Result<(), Mismatch> {
+        if other.cluster != self.cluster {
+            return Err(Mismatch::Cluster { ours: self.cluster.clone(), theirs: other.cluster.clone() });
+        }
+        if other.partitions != self.partitions {
+            return Err(Mismatch::Partitions { ours: self.partitions, theirs: other.partitions });
+        }
+        Ok(())
+    }
+
+    /// Takes whatever is newer in `other`. Commutative and idempotent.
+    pub fn merge(&mut self, other: &ClusterState) -> Result<Merged, Mismatch> {
+        self.compatible(other)?;
+        let mut out = Merged::default();
+        for (id, theirs) in &other.members {
+            match self.members.get(id) {
+                Some(ours) if ours.version() >= theirs.version() => {}
+                _ => {
+                    self.members.insert(id.clone(), theirs.clone());
+                    out.newer.push(id.clone());
+                }
+            }
+        }
+        if let Some(theirs) = &other.ring {
+            let take = match &self.ring {
+                None => true,
+                Some(ours) => ring_key(theirs) > ring_key(ours),
+            };
+            if take {
+                self.ring = Some(theirs.clone());
+                out.ring_changed = true;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The members that should own partitions now: every member not leaving.
+    pub fn desired_claimants(&self) -> Vec<Claimant> {
+        self.members.values().filter(|m| !m.leaving).map(|m| Claimant { id: m.id.clone(), weight: m.weight }).collect()
+    }
+
+    pub fn needs_claim(&self) -> bool {
+        let desired = self.desired_claimants();
+        !desired.is_empty() && self.ring.as_ref().is_none_or(|r| r.members() != desired.as_slice())
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256);
+        out.push(STATE_FORMAT);
+        put_str(&mut out, &self.cluster);
+        put_varint(&mut out, u64::from(self.partitions));
+        put_varint(&mut out, self.members.len() as u64);
+        for m in self.members.values() {
+            put_str(&mut out, &m.id);
+            put_str(&mut out, &m.addr);
+            put_varint(&mut out, u64::from(m.shards));
+            put_varint(&mut out, u64::from(m.weight));
+            out.push(u8::from(m.leaving));
+            put_varint(&mut out, m.generation);
+            put_varint(&mut out, m.heartbeat);
+            put_varint(&mut out, m.pins.len() as u64);
+            let mut prev = 0u32;
+            for (&p, &s) in &m.pins {
+                put_varint(&mut out, u64::from(p - prev));
+                put_varint(&mut out, u64::from(s));
+                prev = p;
+            }
+            for v in [m.load.ops_per_sec, m.load.p99_us, m.load.disk_bytes, m.load.keys, m.load.hints] {
+                put_varint(&mut out, v);
+            }
+        }
+        match &self.ring {
+            None => out.push(0),
+            Some(r) => {
+                out.push(1);
+                r.encode(&mut out);
+            }
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<ClusterState, DecodeError> {
+        let mut r = Reader::new(bytes);
+        if r.u8()? != STATE_FORMAT {
+            return err("unknown cluster state format");
+        }
+        let cluster = get_str(&mut r)?;
+        let partitions = u32::try_from(r.varint()?).map_err(|_| DecodeError { what: "partitions over u32" })?;
+        let count = r.len(r.remaining())?;
+        let mut members = BTreeMap::new();
+        for _ in 0..count {
+            let id = get_str(&mut r)?;
+            let addr = get_str(&mut r)?;
+            let shards = u16::try_from(r.varint()?).map_err(|_| DecodeError { what: "shards over u16" })?;
+            let weight = u32::try_from(r.varint()?).map_err(|_| DecodeError { what: "weight over u32" })?;
+            let leaving = r.u8()? != 0;
+            let generation = r.varint()?;
+            let heartbeat = r.varint()?;
+            let npins = r.len(partitions as usize)?;
+            let mut pins = BTreeMap::new();
+            let mut p = 0u64;
+            for _ in 0..npins {
+                p += r.varint()?;
+                let s = r.varint()?;
+                if p >= u64::from(partitions) || s >= u64::from(shards) {
+                    return err("pin out of range");
+                }
+                pins.insert(p as u32, s as u16);
+            }
+            let mut load = [0u64; 5];
+            for v in &mut load {
+                *v = r.varint()?;
+            }
+            let [ops_per_sec, p99_us, disk_bytes, keys, hints] = load;
+            let m = Member {
+                id: id.clone(),
+                addr,
+                shards,
+                weight,
+                leaving,
+                generation,
+                heartbeat,
+                pins,
+                load: Load { ops_per_sec, p99_us, disk_bytes, keys, hints },
+            };
+            members.insert(id, m);
+        }
+        let ring = match r.u8()? {
+            0 => None,
+            1 => Some(Ring::decode(&mut r)?),
+            _ => return err("bad ring flag"),
+        };
+        if ring.as_ref().is_some_and(|ring| ring.partitions() != partitions) {
+            return err("ring partition count differs from the state's");
+        }
+        if !r.is_empty() {
+            return err("trailing bytes after cluster state");
+        }
+        Ok(ClusterState { cluster, partitions, members, ring })
+    }
+}
+
+const STATE_FORMAT: u8 = 1;
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    put_varint(out, s.len() as u64);
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn get_str(r: &mut Reader<'_>) -> Result<String, DecodeError> {
+    let len = r.len(1024)?;
+    std::str::from_utf8(r.bytes(len)?).map(str::to_string).map_err(|_| DecodeError { what: "string is not UTF-8" })
+}
+
+#[derive(Debug, Clone)]
+pub struct GossipConfig {
+    pub replicas: usize,
+    pub phi: PhiConfig,
+    /// With seeds configured, how long a node that has heard from nobody
+    /// waits before forming a cluster on its own.
+    pub formation_wait_ms: u64,
+}
+
+impl Default for GossipConfig {
+    fn default() -> Self {
+        GossipConfig { replicas: 3, phi: PhiConfig::default(), formation_wait_ms: 10_000 }
+    }
+}
+
+/// One node's view of the cluster and its gossip duties.
+pub struct Gossip {
+    me: String,
+    state: ClusterState,
+    cfg: GossipConfig,
+    seeds: Vec<String>,
+    detectors: BTreeMap<String, PhiAccrual>,
+    started_ms: u64,
+    heard_from_peer: bool,
+}
+
+impl Gossip {
+    /// `me` is this node's record (its generation already advanced past the
+    /// one in `persisted`, if any); `persisted` is the state saved before a
+    /// restart.
+    pub fn new(
+        me: Member,
+        cluster: &str,
+        partitions: u32,
+        seeds: Vec<String>,
+        persisted: Option<ClusterState>,
+        cfg: GossipConfig,
+        now_ms: u64,
+    ) -> Gossip {
+        let mut state = persisted
+            .filter(|s| s.compatible(&ClusterState::new(cluster, partitions)).is_ok())
+            .unwrap_or_else(|| ClusterState::new(cluster, partitions));
+        let id = me.id.clone();
+        let seeds = seeds.into_iter().filter(|s| *s != me.addr).collect();
+        state.members.insert(id.clone(), me);
+        let mut g = Gossip {
+            me: id,
+            state,
+            cfg,
+            seeds,
+            detectors: BTreeMap::new(),
+            started_ms: now_ms,
+            heard_from_peer: false,
+        };
+        g.refresh_pins();
+        g
+    }
+
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+
+    pub fn state(&self) -> &ClusterState {
+        &self.state
+    }
+
+    pub fn member(&self) -> &Member {
+        &self.state.members[&self.me]
+    }
+
+    /// Whether `id` is believed reachable (always true for ourselves).
+    pub fn is_alive(&self, id: &str, now_ms: u64) -> bool {
+        id == self.me || self.detectors.get(id).is_some_and(|d| d.is_available(now_ms))
+    }
+
+    pub fn phi(&self, id: &str, now_ms: u64) -> f64 {
+        self.detectors.get(id).map_or(0.0, |d| d.phi(now_ms))
+    }
+
+    pub fn set_load(&mut self, load: Load) {
+        let m = self.state.members.get_mut(&self.me).expect("own record");
+        m.load = load;
+    }
+
+    /// Marks this node as leaving: the claimant will move its partitions away.
+    pub fn leave(&mut self) {
+        let m = self.state.members.get_mut(&self.me).expect("own record");
+        m.leaving = true;
+        m.heartbeat += 1;
+    }
+
+    /// One gossip round: heartbeat, maybe a new ring, and the address to
+    /// exchange state with (`random` picks the peer).
+    pub fn tick(&mut self, now_ms: u64, random: u64) -> Option<String> {
+        self.state.members.get_mut(&self.me).expect("own record").heartbeat += 1;
+        self.maybe_claim(now_ms);
+        self.pick_peer(now_ms, random)
+    }
+
+    fn pick_peer(&self, now_ms: u64, random: u64) -> Option<String> {
+        let others: Vec<&Member> = self.state.members.values().filter(|m| m.id != self.me).collect();
+        let alive: Vec<&&Member> = others.iter().filter(|m| self.is_alive(&m.id, now_ms)).collect();
+        // Now and then (or when we know nobody alive) go to a seed or a
+        // suspected member instead, so partitions heal and joins happen.
+        let explore = alive.is_empty() || random % 5 == 0;
+        if explore {
+            let mut pool: Vec<&str> = self.seeds.iter().map(String::as_str).collect();
+            pool.extend(others.iter().filter(|m| !self.is_alive(&m.id, now_ms)).map(|m| m.addr.as_str()));
+            if !pool.is_empty() {
+                return Some(pool[(random / 5) as usize % pool.len()].to_string());
+            }
+        }
+        if alive.is_empty() {
+            return None;
+        }
+        Some(alive[(random / 7) as usize % alive.len()].addr.clone())
+    }
+
+    /// Merges state received from a peer; returns whether anything that is
+    /// worth persisting (ring, membership, pins) changed.
+    pub fn receive(&mut self, now_ms: u64, remote: &ClusterState) -> Result<bool, Mismatch> {
+        let before_members: Vec<(String, bool, u32, usize)> = self.durable_view();
+        let mut remote = remote.clone();
+        // Our own record is ours alone: never take a stale copy of it.
+        remote.members.remove(&self.me);
+        let merged = self.state.merge(&remote)?;
+        self.heard_from_peer = true;
+        for id in &merged.newer {
+            self.detectors.entry(id.clone()).or_insert_with(|| PhiAccrual::new(self.cfg.phi)).heartbeat(now_ms);
+        }
+        if merged.ring_changed {
+            self.refresh_pins();
+        }
+        self.maybe_claim(now_ms);
+        Ok(merged.ring_changed || self.durable_view() != before_members)
+    }
+
+    fn durable_view(&self) -> Vec<(String, bool, u32, usize)> {
+        self.state.members.values().map(|m| (m.id.clone(), m.leaving, m.weight, m.pins.len())).collect()
+    }
+
+    /// The lowest-id live member of the ring (or of all members before
+    /// there is a ring) decides ring changes.
+    pub fn claimant(&self, now_ms: u64) -> Option<&str> {
+        let in_ring = |id: &str| self.state.ring.as_ref().is_none_or(|r| r.contains(id));
+        self.state.members.keys().map(String::as_str).find(|id| in_ring(id) && self.is_alive(id, now_ms))
+    }
+
+    fn may_form(&self, now_ms: u64) -> bool {
+        self.state.ring.is_some()
+            || self.seeds.is_empty()
+            || self.heard_from_peer
+            || now_ms.saturating_sub(self.started_ms) >= self.cfg.formation_wait_ms
+    }
+
+    /// Computes and publishes a new ring if we are the claimant and the
+    /// members changed. Returns whether it did.
+    pub fn maybe_claim(&mut self, now_ms: u64) -> bool {
+        if self.claimant(now_ms) != Some(self.me.as_str()) || !self.state.needs_claim() || !self.may_form(now_ms) {
+            return false;
+        }
+        let desired = self.state.desired_claimants();
+        let ring = claim(self.state.ring.as_ref(), &desired, self.state.partitions, self.cfg.replicas);
+        self.state.ring = Some(ring);
+        self.refresh_pins();
+        true
+    }
+
+    /// Recomputes which of our shards holds each partition we replicate.
+    fn refresh_pins(&mut self) {
+        let Some(ring) = &self.state.ring else { return };
+        let held = ring.replicated_by(&self.me, self.cfg.replicas);
+        let m = self.state.members.get_mut(&self.me).expect("own record");
+        let pins = pin_partitions(&held, m.shards, &m.pins);
+        if pins != m.pins {
+            // Keep pins of partitions we no longer replicate: their data is
+            // still there until handed off.
+            let mut all = m.pins.clone();
+            all.extend(pins);
+            all.retain(|p, _| held.contains(p));
+            m.pins = all;
+            m.heartbeat += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(id: &str, port: u16) -> Member {
+        Member {
+            id: id.into(),
+            addr: format!("127.0.0.1:{port}"),
+            shards: 2,
+            weight: 1,
+            leaving: false,
+            generation: 1,
+            heartbeat: 0,
+            pins: BTreeMap::new(),
+            load: Load::default(),
+        }
+    }
+
+    fn node(id: &str, port: u16, seeds: &[u16]) -> Gossip {
+        let seeds = seeds.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        Gossip::new(member(id, port), "c", 64, seeds, None, GossipConfig::default(), 0)
+    }
+
+    /// Exchanges state between every pair, in both directions.
+    fn exchange_all(nodes: &mut [Gossip], now: u64) {
+        for i in 0..nodes.len() {
+            for j in 0..nodes.len() {
+                if i != j {
+                    let s = nodes[i].state().clone();
+                    nodes[j].receive(now, &s).unwrap();
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn nodes_that_seed_each_other_form_one_ring() {
+        let mut nodes = vec![node("a", 1, &[2, 3]), node("b", 2, &[1, 3]), node("c", 3, &[1, 2])];
+        for round in 1..=4 {
+            let now = round * 1000;
+            for n in nodes.iter_mut() {
+                n.tick(now, round);
+            }
+            exchange_all(&mut nodes, now);
+        }
+        let ring = nodes[0].state().ring.clone().expect("a ring formed");
+        assert_eq!(ring.members().len(), 3);
+        for n in &nodes {
+            assert_eq!(n.state().ring.as_ref(), Some(&ring), "every node holds the same ring");
+            assert_eq!(n.state().status(n.me()), Some(Status::Up));
+            // With N=3 and 3 nodes, everyone replicates everything.
+            assert_eq!(n.member().pins.len(), 64);
+        }
+    }
+
+    #[test]
+    fn a_node_with_unreachable_seeds_waits_before_forming_alone() {
+        let mut n = node("a", 1, &[2]);
+        n.tick(1000, 0);
+        assert!(n.state().ring.is_none(), "no ring while seeds may still answer");
+        n.tick(10_000, 0);
+        assert!(n.state().ring.is_some(), "forms its own cluster after the wait");
+        let mut alone = node("z", 9, &[]);
+        alone.tick(1, 0);
+        assert!(alone.state().ring.is_some(), "without seeds a node forms at once");
+    }
+
+    #[test]
+    fn a_joiner_is_added_by_the_claimant() {
+        let mut nodes = vec![node("a", 1, &[]), node("b", 2, &[1])];
+        nodes[0].tick(0, 0);
+        exchange_all(&mut nodes, 100);
+        nodes[0].tick(1000, 1);
+        exchange_all(&mut nodes, 1000);
+        let ring = nodes[1].state().ring.as_ref().unwrap();
+        assert!(ring.contains("b"), "the claimant a added b");
+        assert_eq!(ring.version, 2);
+        assert_eq!(nodes[1].state().status("b"), Some(Status::Up));
+    }
+
+    #[test]
+    fn mismatched_clusters_and_partition_counts_are_refused() {
+        let mut a = node("a", 1, &[]);
+        let other = Gossip::new(member("x", 5), "other", 64, vec![], None, GossipConfig::default(), 0);
+        assert!(matches!(a.receive(0, other.state()), Err(Mismatch::Cluster { .. })));
+        let other = Gossip::new(member("x", 5), "c", 128, vec![], None, GossipConfig::default(), 0);
+        let e = a.receive(0, other.state()).unwrap_err();
+        assert!(e.to_string().contains("partition count 128"), "{e}");
+        assert_eq!(a.state().members.len(), 1, "nothing from the stranger was taken");
+    }
+
+    #[test]
+    fn concurrent_rings_of_the_same_version_converge() {
+        let mut a = node("a", 1, &[]);
+        let mut b = node("b", 2, &[]);
+        a.tick(0, 0);
+        b.tick(0, 0);
+        // Both formed a ring of version 1 alone. One exchange picks the same
+        // winner everywhere; its claimant then adds the other node.
+        for now in [10, 20] {
+            let (sa, sb) = (a.state().clone(), b.state().clone());
+            a.receive(now, &sb).unwrap();
+            b.receive(now, &sa).unwrap();
+        }
+        assert_eq!(a.state().ring, b.state().ring);
+        assert_eq!(a.state().ring.as_ref().unwrap().members().len(), 2);
+    }
+
+    #[test]
+    fn silence_makes_a_member_down_in_our_view() {
+        let mut nodes = vec![node("a", 1, &[]), node("b", 2, &[1])];
+        for round in 0..10u64 {
+            for n in nodes.iter_mut() {
+                n.tick(round * 1000, round);
+            }
+            exchange_all(&mut nodes, round * 1000);
+        }
+        assert!(nodes[0].is_alive("b", 9_500));
+        assert!(!nodes[0].is_alive("b", 30_000), "b is suspected after 20 s of silence");
+    }
+
+    #[test]
+    fn states_round_trip_through_bytes() {
+        let mut nodes = vec![node("a", 1, &[2]), node("b", 2, &[1])];
+        nodes[0].tick(20_000, 0);
+        exchange_all(&mut nodes, 20_000);
+        nodes[0].set_load(Load { ops_per_sec: 5, p99_us: 900, disk_bytes: 1 << 30, keys: 7, hints: 1 });
+        let s = nodes[0].state().clone();
+        assert_eq!(ClusterState::decode(&s.encode()).unwrap(), s);
+        let bytes = s.encode();
+        for cut in 0..bytes.len() {
+            assert!(ClusterState::decode(&bytes[..cut]).is_err());
+        }
+    }
+}
