@@ -60,6 +60,8 @@ pub struct Client {
     server: HelloAck,
     /// Responses that arrived while waiting for another one.
     early: HashMap<u64, Response>,
+    /// The highest ring version a response carried.
+    ring_version: u64,
 }
 
 impl Client {
@@ -93,6 +95,7 @@ impl Client {
                 cluster: String::new(),
             },
             early: HashMap::new(),
+            ring_version: 0,
         };
         c.flush()?;
         match c.next_event()? {
@@ -142,9 +145,17 @@ impl Client {
         self.recv_from_socket()
     }
 
+    /// The newest ring version the node reported in a response.
+    pub fn ring_version(&self) -> u64 {
+        self.ring_version
+    }
+
     fn recv_from_socket(&mut self) -> Result<Response, ClientError> {
         match self.next_event()? {
-            Event::Response(r) => Ok(r),
+            Event::Response(r) => {
+                self.ring_version = self.ring_version.max(r.ring_version);
+                Ok(r)
+            }
             Event::Connected(_) => Err(SessionError::Protocol("second handshake".into()).into()),
         }
     }

@@ -56,6 +56,11 @@ pub fn ringkv_bin() -> PathBuf {
 /// `count` consecutive free ports on `ip`, distinct from any other call in
 /// this process.
 pub fn free_ports(ip: Ipv4Addr, count: u16) -> u16 {
+    free_ports_on(&[ip], count)
+}
+
+/// `count` consecutive ports free on every one of `ips`.
+pub fn free_ports_on(ips: &[Ipv4Addr], count: u16) -> u16 {
     static NEXT: AtomicU16 = AtomicU16::new(0);
     let start = 20_000 + (std::process::id() % 400) as u16 * 100;
     for _ in 0..2000 {
@@ -64,12 +69,13 @@ pub fn free_ports(ip: Ipv4Addr, count: u16) -> u16 {
         if !(20_000..=60_000).contains(&base) {
             continue;
         }
-        let all_free = (0..count).all(|i| TcpListener::bind(SocketAddrV4::new(ip, base + i)).is_ok());
+        let all_free =
+            ips.iter().all(|&ip| (0..count).all(|i| TcpListener::bind(SocketAddrV4::new(ip, base + i)).is_ok()));
         if all_free {
             return base;
         }
     }
-    panic!("no {count} free consecutive ports on {ip}");
+    panic!("no {count} free consecutive ports on {ips:?}");
 }
 
 #[derive(Debug, Clone)]
@@ -112,10 +118,15 @@ pub struct Node {
 }
 
 impl Node {
+    /// A node that is not started yet.
+    pub fn new(spec: NodeSpec) -> Node {
+        let log = spec.dir.with_extension("log");
+        Node { spec, child: None, log, starts: 0 }
+    }
+
     /// Starts the node and waits until every shard answers a ping.
     pub fn start(spec: NodeSpec) -> Node {
-        let log = spec.dir.with_extension("log");
-        let mut n = Node { spec, child: None, log, starts: 0 };
+        let mut n = Node::new(spec);
         n.spawn();
         n.wait_ready(Duration::from_secs(60));
         n
@@ -195,6 +206,12 @@ impl Node {
 
     pub fn client(&self) -> Client {
         Client::connect(self.addr(), &ClientConfig::default()).expect("connecting to node")
+    }
+
+    /// A client, or `None` if the node does not answer within two seconds.
+    pub fn try_client(&self) -> Option<Client> {
+        let cfg = ClientConfig { timeout: Duration::from_secs(2), ..Default::default() };
+        Client::connect(self.addr(), &cfg).ok()
     }
 
     pub fn log(&self) -> String {
@@ -293,4 +310,77 @@ pub fn cli(args: &[&str], stdin: Option<&[u8]>) -> Output {
         child.stdin.take().expect("stdin piped").write_all(input).expect("writing stdin");
     }
     child.wait_with_output().expect("waiting for ringkv cli")
+}
+
+/// A local cluster of real processes on 127.0.0.1 .. 127.0.0.N, one port.
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+    pub dir: PathBuf,
+}
+
+impl Cluster {
+    /// Spec of node `i` (0-based) in a cluster of `n` under `dir`.
+    pub fn spec(dir: &Path, i: usize, n: usize, port: u16, shards: usize, extra: &[&str]) -> NodeSpec {
+        let ip = Ipv4Addr::new(127, 0, 0, i as u8 + 1);
+        let seeds = (0..n).filter(|j| *j != i).map(|j| SocketAddr::from(([127, 0, 0, j as u8 + 1], port))).collect();
+        NodeSpec {
+            node_id: format!("n{}", i + 1),
+            ip,
+            port,
+            shards,
+            dir: dir.join(format!("n{}", i + 1)),
+            seeds,
+            extra: extra.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    /// Starts `n` nodes seeded to each other and waits until every node sees
+    /// all of them up and alive.
+    pub fn start(dir: &Path, n: usize, shards: usize, extra: &[&str]) -> Cluster {
+        let ips: Vec<Ipv4Addr> = (1..=n as u8).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
+        let port = free_ports_on(&ips, shards as u16);
+        let mut nodes: Vec<Node> = (0..n)
+            .map(|i| {
+                let mut node = Node::new(Cluster::spec(dir, i, n, port, shards, extra));
+                node.spawn();
+                node
+            })
+            .collect();
+        for node in &mut nodes {
+            node.wait_ready(Duration::from_secs(60));
+        }
+        let c = Cluster { nodes, dir: dir.to_path_buf() };
+        c.wait_converged(n, Duration::from_secs(60));
+        c
+    }
+
+    /// Waits until every running node sees `members` members, all up and alive.
+    pub fn wait_converged(&self, members: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        for node in self.nodes.iter().filter(|n| n.is_running()) {
+            loop {
+                let ok = node.try_client().and_then(|mut c| c.node_info().ok()).is_some_and(|i| {
+                    i.members.len() == members && i.members.iter().all(|m| m.status == "up" && m.alive)
+                });
+                if ok {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "cluster did not converge to {members} members within {timeout:?}; {} log:\n{}",
+                    node.spec.node_id,
+                    node.log()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    pub fn node(&self, i: usize) -> &Node {
+        &self.nodes[i]
+    }
+
+    pub fn addrs(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.addr().to_string()).collect()
+    }
 }

@@ -22,8 +22,37 @@ pub enum Command {
     Get(GetArgs),
     /// Delete a key.
     Delete(DeleteArgs),
-    /// Show the node's identity, shards and data.
+    /// Show the cluster as the node sees it: members, states, ownership, load.
     Status(StatusArgs),
+    /// Manage a local development cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+}
+
+#[derive(Subcommand)]
+pub enum ClusterCmd {
+    /// Start N nodes on 127.0.0.1..127.0.0.N in the foreground; Ctrl-C stops them.
+    Up(ClusterUpArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ClusterUpArgs {
+    /// How many nodes.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// Where the nodes keep their data and logs.
+    #[arg(long, default_value = "ringkv-cluster")]
+    pub dir: PathBuf,
+    /// The port every node listens on (each on its own 127.0.0.x address).
+    #[arg(long, default_value_t = 7070)]
+    pub port: u16,
+    /// Shards per node (one core each; small by default so that several
+    /// nodes share a small machine).
+    #[arg(long, default_value_t = 1)]
+    pub shards: usize,
+    /// Replication factor N.
+    #[arg(long, default_value_t = 3)]
+    pub replicas: usize,
 }
 
 #[derive(Args, Debug, Clone, Default)]

@@ -142,14 +142,44 @@ fn status_json(n: &NodeInfo) -> serde_json::Value {
             "shard": s.shard, "keys": s.keys, "tombstones": s.tombstones,
             "disk_bytes": s.disk_bytes, "segments": s.segments,
         })).collect::<Vec<_>>(),
+        "replicas": n.replicas,
+        "ring_version": n.ring_version,
+        "members": n.members.iter().map(|m| json!({
+            "node_id": m.node_id, "addr": m.addr, "status": m.status, "alive": m.alive,
+            "weight": m.weight, "shards": m.shards,
+            "partitions_owned": m.partitions_owned,
+            "share": f64::from(m.partitions_owned) / f64::from(n.partitions.max(1)),
+            "partitions_replicated": m.partitions_replicated,
+            "hints_pending": m.hints_pending, "keys": m.keys,
+        })).collect::<Vec<_>>(),
     })
 }
 
 fn status_text(n: &NodeInfo) -> String {
     let mut s = format!(
-        "node {}  listen {}  cluster {}  partitions {}  version {}\n",
-        n.node_id, n.listen, n.cluster, n.partitions, n.version
+        "node {}  listen {}  cluster {}  partitions {}  replicas {}  ring v{}  version {}\n\n",
+        n.node_id, n.listen, n.cluster, n.partitions, n.replicas, n.ring_version, n.version
     );
+    s += &format!(
+        "{:<12} {:<22} {:<8} {:>6} {:>6} {:>7} {:>7} {:>10} {:>10}\n",
+        "member", "address", "state", "weight", "shards", "owned", "share", "replicas", "keys"
+    );
+    for m in &n.members {
+        let state = if m.alive { m.status.clone() } else { format!("{} (down)", m.status) };
+        s += &format!(
+            "{:<12} {:<22} {:<8} {:>6} {:>6} {:>7} {:>6.1}% {:>10} {:>10}\n",
+            m.node_id,
+            m.addr,
+            state,
+            m.weight,
+            m.shards,
+            m.partitions_owned,
+            100.0 * f64::from(m.partitions_owned) / f64::from(n.partitions.max(1)),
+            m.partitions_replicated,
+            m.keys
+        );
+    }
+    s += &format!("\nshards of {}:\n", n.node_id);
     s += &format!("{:>6} {:>12} {:>12} {:>14} {:>9}\n", "shard", "keys", "tombstones", "disk bytes", "segments");
     for sh in &n.shards {
         s += &format!(

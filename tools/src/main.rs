@@ -2,10 +2,11 @@
 
 mod cli;
 mod client_cmd;
+mod cluster_cmd;
 mod server_cmd;
 
 use clap::Parser;
-use cli::{Cli, Command};
+use cli::{Cli, ClusterCmd, Command};
 use std::process::ExitCode;
 
 /// How a command failed; each kind has its own exit code.
@@ -38,6 +39,7 @@ fn main() -> ExitCode {
         Command::Get(a) => client_cmd::get(a),
         Command::Delete(a) => client_cmd::delete(a),
         Command::Status(a) => client_cmd::status(a),
+        Command::Cluster(ClusterCmd::Up(a)) => cluster_cmd::up(a).map_err(Failure::Server),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -77,20 +77,34 @@ impl fmt::Display for Status {
     }
 }
 
-/// Two nodes that can never be one cluster.
+/// Two nodes that can never be one cluster: what this node has, and what
+/// the other one has.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mismatch {
     Cluster { ours: String, theirs: String },
     Partitions { ours: u32, theirs: u32 },
 }
 
+impl Mismatch {
+    /// The same mismatch seen from the other node.
+    pub fn reversed(&self) -> Mismatch {
+        match self.clone() {
+            Mismatch::Cluster { ours, theirs } => Mismatch::Cluster { ours: theirs, theirs: ours },
+            Mismatch::Partitions { ours, theirs } => Mismatch::Partitions { ours: theirs, theirs: ours },
+        }
+    }
+}
+
 impl fmt::Display for Mismatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Mismatch::Cluster { ours, theirs } => write!(f, "cluster name {theirs:?} differs from ours ({ours:?})"),
-            Mismatch::Partitions { ours, theirs } => {
-                write!(f, "partition count {theirs} differs from ours ({ours}); Q is fixed when a cluster is created")
+            Mismatch::Cluster { ours, theirs } => {
+                write!(f, "this node's cluster is {ours:?} but the other node's is {theirs:?}")
             }
+            Mismatch::Partitions { ours, theirs } => write!(
+                f,
+                "this node has {ours} partitions but the other node has {theirs} (Q is fixed when a cluster is created)"
+            ),
         }
     }
 }
@@ -561,7 +575,11 @@ mod tests {
         assert!(matches!(a.receive(0, other.state()), Err(Mismatch::Cluster { .. })));
         let other = Gossip::new(member("x", 5), "c", 128, vec![], None, GossipConfig::default(), 0);
         let e = a.receive(0, other.state()).unwrap_err();
-        assert!(e.to_string().contains("partition count 128"), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "this node has 64 partitions but the other node has 128 (Q is fixed when a cluster is created)"
+        );
+        assert!(e.reversed().to_string().starts_with("this node has 128 partitions"));
         assert_eq!(a.state().members.len(), 1, "nothing from the stranger was taken");
     }
 

@@ -165,6 +165,8 @@ async fn read_loop(shard: &Rc<Shard>, mut rd: ReadHalf<TcpStream>, out: &Rc<Outp
     if let Err(e) = check_hello(shard, &hello) {
         return out.fail(e.code, e.message);
     }
+    let role = hello.role;
+    let limits = if role == Role::Peer { DecodeLimits::PEER } else { DecodeLimits::SERVER };
     out.send(&Message::HelloAck(HelloAck {
         protocol_version: PROTOCOL_VERSION,
         node_id: shard.node.node_id.clone(),
@@ -177,7 +179,7 @@ async fn read_loop(shard: &Rc<Shard>, mut rd: ReadHalf<TcpStream>, out: &Rc<Outp
     loop {
         loop {
             let msg = match dec.next_frame() {
-                Ok(Some(f)) => decode(f, DecodeLimits::SERVER),
+                Ok(Some(f)) => decode(f, limits),
                 Ok(None) => break,
                 Err(e) => return frame_error(out, e),
             };
@@ -185,7 +187,7 @@ async fn read_loop(shard: &Rc<Shard>, mut rd: ReadHalf<TcpStream>, out: &Rc<Outp
                 Ok(Message::Request(r)) => r,
                 Err(DecodeError::UnknownRequest { id, tag }) => {
                     let e = WireError::new(ErrorCode::UnknownMessage, format!("unknown request type {tag}"));
-                    out.send(&Message::Response(Response { id, result: Err(e) }));
+                    out.send(&Message::Response(Response::new(id, Err(e))));
                     continue;
                 }
                 Ok(other) => {
@@ -201,7 +203,7 @@ async fn read_loop(shard: &Rc<Shard>, mut rd: ReadHalf<TcpStream>, out: &Rc<Outp
             out.in_flight.set(out.in_flight.get() + 1);
             let (shard, out) = (shard.clone(), out.clone());
             glommio::spawn_local(async move {
-                let resp = service::handle(&shard, req).await;
+                let resp = service::handle(&shard, role, req).await;
                 out.in_flight.set(out.in_flight.get() - 1);
                 out.send(&Message::Response(resp));
                 drop(permit);
@@ -227,11 +229,11 @@ fn check_hello(shard: &Shard, h: &Hello) -> Result<(), WireError> {
     if h.cluster != shard.node.cfg.cluster {
         return Err(WireError::new(
             ErrorCode::ClusterMismatch,
-            format!("this node belongs to cluster {:?}, not {:?}", shard.node.cfg.cluster, h.cluster),
+            format!("the node at the other end belongs to cluster {:?}, not {:?}", shard.node.cfg.cluster, h.cluster),
         ));
     }
-    if h.role == Role::Peer {
-        return Err(WireError::new(ErrorCode::ProtocolMismatch, "peer connections are not supported by this node"));
+    if h.role == Role::Peer && h.node_id.is_empty() {
+        return Err(WireError::new(ErrorCode::ProtocolMismatch, "a peer must say which node it is"));
     }
     Ok(())
 }

@@ -5,10 +5,15 @@
 //! - [`server`]: starts the shards, checks the data directory, handles signals.
 
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod conn;
+pub mod coordinator;
 pub mod datadir;
+pub mod handoff;
+pub mod peer;
 pub mod server;
 pub mod service;
 pub mod shard;
 pub mod store;
+pub mod view;

@@ -5,13 +5,16 @@
 //! running node stops cleanly on [`Running::shut_down`]: shards stop
 //! accepting, flush their logs and record a clean stop.
 
+use crate::cluster::{self, ClusterAgent};
 use crate::config::NodeConfig;
-use crate::conn;
 use crate::datadir::{self, DataDir};
 use crate::shard::{NodeContext, RequestMesh, ResponseMesh, Shard, MESH_CHANNEL_SIZE};
 use crate::store::{Store, StoreConfig};
+use crate::view::ClusterView;
+use crate::{clock, conn, handoff};
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{LocalExecutorBuilder, Placement};
+use ringkv_core::membership::{Gossip, GossipConfig, Load, Member};
 use std::net::SocketAddr;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -91,6 +94,9 @@ impl Running {
                 failure.get_or_insert("a shard thread panicked".into());
             }
         }
+        if let Some(reason) = self.node.failure() {
+            return Err(reason);
+        }
         failure.map_or(Ok(()), Err)
     }
 }
@@ -101,6 +107,8 @@ pub fn start(cfg: NodeConfig) -> Result<Running, String> {
     let dir = datadir::open(&cfg)?;
     let shards = cfg.shard_count();
     let node = Arc::new(NodeContext::new(cfg.clone(), dir.meta.node_id.clone(), dir.meta.incarnation()));
+    let (gossip, view) = initial_membership(&cfg, &dir);
+    let mut gossip = Some(gossip);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let request_mesh: RequestMesh = MeshBuilder::full(shards, MESH_CHANNEL_SIZE);
     let response_mesh: ResponseMesh = MeshBuilder::full(shards, MESH_CHANNEL_SIZE);
@@ -109,6 +117,7 @@ pub fn start(cfg: NodeConfig) -> Result<Running, String> {
     for i in 0..shards {
         let placement = if cfg.pin_cpus { Placement::Fixed((cfg.cpu_offset + i) % cores) } else { Placement::Unbound };
         let (shard_node, req, resp, tx) = (node.clone(), request_mesh.clone(), response_mesh.clone(), tx.clone());
+        let (view, gossip, root) = (view.clone(), if i == 0 { gossip.take() } else { None }, dir.root.clone());
         let store_cfg = StoreConfig {
             dir: dir.shard_dir(i),
             shard: i as u16,
@@ -122,7 +131,8 @@ pub fn start(cfg: NodeConfig) -> Result<Running, String> {
         let spawned =
             LocalExecutorBuilder::new(placement).name(&format!("ringkv-shard-{i}")).spawn(move || async move {
                 let _notice = ExitNotice { shard: i, tx: tx.clone() };
-                if let Err(e) = run_shard(i, shard_node, store_cfg, req, resp, &tx).await {
+                let boot = Boot { view, gossip, root };
+                if let Err(e) = run_shard(i, shard_node, store_cfg, req, resp, boot, &tx).await {
                     let _ = tx.send(ShardEvent::Failed(i, e));
                 }
             });
@@ -159,12 +169,52 @@ pub fn start(cfg: NodeConfig) -> Result<Running, String> {
     Ok(running)
 }
 
+/// How long between gossip rounds, and between handoff scans.
+const GOSSIP_INTERVAL: Duration = Duration::from_secs(1);
+const HANDOFF_INTERVAL: Duration = Duration::from_secs(3);
+
+/// This node's membership at start-up: its own record (a new generation),
+/// what it saved before stopping, and a first tick, so that a node without
+/// seeds has its ring before it serves a single request.
+fn initial_membership(cfg: &NodeConfig, dir: &DataDir) -> (Gossip, Arc<ClusterView>) {
+    let id = dir.meta.node_id.clone();
+    let persisted = cluster::load_state(&dir.root);
+    let previous = persisted.as_ref().and_then(|s| s.members.get(&id));
+    let now = clock::now_ms();
+    let me = Member {
+        id: id.clone(),
+        addr: cfg.listen.to_string(),
+        shards: cfg.shard_count() as u16,
+        weight: cfg.weight,
+        leaving: false,
+        generation: previous.map_or(now, |m| now.max(m.generation + 1)),
+        heartbeat: 0,
+        pins: previous.map(|m| m.pins.clone()).unwrap_or_default(),
+        load: Load::default(),
+    };
+    let gcfg = GossipConfig { replicas: cfg.replicas, ..GossipConfig::default() };
+    let mut g = Gossip::new(me, &cfg.cluster, cfg.partitions, cfg.seeds.clone(), persisted, gcfg, now);
+    g.tick(now, rand::random());
+    let view =
+        Arc::new(ClusterView::new(&id, cfg.shard_count() as u16, cfg.replicas, g.state(), |n| g.is_alive(n, now)));
+    (g, view)
+}
+
+/// What a shard starts from besides its store: the first view, and on the
+/// gossip shard the membership state machine.
+struct Boot {
+    view: Arc<ClusterView>,
+    gossip: Option<Gossip>,
+    root: std::path::PathBuf,
+}
+
 async fn run_shard(
     id: usize,
     node: Arc<NodeContext>,
     store_cfg: StoreConfig,
     request_mesh: RequestMesh,
     response_mesh: ResponseMesh,
+    boot: Boot,
     events: &mpsc::Sender<ShardEvent>,
 ) -> Result<(), String> {
     // Join the meshes first: every shard must join before any can proceed,
@@ -174,7 +224,20 @@ async fn run_shard(
     let store_fut = Store::open(store_cfg);
     let joined = Shard::join_meshes(req_tx, resp_tx).await?;
     let store = store_fut.await.map_err(|e| format!("store {store_dir}: {e}"))?;
-    let shard = Shard::new(id, node.clone(), store, joined);
+    let shard = Shard::new(id, node.clone(), store, joined, boot.view);
+    if let Some(gossip) = boot.gossip {
+        let agent = ClusterAgent::new(shard.clone(), gossip, &boot.root, GOSSIP_INTERVAL);
+        *shard.agent.borrow_mut() = Some(agent.clone());
+        glommio::spawn_local(agent.run()).detach();
+    }
+    let background = glommio::executor().create_task_queue(
+        glommio::Shares::Static(20),
+        glommio::Latency::NotImportant,
+        "background",
+    );
+    glommio::spawn_local_into(handoff::run(shard.clone(), HANDOFF_INTERVAL), background)
+        .map_err(|e| format!("cannot start the handoff task: {e}"))?
+        .detach();
     let addr = node.cfg.shard_addr(id);
     let listener = listen(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let _ = events.send(ShardEvent::Ready);

@@ -1,30 +1,42 @@
-//! What a client request means: validation, consistency levels, and the
-//! reply. Connection handling lives in `conn`; the storage work runs on the
-//! shard that owns the key (`shard`).
+//! What a request means: validation, routing to the right node and shard,
+//! and the reply. Connection handling lives in `conn`, coordination across
+//! replicas in `coordinator`.
+//!
+//! Routing: a client request for a key this node does not replicate is
+//! forwarded once to a live replica (`hops` stops loops); otherwise it is
+//! coordinated on the local shard that holds the key's partition. Peer
+//! requests (replica reads and writes, handoff) go straight to that shard.
 
-use crate::shard::{Op, OpOutput, Shard};
+use crate::coordinator::ClientOp;
+use crate::shard::{internal, Op, OpOutput, Shard};
 use crate::store::WriteContext;
 use ringkv_core::keyspace::{validate_key, validate_pair, PairError};
 use ringkv_core::version::{Object, VersionVector};
 use ringkv_net::proto::{
-    ErrorCode, GetResult, Level, NodeInfo, Reply, Request, RequestFrame, Response, ShardStats, WireError,
+    ErrorCode, MemberInfo, NodeInfo, Reply, Request, RequestFrame, Response, Role, ShardStats, WireError,
 };
+use std::rc::Rc;
 use std::time::Duration;
 
 /// Longest timeout a client may ask for.
 const MAX_TIMEOUT: Duration = Duration::from_secs(60);
 
-pub async fn handle(shard: &Shard, req: RequestFrame) -> Response {
+pub async fn handle(shard: &Rc<Shard>, role: Role, req: RequestFrame) -> Response {
     let timeout = match req.timeout_ms {
-        0 => Duration::from_millis(shard.node.cfg.request_timeout_ms),
+        0 => shard.node.timeout(),
         ms => Duration::from_millis(u64::from(ms)).min(MAX_TIMEOUT),
     };
     let kind = req.body.kind();
-    let result = match glommio::timer::timeout(timeout, async { Ok(execute(shard, req.body).await) }).await {
-        Ok(r) => r,
-        Err(_) => Err(WireError::new(ErrorCode::Timeout, format!("{kind} did not complete within {timeout:?}"))),
+    let result = if role == Role::Client && req.body.is_peer_only() {
+        Err(bad_request(format!("{kind} is a node-to-node request")))
+    } else {
+        let work = execute(shard, req.body, req.hops, timeout);
+        match glommio::timer::timeout(timeout, async { Ok(work.await) }).await {
+            Ok(r) => r,
+            Err(_) => Err(WireError::new(ErrorCode::Timeout, format!("{kind} did not complete within {timeout:?}"))),
+        }
     };
-    Response::new(req.id, result)
+    Response { id: req.id, result, ring_version: shard.view().ring_version() }
 }
 
 fn bad_request(msg: impl Into<String>) -> WireError {
@@ -39,78 +51,153 @@ fn pair_error(e: PairError) -> WireError {
     WireError::new(code, e.to_string())
 }
 
-/// Checks a requested r or w against the replication factor and the replicas
-/// that exist, returning how many acknowledgements it needs.
-fn quorum(shard: &Shard, name: &str, level: Level) -> Result<usize, WireError> {
-    let n = shard.node.cfg.replicas;
-    // A single node holds one replica of each key, whatever N says.
-    let replicas = 1;
-    let needed = level.required(n, replicas).map_err(|e| bad_request(format!("{name}={e}")))?;
-    if needed > replicas {
-        return Err(WireError::new(
-            ErrorCode::Unavailable,
-            format!("{name}={needed} needs {needed} replicas but only {replicas} exists"),
-        ));
-    }
-    Ok(needed)
-}
-
 fn parse_context(bytes: &[u8]) -> Result<VersionVector, WireError> {
     VersionVector::decode_context(bytes).map_err(|e| bad_request(format!("context: {e}")))
 }
 
-fn get_result(obj: Option<Object>) -> GetResult {
-    match obj {
-        None => GetResult::default(),
-        Some(o) => GetResult {
-            found: !o.is_deleted(),
-            values: o.values().map(<[u8]>::to_vec).collect(),
-            context: o.context().encode_context(),
-        },
-    }
+fn parse_object(bytes: &[u8]) -> Result<Object, WireError> {
+    Object::decode(bytes).map_err(|e| bad_request(format!("object: {e}")))
 }
 
-fn object(out: OpOutput) -> Option<Object> {
+fn reply(out: OpOutput) -> Result<Reply, WireError> {
     match out {
-        OpOutput::Object(o) => o,
-        OpOutput::Stats(_) => unreachable!("key operations return objects"),
+        OpOutput::Reply(r) => Ok(r),
+        _ => Err(internal("operation returned no reply")),
     }
 }
 
-async fn execute(shard: &Shard, body: Request) -> Result<Reply, WireError> {
+async fn execute(shard: &Rc<Shard>, body: Request, hops: u8, timeout: Duration) -> Result<Reply, WireError> {
     match body {
         Request::Get { key, r } => {
             validate_key(&key).map_err(pair_error)?;
-            quorum(shard, "r", r)?;
-            let out = shard.on_owner(&key.clone(), Op::Get { key }).await?;
-            Ok(Reply::Get(get_result(object(out))))
+            let req = Request::Get { key: key.clone(), r };
+            coordinate(shard, &key, req, hops, timeout, ClientOp::Get { key: key.clone(), r }).await
         }
         Request::Put { key, value, context, w, durable } => {
             validate_pair(&key, &value, shard.node.cfg.max_pair_bytes).map_err(pair_error)?;
-            quorum(shard, "w", w)?;
             let ctx = WriteContext::Client(parse_context(&context)?);
-            let op = Op::Write { key: key.clone(), value: Some(value), ctx, durable: durable.unwrap_or(true) };
-            let obj = object(shard.on_owner(&key, op).await?).expect("a write returns the new object");
-            Ok(Reply::Put { context: obj.context().encode_context() })
+            let durable = durable.unwrap_or(true);
+            let req = Request::Put { key: key.clone(), value: value.clone(), context, w, durable: Some(durable) };
+            let op = ClientOp::Write { key: key.clone(), value: Some(value), ctx, w, durable };
+            coordinate(shard, &key, req, hops, timeout, op).await
         }
         Request::Delete { key, context, w, durable } => {
             validate_key(&key).map_err(pair_error)?;
-            quorum(shard, "w", w)?;
-            // Without a context a delete removes what this replica holds.
+            // Without a context a delete removes what the coordinator holds.
             let ctx =
                 if context.is_empty() { WriteContext::Local } else { WriteContext::Client(parse_context(&context)?) };
-            let op = Op::Write { key: key.clone(), value: None, ctx, durable: durable.unwrap_or(true) };
-            shard.on_owner(&key, op).await?;
-            Ok(Reply::Delete)
+            let durable = durable.unwrap_or(true);
+            let req = Request::Delete { key: key.clone(), context, w, durable: Some(durable) };
+            let op = ClientOp::Write { key: key.clone(), value: None, ctx, w, durable };
+            coordinate(shard, &key, req, hops, timeout, op).await
         }
         Request::Ping { payload } => Ok(Reply::Pong { payload }),
         Request::NodeInfo => node_info(shard).await.map(Reply::NodeInfo),
+        Request::Topology => {
+            let view = shard.view();
+            Ok(Reply::Topology { state: view.state.clone(), replicas: shard.node.cfg.replicas as u8 })
+        }
+        Request::ReplicaRead { key } => {
+            validate_key(&key).map_err(pair_error)?;
+            let target = shard.local_shard_of(shard.node.partition(&key));
+            match shard.on_shard(target, Op::Get { key }).await? {
+                OpOutput::Object(o) => {
+                    Ok(Reply::ReplicaRead { found: o.is_some(), object: o.map(|o| o.to_bytes()).unwrap_or_default() })
+                }
+                _ => Err(internal("replica read returned something else")),
+            }
+        }
+        Request::ReplicaWrite { key, object, durable } => {
+            // Sizes are not capped here: replicas carry whatever they hold.
+            validate_key(&key).map_err(pair_error)?;
+            let object = parse_object(&object)?;
+            let target = shard.local_shard_of(shard.node.partition(&key));
+            shard.on_shard(target, Op::Merge { key, object, durable }).await?;
+            Ok(Reply::ReplicaWrite)
+        }
+        Request::Handoff { partition, entries } => {
+            let n = entries.len() as u32;
+            let mut parsed = Vec::with_capacity(entries.len());
+            for (key, object) in entries {
+                validate_key(&key).map_err(pair_error)?;
+                if shard.node.partition(&key) != partition {
+                    return Err(bad_request(format!("handoff entry outside partition {partition}")));
+                }
+                parsed.push((key, parse_object(&object)?));
+            }
+            let target = shard.local_shard_of(partition);
+            shard.on_shard(target, Op::MergeBatch { entries: parsed }).await?;
+            Ok(Reply::Handoff { applied: n })
+        }
+        Request::Gossip { state } => reply(shard.on_shard(0, Op::Gossip(state)).await?),
     }
 }
 
-async fn node_info(shard: &Shard) -> Result<NodeInfo, WireError> {
+/// Runs a client request where it belongs: forwarded to a replica if this
+/// node is not one (and nobody forwarded it yet), else coordinated on the
+/// local shard that holds the key.
+async fn coordinate(
+    shard: &Rc<Shard>,
+    key: &[u8],
+    req: Request,
+    hops: u8,
+    timeout: Duration,
+    op: ClientOp,
+) -> Result<Reply, WireError> {
+    let p = shard.node.partition(key);
+    let view = shard.view();
+    if !view.has_ring() {
+        return Err(WireError::new(ErrorCode::Unavailable, "this node is still joining the cluster"));
+    }
+    if hops == 0 && !view.is_primary(p, shard.me()) {
+        return forward(shard, p, req, timeout).await;
+    }
+    reply(shard.on_shard(shard.local_shard_of(p), Op::Coordinate(op)).await?)
+}
+
+/// Sends a client request to the first reachable live replica of `p`.
+async fn forward(shard: &Rc<Shard>, p: u32, req: Request, timeout: Duration) -> Result<Reply, WireError> {
+    let view = shard.view();
+    let mut last = String::from("no live replica");
+    for node in view.primaries(p).iter().filter(|n| view.alive(n)) {
+        let Some(addr) = view.address(node, p) else { continue };
+        match shard.peers.call(addr, req.clone(), 1, timeout).await {
+            Ok(resp) => return resp.result,
+            Err(crate::peer::PeerError::Timeout) => {
+                return Err(WireError::new(ErrorCode::Timeout, format!("replica {node} did not answer in time")))
+            }
+            Err(e) => last = format!("{node}: {e}"),
+        }
+    }
+    Err(WireError::new(ErrorCode::Unavailable, format!("cannot reach a replica of partition {p}: {last}")))
+}
+
+async fn node_info(shard: &Rc<Shard>) -> Result<NodeInfo, WireError> {
     let stats = shard.all_stats().await?;
     let cfg = &shard.node.cfg;
+    let view = shard.view();
+    let counts = view.ring.as_ref().map(|r| r.counts()).unwrap_or_default();
+    let state = ringkv_core::membership::ClusterState::decode(&view.state).ok();
+    let mut members: Vec<MemberInfo> = view
+        .members
+        .iter()
+        .map(|(id, r)| {
+            let load = state.as_ref().and_then(|s| s.members.get(id)).map(|m| (m.weight, m.load)).unwrap_or_default();
+            MemberInfo {
+                node_id: id.clone(),
+                addr: r.addr.to_string(),
+                status: r.status.to_string(),
+                alive: view.alive(id),
+                weight: load.0,
+                shards: r.shards,
+                partitions_owned: counts.get(id.as_str()).copied().unwrap_or(0) as u32,
+                partitions_replicated: view.replicated_by(id) as u32,
+                hints_pending: load.1.hints,
+                keys: load.1.keys,
+            }
+        })
+        .collect();
+    members.sort_by(|a, b| a.node_id.cmp(&b.node_id));
     Ok(NodeInfo {
         node_id: shard.node.node_id.clone(),
         cluster: cfg.cluster.clone(),
@@ -128,5 +215,8 @@ async fn node_info(shard: &Shard) -> Result<NodeInfo, WireError> {
                 segments: s.segments,
             })
             .collect(),
+        replicas: cfg.replicas as u8,
+        ring_version: view.ring_version(),
+        members,
     })
 }

@@ -2,53 +2,64 @@
 //! port and runs the operations on the partitions pinned to it.
 //!
 //! Ownership is strict: only shard `s` touches the store of shard `s`. A
-//! request for a key whose partition is pinned elsewhere travels to its owner
-//! as a message on a bounded channel mesh and the result comes back the same
-//! way; no lock is shared on the request path. Requests and responses use two
+//! request for a partition pinned elsewhere travels to its owner as a
+//! message on a bounded channel mesh and the result comes back the same way;
+//! no lock is shared on the request path. Requests and responses use two
 //! separate meshes, so a shard blocked sending a response can never hold up
 //! the requests that would drain it.
+//!
+//! Each shard keeps its own copy of the current [`ClusterView`] (installed by
+//! the gossip shard) and its own connections to other nodes ([`PeerPool`]).
 
-use crate::clock;
+use crate::cluster::ClusterAgent;
 use crate::config::NodeConfig;
-use crate::store::{Store, StoreError, StoreStats, WriteContext};
+use crate::peer::PeerPool;
+use crate::store::{Store, StoreError, StoreStats};
+use crate::view::ClusterView;
 use futures::channel::oneshot;
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers, Senders};
 use ringkv_core::keyspace::partition_of;
 use ringkv_core::version::Object;
-use ringkv_net::proto::{ErrorCode, WireError};
+use ringkv_net::proto::{ErrorCode, Reply, WireError};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// What every shard of a node shares, read-only (plus the shutdown flag).
+/// What every shard of a node shares, read-only (plus shutdown and failure).
 pub struct NodeContext {
     pub cfg: NodeConfig,
     pub node_id: String,
     pub incarnation: u64,
     pub shards: usize,
-    /// The shard each partition is pinned to.
-    pub pins: Vec<u16>,
     shutdown: AtomicBool,
+    fatal: Mutex<Option<String>>,
 }
 
 impl NodeContext {
     pub fn new(cfg: NodeConfig, node_id: String, incarnation: u64) -> NodeContext {
         let shards = cfg.shard_count();
-        // Every partition lives on this node (a single-node ring); spread
-        // them round-robin so each shard owns an equal share.
-        let pins = (0..cfg.partitions).map(|p| (p as usize % shards) as u16).collect();
-        NodeContext { cfg, node_id, incarnation, shards, pins, shutdown: AtomicBool::new(false) }
+        NodeContext { cfg, node_id, incarnation, shards, shutdown: AtomicBool::new(false), fatal: Mutex::new(None) }
     }
 
-    pub fn shard_of(&self, key: &[u8]) -> usize {
-        usize::from(self.pins[partition_of(key, self.cfg.partitions) as usize])
+    pub fn partition(&self, key: &[u8]) -> u32 {
+        partition_of(key, self.cfg.partitions)
     }
 
     pub fn shut_down(&self) {
         self.shutdown.store(true, Ordering::Release);
+    }
+
+    /// Stops the node because it cannot go on; `reason` becomes its exit message.
+    pub fn fail(&self, reason: String) {
+        self.fatal.lock().expect("fatal lock").get_or_insert(reason);
+        self.shut_down();
+    }
+
+    pub fn failure(&self) -> Option<String> {
+        self.fatal.lock().expect("fatal lock").clone()
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -62,20 +73,41 @@ impl NodeContext {
             glommio::timer::sleep(Duration::from_millis(100)).await;
         }
     }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.cfg.request_timeout_ms)
+    }
 }
 
-/// An operation run by the shard that owns the key.
-#[derive(Debug)]
+/// An operation run by the shard that owns the partition involved.
 pub enum Op {
-    Get { key: Vec<u8> },
-    Write { key: Vec<u8>, value: Option<Vec<u8>>, ctx: WriteContext, durable: bool },
+    /// This replica's object for `key`.
+    Get {
+        key: Vec<u8>,
+    },
+    /// Merge a version from another replica.
+    Merge {
+        key: Vec<u8>,
+        object: Object,
+        durable: bool,
+    },
+    /// Many merges of one partition (handoff), then one sync.
+    MergeBatch {
+        entries: Vec<(Vec<u8>, Object)>,
+    },
+    /// Coordinate a client request (this shard holds the key's partition).
+    Coordinate(crate::coordinator::ClientOp),
+    /// Gossip received by another shard, for the gossip shard.
+    Gossip(Vec<u8>),
+    InstallView(Arc<ClusterView>),
     Stats,
 }
 
-#[derive(Debug)]
 pub enum OpOutput {
     Object(Option<Object>),
     Stats(StoreStats),
+    Reply(Reply),
+    Done,
 }
 
 pub type OpResult = Result<OpOutput, WireError>;
@@ -100,15 +132,23 @@ pub fn storage_error(e: StoreError) -> WireError {
     WireError::new(ErrorCode::Storage, e.to_string())
 }
 
+pub fn internal(msg: impl Into<String>) -> WireError {
+    WireError::new(ErrorCode::Internal, msg)
+}
+
 pub struct Shard {
     pub id: usize,
     pub node: Arc<NodeContext>,
     pub store: Rc<Store>,
+    pub peers: PeerPool,
     requests: Senders<MeshRequest>,
     responses: Senders<MeshResponse>,
     pending: RefCell<HashMap<u64, oneshot::Sender<OpResult>>>,
     next_seq: Cell<u64>,
     pub connections: Cell<usize>,
+    view: RefCell<Arc<ClusterView>>,
+    /// The gossip agent; set on the gossip shard (shard 0) only.
+    pub agent: RefCell<Option<Rc<ClusterAgent>>>,
 }
 
 /// Removes a forwarded request's pending entry if its caller gives up.
@@ -143,20 +183,30 @@ impl Shard {
     }
 
     /// The shard, with its receive loops running.
-    pub fn new(id: usize, node: Arc<NodeContext>, store: Rc<Store>, joined: Joined) -> Rc<Shard> {
+    pub fn new(
+        id: usize,
+        node: Arc<NodeContext>,
+        store: Rc<Store>,
+        joined: Joined,
+        view: Arc<ClusterView>,
+    ) -> Rc<Shard> {
         let Joined { requests, responses, mut request_rx, mut response_rx } = joined;
         // Mesh peer ids follow executor creation order, which is shard order.
         assert_eq!(requests.peer_id(), id, "shard executors were created out of order");
         assert_eq!(responses.peer_id(), id, "shard executors were created out of order");
+        let peers = PeerPool::new(node.cfg.listen.ip(), &node.node_id, &node.cfg.cluster);
         let shard = Rc::new(Shard {
             id,
             node,
             store,
+            peers,
             requests,
             responses,
             pending: RefCell::new(HashMap::new()),
             next_seq: Cell::new(1),
             connections: Cell::new(0),
+            view: RefCell::new(view),
+            agent: RefCell::new(None),
         });
         for (_, rx) in request_rx.streams() {
             let shard = shard.clone();
@@ -187,12 +237,21 @@ impl Shard {
         shard
     }
 
-    /// Runs `op` on the shard that owns `key`.
-    pub async fn on_owner(&self, key: &[u8], op: Op) -> OpResult {
-        self.on_shard(self.node.shard_of(key), op).await
+    pub fn view(&self) -> Arc<ClusterView> {
+        self.view.borrow().clone()
     }
 
-    pub async fn on_shard(&self, target: usize, op: Op) -> OpResult {
+    pub fn me(&self) -> &str {
+        &self.node.node_id
+    }
+
+    /// The shard of this node that holds `key`'s partition.
+    pub fn local_shard_of(&self, p: u32) -> usize {
+        self.view().local_shard(p).min(self.node.shards - 1)
+    }
+
+    /// Runs `op` on shard `target` of this node.
+    pub async fn on_shard(self: &Rc<Self>, target: usize, op: Op) -> OpResult {
         if target == self.id {
             return self.run_local(op).await;
         }
@@ -202,32 +261,54 @@ impl Shard {
         self.pending.borrow_mut().insert(seq, tx);
         let _guard = PendingGuard { shard: self, seq };
         if self.requests.send_to(target, MeshRequest { from: self.id, seq, op }).await.is_err() {
-            return Err(WireError::new(ErrorCode::Internal, format!("shard {target} is not running")));
+            return Err(internal(format!("shard {target} is not running")));
         }
-        rx.await
-            .unwrap_or_else(|_| Err(WireError::new(ErrorCode::Internal, format!("shard {target} dropped a request"))))
+        rx.await.unwrap_or_else(|_| Err(internal(format!("shard {target} dropped a request"))))
     }
 
-    async fn run_local(&self, op: Op) -> OpResult {
+    /// Installs `view` on every shard of the node.
+    pub async fn broadcast_view(self: &Rc<Self>, view: Arc<ClusterView>) {
+        for s in 0..self.node.shards {
+            let _ = self.on_shard(s, Op::InstallView(view.clone())).await;
+        }
+    }
+
+    async fn run_local(self: &Rc<Self>, op: Op) -> OpResult {
         match op {
             Op::Get { key } => self.store.get(&key).await.map(OpOutput::Object).map_err(storage_error),
-            Op::Write { key, value, ctx, durable } => self
-                .store
-                .write(&key, value, &ctx, durable, clock::now_ms())
-                .await
-                .map(|o| OpOutput::Object(Some(o)))
-                .map_err(storage_error),
+            Op::Merge { key, object, durable } => {
+                self.store.merge(&key, &object, durable).await.map(|_| OpOutput::Done).map_err(storage_error)
+            }
+            Op::MergeBatch { entries } => {
+                for (key, object) in &entries {
+                    self.store.merge(key, object, false).await.map_err(storage_error)?;
+                }
+                self.store.sync().await.map_err(storage_error)?;
+                Ok(OpOutput::Done)
+            }
+            Op::Coordinate(op) => crate::coordinator::run(self, op).await.map(OpOutput::Reply),
+            Op::Gossip(state) => {
+                let agent = self.agent.borrow().clone();
+                match agent {
+                    Some(a) => a.receive(&state).map(|s| OpOutput::Reply(Reply::Gossip { state: s })),
+                    None => Err(internal("gossip reached a shard without the gossip agent")),
+                }
+            }
+            Op::InstallView(v) => {
+                *self.view.borrow_mut() = v;
+                Ok(OpOutput::Done)
+            }
             Op::Stats => Ok(OpOutput::Stats(self.store.stats())),
         }
     }
 
     /// Every shard's store statistics, in shard order.
-    pub async fn all_stats(&self) -> Result<Vec<StoreStats>, WireError> {
+    pub async fn all_stats(self: &Rc<Self>) -> Result<Vec<StoreStats>, WireError> {
         let mut out = Vec::with_capacity(self.node.shards);
         for s in 0..self.node.shards {
             match self.on_shard(s, Op::Stats).await? {
                 OpOutput::Stats(st) => out.push(st),
-                OpOutput::Object(_) => unreachable!("stats op returns stats"),
+                _ => return Err(internal("stats op returned something else")),
             }
         }
         Ok(out)

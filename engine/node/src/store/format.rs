@@ -31,15 +31,29 @@ const _: () = assert!(RECORD_HEADER_BYTES == 8 + 4 + 1 + 1 + 2);
 pub enum RecordKind {
     /// The whole current object (all siblings and the version vector) of a key.
     Object = 1,
+    /// Everything of one partition written before this record is gone (it
+    /// was handed off to the partition's replicas). The key is the partition
+    /// number, 4 bytes little-endian; the body is empty.
+    DropPartition = 2,
 }
 
 impl RecordKind {
     fn from_u8(b: u8) -> Option<RecordKind> {
         match b {
             1 => Some(RecordKind::Object),
+            2 => Some(RecordKind::DropPartition),
             _ => None,
         }
     }
+}
+
+/// The key of a [`RecordKind::DropPartition`] record.
+pub fn drop_partition_key(p: u32) -> [u8; 4] {
+    p.to_le_bytes()
+}
+
+pub fn parse_drop_partition_key(key: &[u8]) -> Option<u32> {
+    Some(u32::from_le_bytes(key.try_into().ok()?))
 }
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]

@@ -172,6 +172,14 @@ impl Index {
         old
     }
 
+    /// Forgets every key of partition `p`.
+    pub fn drop_partition(&mut self, p: u32) {
+        let Some(part) = self.partitions.get_mut(p as usize).and_then(Option::take) else { return };
+        for (_, e) in part.map {
+            self.release(e.loc());
+        }
+    }
+
     fn release(&mut self, loc: Loc) {
         let live = self.live_bytes.get_mut(&loc.segment).expect("a replaced record's segment is accounted");
         *live = live.checked_sub(u64::from(loc.len)).expect("live bytes never go negative");

@@ -150,15 +150,33 @@ impl Store {
     }
 
     /// Applies a client write (`value: None` deletes) coordinated by this
-    /// shard, minting a new dot. Returns the key's new object.
+    /// shard, minting a new dot. Returns the key's new object once durable
+    /// (if asked).
     pub async fn write(
         &self,
         key: &[u8],
-        mut value: Option<Vec<u8>>,
+        value: Option<Vec<u8>>,
         ctx: &WriteContext,
         durable: bool,
         now_ms: u64,
     ) -> Result<Object, StoreError> {
+        let (obj, lsn) = self.write_deferred(key, value, ctx, now_ms).await?;
+        if durable {
+            self.wait_lsn(lsn).await?;
+        }
+        Ok(obj)
+    }
+
+    /// Like [`Store::write`], but returns as soon as the record is appended,
+    /// with the sequence number to pass to [`Store::wait_lsn`] for
+    /// durability. Lets a coordinator replicate while its own fsync runs.
+    pub async fn write_deferred(
+        &self,
+        key: &[u8],
+        mut value: Option<Vec<u8>>,
+        ctx: &WriteContext,
+        now_ms: u64,
+    ) -> Result<(Object, u64), StoreError> {
         let p = self.partition(key);
         loop {
             self.log.borrow().check_writable()?;
@@ -175,12 +193,7 @@ impl Store {
             let dot = Object::next_dot(local.as_ref(), ctx, actor);
             let obj = Object::apply_write(local.as_ref(), ctx, dot, now_ms, value);
             match self.try_commit(p, key, entry, &obj).await? {
-                Some(lsn) => {
-                    if durable {
-                        self.wait_durable(lsn).await?;
-                    }
-                    return Ok(obj);
-                }
+                Some(lsn) => return Ok((obj, lsn)),
                 None => value = obj.into_sibling(&dot).and_then(|s| s.value),
             }
         }
@@ -204,7 +217,7 @@ impl Store {
             };
             if let Some(lsn) = self.try_commit(p, key, entry, &merged).await? {
                 if durable {
-                    self.wait_durable(lsn).await?;
+                    self.wait_lsn(lsn).await?;
                 }
                 return Ok(merged);
             }
@@ -258,7 +271,7 @@ impl Store {
                 (l.unflushed_bytes() > self.cfg.max_unflushed_bytes).then(|| l.appended_lsn())
             };
             if let Some(lsn) = backlog {
-                self.wait_durable(lsn).await?;
+                self.wait_lsn(lsn).await?;
             }
             if self.index.borrow().get(p, key) != expected {
                 return Ok(None);
@@ -283,9 +296,16 @@ impl Store {
         }
     }
 
-    async fn wait_durable(&self, lsn: u64) -> Result<(), StoreError> {
+    /// Waits until everything up to `lsn` is on disk.
+    pub async fn wait_lsn(&self, lsn: u64) -> Result<(), StoreError> {
         let rx = self.log.borrow_mut().durable_waiter(lsn);
         rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Waits until everything appended so far is on disk.
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        let lsn = self.log.borrow().appended_lsn();
+        self.wait_lsn(lsn).await
     }
 
     async fn read_record(&self, loc: Loc) -> Result<Rc<[u8]>, StoreError> {
@@ -321,6 +341,44 @@ impl Store {
             return Err(corrupt(format!("record is {} bytes, the index says {}", rec.len, loc.len)));
         }
         Object::decode(rec.body).map_err(|e| corrupt(e.to_string()))
+    }
+
+    /// Partitions this shard holds any key of (tombstones included).
+    pub fn partitions_with_data(&self) -> Vec<u32> {
+        self.index.borrow().partitions().filter(|(_, ix)| !ix.is_empty()).map(|(p, _)| p).collect()
+    }
+
+    /// A snapshot of partition `p`'s keys and where they are.
+    pub fn partition_entries(&self, p: u32) -> Vec<(Vec<u8>, Entry)> {
+        self.index.borrow().partition(p).map(|ix| ix.iter().map(|(k, e)| (k.to_vec(), e)).collect()).unwrap_or_default()
+    }
+
+    /// Forgets partition `p` durably, but only if its keys are still exactly
+    /// `snapshot` (what the caller handed off): returns false, dropping
+    /// nothing, when a write arrived meanwhile.
+    pub async fn drop_partition(&self, p: u32, snapshot: &[(Vec<u8>, Entry)]) -> Result<bool, StoreError> {
+        let unchanged = || {
+            let ix = self.index.borrow();
+            let part = ix.partition(p);
+            let len = part.map_or(0, |x| x.len());
+            len == snapshot.len() && snapshot.iter().all(|(k, e)| part.and_then(|x| x.get(k)) == Some(*e))
+        };
+        let key = format::drop_partition_key(p);
+        loop {
+            self.log.borrow().check_writable()?;
+            if !unchanged() {
+                return Ok(false);
+            }
+            let appended = self.log.borrow_mut().try_append(RecordKind::DropPartition, 0, &key, &[])?;
+            match appended {
+                Some((_, lsn)) => {
+                    self.index.borrow_mut().drop_partition(p);
+                    self.wait_lsn(lsn).await?;
+                    return Ok(true);
+                }
+                None => log::rotate(&self.log, format::record_len(key.len(), 0)).await?,
+            }
+        }
     }
 
     pub fn stats(&self) -> StoreStats {

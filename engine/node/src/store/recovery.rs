@@ -10,7 +10,8 @@
 //! rather than silently dropping acknowledged data.
 
 use super::format::{
-    decode_record, peek_len, FormatError, SegmentHeader, HEADER_BYTES, MAX_RECORD_BYTES, RECORD_HEADER_BYTES,
+    decode_record, parse_drop_partition_key, peek_len, FormatError, RecordKind, SegmentHeader, HEADER_BYTES,
+    MAX_RECORD_BYTES, RECORD_HEADER_BYTES,
 };
 use super::index::{Entry, Index, KeyHasher, Loc};
 use super::log::open_dma;
@@ -52,7 +53,7 @@ async fn scan(
     file: &DmaFile,
     id: u32,
     size: u64,
-    mut visit: impl FnMut(&[u8], u8, Loc),
+    mut visit: impl FnMut(RecordKind, &[u8], u8, Loc),
 ) -> Result<ScanEnd, StoreError> {
     let mut pos = HEADER_BYTES;
     let mut buf: Vec<u8> = Vec::new();
@@ -82,7 +83,7 @@ async fn scan(
             Ok(None) => return Ok(ScanEnd::Clean { end: pos }),
             Ok(Some(r)) => {
                 let loc = Loc { segment: id, offset: pos as u32, len: r.len as u32 };
-                visit(r.key, r.flags, loc);
+                visit(r.kind, r.key, r.flags, loc);
                 pos += r.len as u64;
             }
             Err(reason) => return Ok(ScanEnd::Bad { offset: pos, reason }),
@@ -126,7 +127,7 @@ pub async fn recover(dir: &Path, shard: u32, partitions: u32, hasher: KeyHasher)
         if let Some((bad_seg, bad_off, _, reason)) = &torn {
             // Past a torn tail only empty segments may follow.
             let mut stray = 0u64;
-            scan(&file, id, size, |_, _, _| stray += 1).await?;
+            scan(&file, id, size, |_, _, _, _| stray += 1).await?;
             if stray > 0 {
                 return Err(StoreError::Corrupt {
                     segment: *bad_seg,
@@ -140,10 +141,19 @@ pub async fn recover(dir: &Path, shard: u32, partitions: u32, hasher: KeyHasher)
             continue;
         }
         let mut records = 0u64;
-        let end = scan(&file, id, size, |key, flags, loc| {
+        let end = scan(&file, id, size, |kind, key, flags, loc| {
             records += 1;
-            let deleted = flags & super::format::FLAG_DELETED != 0;
-            index.insert(partition_of(key, partitions), key, Entry::new(loc, deleted));
+            match kind {
+                RecordKind::Object => {
+                    let deleted = flags & super::format::FLAG_DELETED != 0;
+                    index.insert(partition_of(key, partitions), key, Entry::new(loc, deleted));
+                }
+                RecordKind::DropPartition => {
+                    if let Some(p) = parse_drop_partition_key(key).filter(|&p| p < partitions) {
+                        index.drop_partition(p);
+                    }
+                }
+            }
         })
         .await?;
         report.records += records;

@@ -1,0 +1,225 @@
+//! The gossip agent: drives `ringkv_core::membership::Gossip` on shard 0.
+//!
+//! Once per interval it ticks the state machine (heartbeat, maybe a new ring
+//! if this node is the claimant), exchanges state with the peer the machine
+//! names (push-pull), and installs a fresh [`ClusterView`] on every shard.
+//! Changes to membership, ring or pins are persisted to `cluster.state`, so
+//! a restarted node knows the ring before it hears from anyone.
+//!
+//! A node that seeds into a cluster of another name or partition count
+//! refuses to join and stops with the reason; the cluster never merges its
+//! state.
+
+use crate::clock;
+use crate::shard::Shard;
+use crate::view::ClusterView;
+use ringkv_core::membership::{ClusterState, Gossip, Load};
+use ringkv_net::proto::{ErrorCode, Reply, Request, WireError};
+use std::cell::{Cell, RefCell};
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const STATE_FILE: &str = "cluster.state";
+
+/// Reads the state a node saved before it stopped, if any.
+pub fn load_state(dir: &Path) -> Option<ClusterState> {
+    let path = dir.join(STATE_FILE);
+    let bytes = std::fs::read(&path).ok()?;
+    match ClusterState::decode(&bytes) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "ignoring a damaged cluster state; will relearn it");
+            None
+        }
+    }
+}
+
+fn write_state(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(path.parent().expect("state file has a directory"))?.sync_all()
+}
+
+/// What of the state is worth persisting: everything but heartbeats and load.
+fn fingerprint(s: &ClusterState) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    s.ring.hash(&mut h);
+    for m in s.members.values() {
+        (&m.id, &m.addr, m.generation, m.leaving, m.weight, m.shards, &m.pins).hash(&mut h);
+    }
+    h.finish()
+}
+
+pub struct ClusterAgent {
+    shard: Rc<Shard>,
+    gossip: RefCell<Gossip>,
+    state_path: PathBuf,
+    interval: Duration,
+    seeds: Vec<SocketAddr>,
+    persisted: Cell<u64>,
+    persisting: Cell<bool>,
+    ticks: Cell<u64>,
+}
+
+impl ClusterAgent {
+    pub fn new(shard: Rc<Shard>, gossip: Gossip, data_dir: &Path, interval: Duration) -> Rc<ClusterAgent> {
+        let seeds = shard.node.cfg.seeds.iter().filter_map(|s| s.parse().ok()).collect();
+        let persisted = fingerprint(gossip.state());
+        Rc::new(ClusterAgent {
+            shard,
+            gossip: RefCell::new(gossip),
+            state_path: data_dir.join(STATE_FILE),
+            interval,
+            seeds,
+            persisted: Cell::new(persisted ^ 1),
+            persisting: Cell::new(false),
+            ticks: Cell::new(0),
+        })
+    }
+
+    /// The view of the current state, as shards route by it.
+    pub fn view(&self) -> Arc<ClusterView> {
+        let g = self.gossip.borrow();
+        let now = clock::now_ms();
+        let cfg = &self.shard.node.cfg;
+        Arc::new(ClusterView::new(g.me(), self.shard.node.shards as u16, cfg.replicas, g.state(), |id| {
+            g.is_alive(id, now)
+        }))
+    }
+
+    /// Gossip from a peer: merge it and answer with our state.
+    pub fn receive(self: &Rc<Self>, bytes: &[u8]) -> Result<Vec<u8>, WireError> {
+        let remote = ClusterState::decode(bytes).map_err(|e| WireError::new(ErrorCode::BadRequest, e.to_string()))?;
+        let merged = self.gossip.borrow_mut().receive(clock::now_ms(), &remote);
+        match merged {
+            Ok(_) => {
+                self.after_change();
+                Ok(self.gossip.borrow().state().encode())
+            }
+            Err(m) => {
+                tracing::warn!(error = %m, "refused gossip from a node of another cluster");
+                // Phrased for the sender, who will print it.
+                Err(WireError::new(ErrorCode::ClusterMismatch, m.reversed().to_string()))
+            }
+        }
+    }
+
+    /// Publishes the new view and saves the state if it changed durably.
+    fn after_change(self: &Rc<Self>) {
+        let view = self.view();
+        let shard = self.shard.clone();
+        glommio::spawn_local(async move { shard.broadcast_view(view).await }).detach();
+        self.persist();
+    }
+
+    fn persist(self: &Rc<Self>) {
+        let fp = fingerprint(self.gossip.borrow().state());
+        if fp == self.persisted.get() || self.persisting.get() {
+            return;
+        }
+        self.persisting.set(true);
+        let bytes = self.gossip.borrow().state().encode();
+        let path = self.state_path.clone();
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            let written = glommio::executor().spawn_blocking(move || write_state(&path, &bytes)).await;
+            me.persisting.set(false);
+            match written {
+                Ok(()) => me.persisted.set(fp),
+                Err(e) => tracing::warn!(error = %e, "could not save the cluster state"),
+            }
+            // Something may have changed while we wrote.
+            me.persist();
+        })
+        .detach();
+    }
+
+    /// One gossip round; returns the peer to talk to and our state.
+    fn tick(self: &Rc<Self>) -> Option<(SocketAddr, Vec<u8>)> {
+        let target = self.gossip.borrow_mut().tick(clock::now_ms(), rand::random());
+        self.after_change();
+        let addr = target?.parse().ok()?;
+        Some((addr, self.gossip.borrow().state().encode()))
+    }
+
+    async fn exchange(self: Rc<Self>, addr: SocketAddr, state: Vec<u8>) {
+        let resp = self.shard.peers.call(addr, Request::Gossip { state }, 0, Duration::from_secs(2)).await;
+        let refusal = match resp {
+            Ok(r) => match r.result {
+                Ok(Reply::Gossip { state }) => match ClusterState::decode(&state) {
+                    Ok(remote) => {
+                        let merged = self.gossip.borrow_mut().receive(clock::now_ms(), &remote);
+                        match merged {
+                            Ok(_) => {
+                                self.after_change();
+                                None
+                            }
+                            Err(m) => Some(m.to_string()),
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(peer = %addr, error = %e, "undecodable gossip");
+                        None
+                    }
+                },
+                Err(e) if e.code == ErrorCode::ClusterMismatch => Some(e.message),
+                _ => None,
+            },
+            Err(crate::peer::PeerError::Refused(e)) if e.code == ErrorCode::ClusterMismatch => Some(e.message),
+            Err(e) => {
+                tracing::debug!(peer = %addr, error = %e, "gossip exchange failed");
+                None
+            }
+        };
+        if let Some(why) = refusal {
+            self.refused_by(addr, why);
+        }
+    }
+
+    /// A peer says we cannot be one cluster. A node still joining through a
+    /// seed gives up: it must not form a cluster of its own beside it.
+    fn refused_by(&self, addr: SocketAddr, why: String) {
+        let joined = self.gossip.borrow().state().ring.as_ref().is_some_and(|r| r.members().len() > 1);
+        if !joined && self.seeds.contains(&addr) {
+            let reason = format!("refusing to join the cluster through seed {addr}: {why}");
+            tracing::error!("{reason}");
+            self.shard.node.fail(reason);
+        } else {
+            tracing::warn!(peer = %addr, reason = why, "a peer belongs to another cluster");
+        }
+    }
+
+    /// Refreshes the load figures we publish (every few rounds).
+    async fn refresh_load(&self) {
+        let Ok(stats) = self.shard.all_stats().await else { return };
+        let load = Load {
+            keys: stats.iter().map(|s| s.keys).sum(),
+            disk_bytes: stats.iter().map(|s| s.log_bytes).sum(),
+            ..Load::default()
+        };
+        self.gossip.borrow_mut().set_load(load);
+    }
+
+    /// Gossips until the node shuts down.
+    pub async fn run(self: Rc<Self>) {
+        while !self.shard.node.is_shutting_down() {
+            let n = self.ticks.get();
+            self.ticks.set(n + 1);
+            if n.is_multiple_of(5) {
+                self.refresh_load().await;
+            }
+            if let Some((addr, state)) = self.tick() {
+                glommio::spawn_local(self.clone().exchange(addr, state)).detach();
+            }
+            glommio::timer::sleep(self.interval).await;
+        }
+    }
+}

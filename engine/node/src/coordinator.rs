@@ -1,0 +1,242 @@
+//! Coordinating a client's read or write across the key's replicas.
+//!
+//! Runs on the shard that holds the key's partition on this node (the
+//! coordinator must be a replica: it reads its own copy to mint the write's
+//! dot). The decisions (who, how many, when done, who is stale) are the pure
+//! `ringkv_core::quorum` types; this module only sends and collects.
+//!
+//! Write: apply locally (append, no wait), send the new object to the other
+//! live replicas, and answer after `w` acknowledgements, the local fsync
+//! counting as one. Replicas that answer later just finish.
+//! Read: ask the live replicas, answer after `r` with everything merged, and
+//! keep listening in the background: replicas whose copy lacks something the
+//! merge has get the merged object (read repair).
+
+use crate::clock;
+use crate::shard::{storage_error, Shard};
+use crate::store::WriteContext;
+use futures::channel::mpsc;
+use futures::StreamExt;
+use ringkv_core::quorum::{live_targets, Progress, Quorum, QuorumError, ReadMerge};
+use ringkv_core::version::Object;
+use ringkv_net::proto::{ErrorCode, GetResult, Level, Reply, Request, WireError};
+use std::rc::Rc;
+
+pub enum ClientOp {
+    Get { key: Vec<u8>, r: Level },
+    Write { key: Vec<u8>, value: Option<Vec<u8>>, ctx: WriteContext, w: Level, durable: bool },
+}
+
+pub fn quorum_error(e: QuorumError) -> WireError {
+    let code = match e {
+        QuorumError::Unavailable { .. } => ErrorCode::Unavailable,
+        QuorumError::Timeout { .. } => ErrorCode::Timeout,
+    };
+    WireError::new(code, e.to_string())
+}
+
+/// Names the replicas that failed, and why, after the quorum error.
+fn with_failures(mut e: WireError, failures: &[String]) -> WireError {
+    if !failures.is_empty() {
+        e.message = format!("{} [{}]", e.message, failures.join("; "));
+    }
+    e
+}
+
+/// The replicas to contact for partition `p` and how many must answer.
+fn plan(shard: &Shard, p: u32, name: &str, level: Level) -> Result<(Vec<String>, usize), WireError> {
+    let view = shard.view();
+    if !view.has_ring() {
+        return Err(WireError::new(ErrorCode::Unavailable, "this node is still joining the cluster"));
+    }
+    let n = shard.node.cfg.replicas;
+    let prefs: Vec<&str> = view.primaries(p).iter().map(String::as_str).collect();
+    let needed =
+        level.required(n, prefs.len()).map_err(|e| WireError::new(ErrorCode::BadRequest, format!("{name}={e}")))?;
+    if needed > prefs.len() {
+        return Err(WireError::new(
+            ErrorCode::Unavailable,
+            format!("{name}={needed} needs {needed} replicas but the cluster has only {}", prefs.len()),
+        ));
+    }
+    let targets = live_targets(&prefs, needed, |node| view.alive(node)).map_err(quorum_error)?;
+    Ok((targets.into_iter().map(str::to_string).collect(), needed))
+}
+
+pub async fn run(shard: &Rc<Shard>, op: ClientOp) -> Result<Reply, WireError> {
+    match op {
+        ClientOp::Get { key, r } => get(shard, key, r).await,
+        ClientOp::Write { key, value, ctx, w, durable } => {
+            let deleting = value.is_none();
+            let obj = write(shard, key, value, ctx, w, durable).await?;
+            Ok(if deleting { Reply::Delete } else { Reply::Put { context: obj.context().encode_context() } })
+        }
+    }
+}
+
+type Answer<T> = (String, Result<T, String>);
+
+async fn get(shard: &Rc<Shard>, key: Vec<u8>, r: Level) -> Result<Reply, WireError> {
+    let p = shard.node.partition(&key);
+    let (targets, needed) = plan(shard, p, "r", r)?;
+    let (tx, mut rx) = mpsc::unbounded::<Answer<Option<Object>>>();
+    for t in &targets {
+        let (shard, key, tx, t) = (shard.clone(), key.clone(), tx.clone(), t.clone());
+        glommio::spawn_local(async move {
+            let answer = read_replica(&shard, &t, p, key).await;
+            let _ = tx.unbounded_send((t, answer));
+        })
+        .detach();
+    }
+    drop(tx);
+    let mut merge = ReadMerge::default();
+    let mut quorum = Quorum::new(targets.len(), needed);
+    let mut failures = Vec::new();
+    while quorum.progress() == Progress::Pending {
+        match rx.next().await {
+            Some((from, Ok(obj))) => {
+                merge.add(&from, obj);
+                quorum.ack(&from);
+            }
+            Some((from, Err(e))) => {
+                failures.push(format!("{from}: {e}"));
+                quorum.fail(&from);
+            }
+            None => break,
+        }
+    }
+    if quorum.progress() != Progress::Reached {
+        return Err(with_failures(quorum_error(quorum.error()), &failures));
+    }
+    let result = match merge.merged() {
+        None => GetResult::default(),
+        Some(o) => GetResult {
+            found: !o.is_deleted(),
+            values: o.values().map(<[u8]>::to_vec).collect(),
+            context: o.context().encode_context(),
+        },
+    };
+    glommio::spawn_local(read_repair(shard.clone(), key, p, rx, merge)).detach();
+    Ok(Reply::Get(result))
+}
+
+/// Waits for the remaining answers (each bounded by its own timeout), then
+/// sends the merged object to every replica whose copy lacked something.
+async fn read_repair(
+    shard: Rc<Shard>,
+    key: Vec<u8>,
+    p: u32,
+    mut rx: mpsc::UnboundedReceiver<Answer<Option<Object>>>,
+    mut merge: ReadMerge,
+) {
+    while let Some((from, answer)) = rx.next().await {
+        if let Ok(obj) = answer {
+            merge.add(&from, obj);
+        }
+    }
+    let Some(merged) = merge.merged().cloned() else { return };
+    for stale in merge.stale() {
+        let result = write_replica(&shard, &stale, p, key.clone(), &merged, true).await;
+        match result {
+            Ok(()) => tracing::debug!(replica = stale, "read repair"),
+            Err(e) => tracing::debug!(replica = stale, error = e, "read repair failed"),
+        }
+    }
+}
+
+async fn write(
+    shard: &Rc<Shard>,
+    key: Vec<u8>,
+    value: Option<Vec<u8>>,
+    ctx: WriteContext,
+    w: Level,
+    durable: bool,
+) -> Result<Object, WireError> {
+    let p = shard.node.partition(&key);
+    let (targets, needed) = plan(shard, p, "w", w)?;
+    let me = shard.me().to_string();
+    let (obj, lsn) = shard.store.write_deferred(&key, value, &ctx, clock::now_ms()).await.map_err(storage_error)?;
+    let (tx, mut rx) = mpsc::unbounded::<Answer<()>>();
+    for t in &targets {
+        let (shard, key, tx, t, obj) = (shard.clone(), key.clone(), tx.clone(), t.clone(), obj.clone());
+        glommio::spawn_local(async move {
+            let answer = if t == shard.me() {
+                if durable {
+                    shard.store.wait_lsn(lsn).await.map_err(|e| e.to_string())
+                } else {
+                    Ok(())
+                }
+            } else {
+                write_replica(&shard, &t, p, key, &obj, durable).await
+            };
+            let _ = tx.unbounded_send((t, answer));
+        })
+        .detach();
+    }
+    drop(tx);
+    if !targets.contains(&me) {
+        // A coordinator outside the preference list (rings disagreed while a
+        // forwarded request travelled): its copy does not count; handoff
+        // moves it to the replicas later.
+        tracing::debug!(partition = p, "coordinated a write as a non-replica");
+    }
+    let mut quorum = Quorum::new(targets.len(), needed);
+    let mut failures = Vec::new();
+    while quorum.progress() == Progress::Pending {
+        match rx.next().await {
+            Some((from, Ok(()))) => {
+                quorum.ack(&from);
+            }
+            Some((from, Err(e))) => {
+                failures.push(format!("{from}: {e}"));
+                quorum.fail(&from);
+            }
+            None => break,
+        }
+    }
+    match quorum.progress() {
+        Progress::Reached => Ok(obj),
+        _ => Err(with_failures(quorum_error(quorum.error()), &failures)),
+    }
+}
+
+/// One replica's copy of `key`: ours from the store, others' over the wire.
+pub async fn read_replica(shard: &Rc<Shard>, node: &str, p: u32, key: Vec<u8>) -> Result<Option<Object>, String> {
+    if node == shard.me() {
+        return shard.store.get(&key).await.map_err(|e| e.to_string());
+    }
+    let addr = shard.view().address(node, p).ok_or_else(|| format!("no address for {node}"))?;
+    let resp = shard
+        .peers
+        .call(addr, Request::ReplicaRead { key }, 0, shard.node.timeout())
+        .await
+        .map_err(|e| e.to_string())?;
+    match resp.result {
+        Ok(Reply::ReplicaRead { found: false, .. }) => Ok(None),
+        Ok(Reply::ReplicaRead { found: true, object }) => Object::decode(&object).map(Some).map_err(|e| e.to_string()),
+        Ok(other) => Err(format!("unexpected reply {other:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Merges `obj` into `node`'s copy of `key`.
+pub async fn write_replica(
+    shard: &Rc<Shard>,
+    node: &str,
+    p: u32,
+    key: Vec<u8>,
+    obj: &Object,
+    durable: bool,
+) -> Result<(), String> {
+    if node == shard.me() {
+        return shard.store.merge(&key, obj, durable).await.map(|_| ()).map_err(|e| e.to_string());
+    }
+    let addr = shard.view().address(node, p).ok_or_else(|| format!("no address for {node}"))?;
+    let req = Request::ReplicaWrite { key, object: obj.to_bytes(), durable };
+    let resp = shard.peers.call(addr, req, 0, shard.node.timeout()).await.map_err(|e| e.to_string())?;
+    match resp.result {
+        Ok(Reply::ReplicaWrite) => Ok(()),
+        Ok(other) => Err(format!("unexpected reply {other:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}

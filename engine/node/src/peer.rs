@@ -1,0 +1,275 @@
+//! Connections from one shard to other nodes: lazy, pipelined, bounded.
+//!
+//! One connection per remote address, opened on first use and shared by all
+//! requests to it; responses are matched to requests by id, in any order.
+//! Outgoing sockets are bound to this node's own listen address before they
+//! connect, so traffic between 127.0.0.x nodes carries the right source and
+//! network rules can match it. Connecting runs on the blocking pool with a
+//! timeout, so an unreachable peer never stalls the shard.
+//!
+//! Limits: at most [`MAX_PENDING`] requests waiting per connection; after a
+//! failed connect, calls to that address fail fast for a while that starts
+//! at [`RETRY_FIRST`] and doubles with each consecutive failure up to
+//! [`RETRY_MAX`], so a dead peer costs one connect attempt per interval, not
+//! one per request, while a peer that was merely not up yet (nodes starting
+//! together) is retried almost at once.
+
+use futures::channel::oneshot;
+use futures_lite::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use glommio::net::TcpStream;
+use ringkv_net::frame::FrameDecoder;
+use ringkv_net::proto::{
+    decode, DecodeLimits, Encoder, Hello, Message, Request, RequestFrame, Response, Role, WireError, MAGIC,
+    PROTOCOL_VERSION,
+};
+use ringkv_net::session::CLIENT_MAX_FRAME_BYTES;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+pub const MAX_PENDING: usize = 8192;
+pub const RETRY_FIRST: Duration = Duration::from_millis(50);
+pub const RETRY_MAX: Duration = Duration::from_secs(1);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerError {
+    /// Could not connect (or a recent attempt failed).
+    Unreachable(String),
+    /// The connection broke before the answer came.
+    Lost(String),
+    Timeout,
+    /// The peer refused the connection (wrong cluster, protocol).
+    Refused(WireError),
+    /// Too many requests already waiting on this connection.
+    Overloaded,
+}
+
+impl fmt::Display for PeerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PeerError::Unreachable(e) => write!(f, "unreachable: {e}"),
+            PeerError::Lost(e) => write!(f, "connection lost: {e}"),
+            PeerError::Timeout => write!(f, "no answer in time"),
+            PeerError::Refused(e) => write!(f, "refused: {e}"),
+            PeerError::Overloaded => write!(f, "too many requests in flight"),
+        }
+    }
+}
+
+type Waiter = oneshot::Sender<Result<Response, PeerError>>;
+
+/// The last connect failures to one address.
+struct Failure {
+    at: Instant,
+    why: String,
+    streak: u32,
+}
+
+impl Failure {
+    fn backoff(&self) -> Duration {
+        RETRY_FIRST.saturating_mul(1 << self.streak.saturating_sub(1).min(10)).min(RETRY_MAX)
+    }
+}
+
+struct Conn {
+    out: RefCell<Vec<u8>>,
+    encoder: RefCell<Encoder>,
+    kick: RefCell<Option<oneshot::Sender<()>>>,
+    pending: RefCell<HashMap<u64, Waiter>>,
+    next_id: Cell<u64>,
+    broken: Cell<bool>,
+}
+
+impl Conn {
+    fn wake(&self) {
+        if let Some(k) = self.kick.borrow_mut().take() {
+            let _ = k.send(());
+        }
+    }
+
+    /// Fails every waiting request and marks the connection unusable.
+    fn break_with(&self, e: PeerError) {
+        self.broken.set(true);
+        for (_, w) in self.pending.borrow_mut().drain() {
+            let _ = w.send(Err(e.clone()));
+        }
+        self.wake();
+    }
+}
+
+pub struct PeerPool {
+    local_ip: IpAddr,
+    hello: Hello,
+    conns: RefCell<HashMap<SocketAddr, Rc<Conn>>>,
+    /// Connect failures per address: when the last one was, why, and how
+    /// many in a row; shared with the connecting tasks.
+    failed_at: Rc<RefCell<HashMap<SocketAddr, Failure>>>,
+}
+
+impl PeerPool {
+    pub fn new(local_ip: IpAddr, node_id: &str, cluster: &str) -> PeerPool {
+        let hello = Hello {
+            magic: MAGIC,
+            protocol_version: PROTOCOL_VERSION,
+            role: Role::Peer,
+            cluster: cluster.to_string(),
+            node_id: node_id.to_string(),
+            credentials: Vec::new(),
+        };
+        PeerPool { local_ip, hello, conns: RefCell::new(HashMap::new()), failed_at: Rc::default() }
+    }
+
+    /// Sends `body` to `addr` and waits for the response, at most `timeout`.
+    pub async fn call(
+        &self,
+        addr: SocketAddr,
+        body: Request,
+        hops: u8,
+        timeout: Duration,
+    ) -> Result<Response, PeerError> {
+        let conn = self.connection(addr)?;
+        if conn.pending.borrow().len() >= MAX_PENDING {
+            return Err(PeerError::Overloaded);
+        }
+        let id = conn.next_id.get();
+        conn.next_id.set(id + 1);
+        let (tx, rx) = oneshot::channel();
+        conn.pending.borrow_mut().insert(id, tx);
+        let timeout_ms = timeout.as_millis().min(u128::from(u32::MAX)) as u32;
+        let msg = Message::Request(RequestFrame { id, timeout_ms, body, hops });
+        conn.encoder.borrow_mut().encode(&msg, &mut conn.out.borrow_mut());
+        conn.wake();
+        let answer = glommio::timer::timeout(timeout, async {
+            Ok(rx.await.unwrap_or_else(|_| Err(PeerError::Lost("connection closed".into()))))
+        })
+        .await;
+        match answer {
+            Ok(r) => r,
+            Err(_) => {
+                conn.pending.borrow_mut().remove(&id);
+                Err(PeerError::Timeout)
+            }
+        }
+    }
+
+    /// The open connection to `addr`, or a new one being opened.
+    fn connection(&self, addr: SocketAddr) -> Result<Rc<Conn>, PeerError> {
+        if let Some(c) = self.conns.borrow().get(&addr) {
+            if !c.broken.get() {
+                return Ok(c.clone());
+            }
+        }
+        if let Some(f) = self.failed_at.borrow().get(&addr) {
+            if f.at.elapsed() < f.backoff() {
+                return Err(PeerError::Unreachable(f.why.clone()));
+            }
+        }
+        let conn = Rc::new(Conn {
+            out: RefCell::new(Vec::with_capacity(4096)),
+            encoder: RefCell::new(Encoder::new()),
+            kick: RefCell::new(None),
+            pending: RefCell::new(HashMap::new()),
+            next_id: Cell::new(1),
+            broken: Cell::new(false),
+        });
+        // The hello goes first; requests queue behind it while connecting.
+        conn.encoder.borrow_mut().encode(&Message::Hello(self.hello.clone()), &mut conn.out.borrow_mut());
+        self.conns.borrow_mut().insert(addr, conn.clone());
+        let local = SocketAddr::new(self.local_ip, 0);
+        let c = conn.clone();
+        let failures = self.failed_at.clone();
+        glommio::spawn_local(async move {
+            match connect(local, addr).await {
+                Ok(stream) => {
+                    failures.borrow_mut().remove(&addr);
+                    let (rd, wr) = futures_lite::io::split(stream);
+                    glommio::spawn_local(write_loop(c.clone(), wr)).detach();
+                    read_loop(c, rd).await;
+                }
+                Err(e) => {
+                    let mut f = failures.borrow_mut();
+                    let streak = f.get(&addr).map_or(1, |x| x.streak + 1);
+                    if streak == 1 {
+                        tracing::warn!(peer = %addr, error = e, "cannot connect to a peer");
+                    }
+                    f.insert(addr, Failure { at: Instant::now(), why: e.clone(), streak });
+                    c.break_with(PeerError::Unreachable(e));
+                }
+            }
+        })
+        .detach();
+        Ok(conn)
+    }
+}
+
+async fn connect(local: SocketAddr, remote: SocketAddr) -> Result<TcpStream, String> {
+    let socket = glommio::executor()
+        .spawn_blocking(move || -> std::io::Result<socket2::Socket> {
+            use socket2::{Domain, Socket, Type};
+            let s = Socket::new(Domain::for_address(remote), Type::STREAM, None)?;
+            s.bind(&local.into())?;
+            s.connect_timeout(&remote.into(), CONNECT_TIMEOUT)?;
+            s.set_nodelay(true)?;
+            Ok(s)
+        })
+        .await
+        .map_err(|e| format!("{remote}: {e}"))?;
+    Ok(TcpStream::from(socket))
+}
+
+async fn write_loop(conn: Rc<Conn>, mut wr: WriteHalf<TcpStream>) {
+    let mut spare = Vec::with_capacity(4096);
+    loop {
+        std::mem::swap(&mut spare, &mut *conn.out.borrow_mut());
+        if spare.is_empty() {
+            if conn.broken.get() {
+                break;
+            }
+            let (tx, rx) = oneshot::channel();
+            *conn.kick.borrow_mut() = Some(tx);
+            let _ = rx.await;
+            continue;
+        }
+        if let Err(e) = wr.write_all(&spare).await {
+            conn.break_with(PeerError::Lost(e.to_string()));
+            break;
+        }
+        spare.clear();
+    }
+    let _ = wr.close().await;
+}
+
+async fn read_loop(conn: Rc<Conn>, mut rd: ReadHalf<TcpStream>) {
+    let mut dec = FrameDecoder::new(CLIENT_MAX_FRAME_BYTES);
+    let mut greeted = false;
+    loop {
+        loop {
+            let msg = match dec.next_frame() {
+                Ok(Some(f)) => decode(f, DecodeLimits::CLIENT),
+                Ok(None) => break,
+                Err(e) => return conn.break_with(PeerError::Lost(e.to_string())),
+            };
+            match msg {
+                Ok(Message::HelloAck(_)) if !greeted => greeted = true,
+                Ok(Message::Response(r)) if greeted => {
+                    if let Some(w) = conn.pending.borrow_mut().remove(&r.id) {
+                        let _ = w.send(Ok(r));
+                    }
+                }
+                Ok(Message::Error(e)) => return conn.break_with(PeerError::Refused(e)),
+                Ok(other) => return conn.break_with(PeerError::Lost(format!("unexpected {other:?}"))),
+                Err(e) => return conn.break_with(PeerError::Lost(e.to_string())),
+            }
+        }
+        let buf = dec.spare(64 * 1024);
+        match rd.read(buf).await {
+            Ok(0) => return conn.break_with(PeerError::Lost("closed by peer".into())),
+            Ok(n) => dec.commit(n),
+            Err(e) => return conn.break_with(PeerError::Lost(e.to_string())),
+        }
+    }
+}
