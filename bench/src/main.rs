@@ -1,17 +1,41 @@
-//! ringkv-bench: load generator and latency yardstick.
+//! ringkv-bench: ringkv's latency benchmark harness.
 //!
-//! `quick` is a closed-loop run with the blocking client: C threads, each with
-//! its own connection, each sending the next request as soon as the last one
-//! returns. Latency is recorded per request in an HdrHistogram.
+//! - `run`: a YCSB workload against ringkv, Redis (single or cluster) or the
+//!   echo server, closed or open loop, or a sweep of open-loop rates;
+//! - `echo-server`: the loopback round-trip floor;
+//! - `plot`: overlays the latency distributions (or sweeps) of result files;
+//! - `compare`: a table of result files.
+//!
+//! Module map: `driver` (io_uring workers), `codec` (wire protocols),
+//! `target` + `router` + `slots` (where requests go), `workload` +
+//! `keydist` + `schedule` (what is sent and when), `stats` + `report` +
+//! `plot` (what comes out), `cpu` + `placement` (where it all ran).
 
-use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
-use hdrhistogram::Histogram;
-use ringkv_net::{Client, ClientConfig, Level, WriteOptions};
-use std::time::{Duration, Instant};
+mod codec;
+mod cpu;
+mod driver;
+mod echo_server;
+mod keydist;
+mod placement;
+mod plot;
+mod report;
+mod resp;
+mod rng;
+mod router;
+mod run;
+mod schedule;
+mod slots;
+mod stats;
+mod target;
+mod workload;
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "ringkv-bench", version, about = "Latency benchmarks for ringkv")]
+#[command(name = "ringkv-bench", version, about = "Latency benchmarks for ringkv, Redis and the loopback floor")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -19,96 +43,88 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// A short closed-loop run of one operation against one endpoint.
-    Quick(QuickArgs),
-}
-
-#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
-enum Op {
-    Put,
-    Get,
+    /// Run a workload against a target and report its latency.
+    Run(Box<run::RunArgs>),
+    /// Serve the echo protocol: the machine's loopback round-trip floor.
+    EchoServer(EchoArgs),
+    /// Plot result files: latency by percentile overlaid, or sweeps.
+    Plot(PlotArgs),
+    /// Print a comparison table of result files.
+    Compare(CompareArgs),
 }
 
 #[derive(clap::Args)]
-struct QuickArgs {
-    #[arg(long, default_value = "127.0.0.1:7070")]
-    endpoint: String,
-    #[arg(long, value_enum, default_value = "put")]
-    op: Op,
-    /// Concurrent connections, one thread each.
-    #[arg(long, default_value_t = 8)]
-    clients: usize,
-    #[arg(long, default_value_t = 5)]
-    seconds: u64,
-    /// Keys per client (gets read what a put run wrote).
-    #[arg(long, default_value_t = 1000)]
-    keys: usize,
-    #[arg(long, default_value_t = 1024)]
-    value_size: usize,
-    /// Acknowledge writes before fsync.
+struct EchoArgs {
+    #[arg(long, default_value = "127.0.0.1:7999")]
+    listen: SocketAddr,
+    /// Pin the server's threads to these CPUs (the first one is used).
     #[arg(long)]
-    no_sync: bool,
+    cpus: Option<cpu::CpuList>,
+    /// One thread spinning on non-blocking sockets: no wake-ups, one whole core.
+    #[arg(long)]
+    busy_poll: bool,
 }
 
-fn quick(a: &QuickArgs) -> Result<()> {
-    if a.clients == 0 || a.keys == 0 {
-        bail!("--clients and --keys must be positive");
-    }
-    let cfg = ClientConfig::default();
-    let deadline = Instant::now() + Duration::from_secs(a.seconds);
-    let threads: Vec<_> = (0..a.clients)
-        .map(|t| {
-            let (endpoint, cfg, op, keys, size, sync) =
-                (a.endpoint.clone(), cfg.clone(), a.op, a.keys, a.value_size, !a.no_sync);
-            std::thread::spawn(move || -> Result<(Histogram<u64>, u64)> {
-                let mut c = Client::connect(endpoint.as_str(), &cfg).context("connecting")?;
-                let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-                let value = vec![b'v'; size];
-                let opts = WriteOptions { durable: Some(sync), ..Default::default() };
-                let mut errors = 0;
-                let mut i = 0usize;
-                while Instant::now() < deadline {
-                    let key = format!("bench/{t}/{}", i % keys);
-                    let start = Instant::now();
-                    let ok = match op {
-                        Op::Put => c.put(key.as_bytes(), &value, &opts).is_ok(),
-                        Op::Get => c.get(key.as_bytes(), Level::Default).is_ok(),
-                    };
-                    h.record(start.elapsed().as_micros().max(1) as u64)?;
-                    errors += u64::from(!ok);
-                    i += 1;
-                }
-                Ok((h, errors))
-            })
-        })
-        .collect();
-    let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let mut errors = 0;
-    for t in threads {
-        let (h, e) = t.join().map_err(|_| anyhow::anyhow!("client thread panicked"))??;
-        total.add(h)?;
-        errors += e;
-    }
-    let op = match a.op {
-        Op::Put => "put",
-        Op::Get => "get",
-    };
-    println!(
-        "{op}: {} ops in {}s with {} clients = {:.0} ops/s; latency us p50 {} p99 {} p99.9 {} max {}; errors {errors}",
-        total.len(),
-        a.seconds,
-        a.clients,
-        total.len() as f64 / a.seconds as f64,
-        total.value_at_quantile(0.5),
-        total.value_at_quantile(0.99),
-        total.value_at_quantile(0.999),
-        total.max()
-    );
-    Ok(())
+#[derive(clap::Args)]
+struct PlotArgs {
+    /// Result files written by `run --json`.
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+    #[arg(long, short, default_value = "latency.svg")]
+    out: PathBuf,
+    /// Operation to plot: read, update, insert, rmw or all.
+    #[arg(long, default_value = "all")]
+    op: String,
+    /// Plot the sweeps (latency against throughput) instead.
+    #[arg(long)]
+    sweep: bool,
+}
+
+#[derive(clap::Args)]
+struct CompareArgs {
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+}
+
+fn load_reports(files: &[PathBuf]) -> Result<Vec<report::RunReport>> {
+    files.iter().map(|f| report::RunReport::load(f)).collect()
 }
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Cmd::Quick(a) => quick(&a),
+        Cmd::Run(a) => {
+            let r = run::run(&a)?;
+            print!("{}", report::summary(&r));
+            Ok(())
+        }
+        Cmd::EchoServer(a) => {
+            let cpus = a.cpus.map(|c| c.0);
+            let cfg = echo_server::EchoConfig { listen: a.listen, cpus: cpus.clone(), busy_poll: a.busy_poll };
+            echo_server::serve(&cfg, |addr| {
+                println!(
+                    "echo-server listening on {addr} ({}, CPUs {})",
+                    if a.busy_poll { "busy-poll" } else { "blocking thread per connection" },
+                    cpus.as_deref().map(cpu::format_cpu_list).unwrap_or_else(|| "unpinned".into())
+                );
+            })
+        }
+        Cmd::Plot(a) => {
+            let reports = load_reports(&a.files)?;
+            if a.sweep || reports.iter().all(|r| !r.sweep.is_empty()) {
+                plot::sweep_plot(&reports, &a.out)?;
+            } else {
+                plot::distribution_plot(&reports, &a.op, &a.out)?;
+            }
+            println!("wrote {}", a.out.display());
+            Ok(())
+        }
+        Cmd::Compare(a) => {
+            let reports = load_reports(&a.files)?;
+            if reports.is_empty() {
+                bail!("no result files");
+            }
+            print!("{}", report::comparison(&reports));
+            Ok(())
+        }
     }
 }

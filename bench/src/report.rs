@@ -1,0 +1,289 @@
+//! A run's results as people and programs read them: the text summary, the
+//! JSON file, and the `.hgrm` files beside it.
+
+use crate::stats::{distribution, hgrm, OpStats, Quantiles, RunStats};
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// One operation type's results.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct OpReport {
+    pub count: u64,
+    pub ops_per_sec: f64,
+    pub mean_us: f64,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub p9999_us: f64,
+    pub max_us: f64,
+    pub errors: u64,
+    pub errors_by_kind: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub not_found: u64,
+    /// (percentile, latency us) points of the latency distribution.
+    #[serde(default)]
+    pub distribution: Vec<(f64, f64)>,
+}
+
+impl OpReport {
+    pub fn of(s: &OpStats, seconds: f64) -> OpReport {
+        let q = Quantiles::of(&s.hist);
+        OpReport {
+            count: q.count,
+            ops_per_sec: if seconds > 0.0 { q.count as f64 / seconds } else { 0.0 },
+            mean_us: q.mean_us,
+            p50_us: q.p50_us,
+            p90_us: q.p90_us,
+            p99_us: q.p99_us,
+            p999_us: q.p999_us,
+            p9999_us: q.p9999_us,
+            max_us: q.max_us,
+            errors: s.error_count(),
+            errors_by_kind: s.errors.clone(),
+            not_found: s.not_found,
+            distribution: distribution(&s.hist),
+        }
+    }
+}
+
+/// One point of a sweep: an open-loop run at one rate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SweepPoint {
+    pub target_ops_per_sec: f64,
+    pub ops_per_sec: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+    pub errors: u64,
+}
+
+/// The JSON result file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RunReport {
+    /// A short name for tables and plot legends.
+    pub label: String,
+    pub target: String,
+    pub target_kind: String,
+    pub routing: String,
+    pub endpoints: Vec<String>,
+    pub workload: String,
+    pub mode: String,
+    pub rate: Option<f64>,
+    pub concurrency: usize,
+    pub pipeline: usize,
+    pub threads: usize,
+    pub duration_s: f64,
+    pub warmup_s: f64,
+    pub records: u64,
+    pub value_size: String,
+    pub distribution: String,
+    pub zipf_theta: f64,
+    /// Completed operations per second in the measured window.
+    pub ops_per_sec: f64,
+    pub total_ops: u64,
+    /// Failed operations, with their kinds in `errors_by_kind`.
+    pub errors: u64,
+    pub errors_by_kind: BTreeMap<String, u64>,
+    pub ops: BTreeMap<String, OpReport>,
+    pub all: OpReport,
+    /// Client CPU time (user + system) per operation: the whole client
+    /// process over the measured window (workers, io_uring helpers, the
+    /// progress display; less an in-process echo server).
+    pub client_cpu_us_per_op: f64,
+    /// The worker threads' own share of it (getrusage RUSAGE_THREAD).
+    #[serde(default)]
+    pub client_worker_cpu_us_per_op: f64,
+    /// CPU time of the local server process(es) per operation, sampled from
+    /// /proc over the measured window (absent for remote servers).
+    #[serde(default)]
+    pub server_cpu_us_per_op: Option<f64>,
+    pub wire_requests: u64,
+    pub client_cpus: Vec<usize>,
+    pub client_placement: String,
+    pub server_placement: String,
+    pub io_uring: String,
+    /// Open loop: how late requests went out relative to their intended
+    /// time (the client's share of the latency).
+    pub send_lag_us: Quantiles,
+    #[serde(default)]
+    pub sweep: Vec<SweepPoint>,
+    #[serde(default)]
+    pub hgrm_files: Vec<String>,
+}
+
+impl RunReport {
+    /// Fills the numbers from merged stats over a window of `seconds`.
+    pub fn fill(&mut self, s: &RunStats, seconds: f64) {
+        let all = s.all();
+        self.all = OpReport::of(&all, seconds);
+        self.ops = s.present().map(|(k, o)| (k.name().to_string(), OpReport::of(o, seconds))).collect();
+        self.ops_per_sec = if seconds > 0.0 { s.completed_in_window as f64 / seconds } else { 0.0 };
+        self.total_ops = all.ok() + all.error_count();
+        let mut errors = all.errors.clone();
+        for (k, n) in &s.send_lag.errors {
+            *errors.entry(k.clone()).or_default() += n;
+        }
+        self.errors = errors.values().sum();
+        self.errors_by_kind = errors;
+        self.client_cpu_us_per_op =
+            if s.completed_in_window > 0 { s.cpu_ns as f64 / 1000.0 / s.completed_in_window as f64 } else { 0.0 };
+        self.wire_requests = s.wire_requests;
+        self.send_lag_us = Quantiles::of(&s.send_lag.hist);
+    }
+
+    pub fn load(path: &Path) -> Result<RunReport> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+}
+
+/// The text summary printed at the end of a run.
+pub fn summary(r: &RunReport) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\n{} | workload {} | {} | {} | {} records, values {} B, {}{}",
+        r.target,
+        r.workload,
+        match r.rate {
+            Some(rate) => format!("open loop at {rate:.0} ops/s"),
+            None => "closed loop".to_string(),
+        },
+        format_args!("{} conn x pipeline {} on {} thread(s)", r.concurrency, r.pipeline, r.threads),
+        r.records,
+        r.value_size,
+        r.distribution,
+        if r.distribution == "uniform" { String::new() } else { format!(" theta {}", r.zipf_theta) },
+    );
+    let _ = writeln!(s, "routing: {}", r.routing);
+    let _ = writeln!(s, "client: {} | io_uring {}", r.client_placement, r.io_uring);
+    let _ = writeln!(s, "server: {}", r.server_placement);
+    let _ = writeln!(
+        s,
+        "{:<8} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
+        "op", "count", "ops/s", "p50 us", "p90 us", "p99 us", "p99.9 us", "p99.99", "max us", "errors"
+    );
+    let mut rows: Vec<(&str, &OpReport)> = r.ops.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    if r.ops.len() > 1 {
+        rows.push(("all", &r.all));
+    }
+    for (name, o) in rows {
+        let _ = writeln!(
+            s,
+            "{:<8} {:>10} {:>10.0} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>7}",
+            name, o.count, o.ops_per_sec, o.p50_us, o.p90_us, o.p99_us, o.p999_us, o.p9999_us, o.max_us, o.errors
+        );
+    }
+    let _ = writeln!(
+        s,
+        "throughput {:.0} ops/s | client CPU {:.2} us/op (workers {:.2}) | server CPU {} | {} wire requests",
+        r.ops_per_sec,
+        r.client_cpu_us_per_op,
+        r.client_worker_cpu_us_per_op,
+        r.server_cpu_us_per_op.map(|c| format!("{c:.2} us/op")).unwrap_or_else(|| "unknown".into()),
+        r.wire_requests
+    );
+    if r.rate.is_some() {
+        let _ = writeln!(
+            s,
+            "send lag behind schedule: p50 {:.1} us, p99 {:.1} us, max {:.1} us",
+            r.send_lag_us.p50_us, r.send_lag_us.p99_us, r.send_lag_us.max_us
+        );
+    }
+    if r.errors > 0 {
+        let by: Vec<String> = r.errors_by_kind.iter().map(|(k, n)| format!("{k}={n}")).collect();
+        let _ = writeln!(s, "errors: {}", by.join(", "));
+    }
+    if let Some(read) = r.ops.get("read") {
+        if read.not_found > 0 {
+            let _ = writeln!(s, "reads that found nothing: {}", read.not_found);
+        }
+    }
+    s
+}
+
+/// Writes `<stem>.<op>.hgrm` for every operation type and `<stem>.all.hgrm`;
+/// returns the paths.
+pub fn write_hgrms(stats: &RunStats, stem: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut write = |name: &str, s: &OpStats| -> Result<()> {
+        let p = PathBuf::from(format!("{}.{name}.hgrm", stem.display()));
+        std::fs::write(&p, hgrm(&s.hist)).with_context(|| format!("writing {}", p.display()))?;
+        out.push(p);
+        Ok(())
+    };
+    for (k, s) in stats.present() {
+        write(k.name(), s)?;
+    }
+    write("all", &stats.all())?;
+    Ok(out)
+}
+
+/// A comparison table of several runs (for peers.sh and `compare`).
+pub fn comparison(reports: &[RunReport]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| run | workload | ops/s | p50 us | p90 us | p99 us | p99.9 us | max us | errors | client CPU us/op | server CPU us/op |"
+    );
+    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in reports {
+        let a = &r.all;
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {:.2} | {} |",
+            r.label,
+            r.workload,
+            r.ops_per_sec,
+            a.p50_us,
+            a.p90_us,
+            a.p99_us,
+            a.p999_us,
+            a.max_us,
+            r.errors,
+            r.client_cpu_us_per_op,
+            r.server_cpu_us_per_op.map(|c| format!("{c:.2}")).unwrap_or_else(|| "-".into())
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workload::OpKind;
+
+    #[test]
+    fn report_has_the_required_json_keys_and_round_trips() {
+        let mut stats = RunStats::default();
+        for i in 1..=1000u64 {
+            stats.op(OpKind::Read).record(i * 1000);
+            stats.op(OpKind::Update).record(i * 2000);
+        }
+        stats.op(OpKind::Update).record_error("Timeout");
+        stats.completed_in_window = 2001;
+        stats.cpu_ns = 2_001_000;
+        let mut r = RunReport { target: "echo://x:1".into(), workload: "a".into(), ..Default::default() };
+        r.fill(&stats, 2.0);
+        let v: serde_json::Value = serde_json::to_value(&r).unwrap();
+        for k in ["target", "workload", "ops_per_sec", "errors", "ops", "client_cpu_us_per_op"] {
+            assert!(v.get(k).is_some(), "missing {k}");
+        }
+        for k in ["count", "p50_us", "p90_us", "p99_us", "p999_us", "max_us"] {
+            assert!(v["ops"]["read"].get(k).is_some(), "missing ops.read.{k}");
+        }
+        assert_eq!(v["ops"]["update"]["errors"], 1);
+        assert_eq!(v["errors"], 1);
+        assert!((r.ops_per_sec - 1000.5).abs() < 1e-9);
+        assert!((r.client_cpu_us_per_op - 1.0).abs() < 1e-9);
+        let back: RunReport = serde_json::from_value(v).unwrap();
+        assert_eq!(back.ops["read"].count, 1000);
+        assert!(summary(&back).contains("update"));
+        assert!(comparison(&[back]).contains("| a |"));
+    }
+}

@@ -1,0 +1,750 @@
+//! `ringkv-bench run`: resolves the target, loads the records, runs the
+//! measured phase (or a sweep of them), shows progress, and writes the
+//! results.
+//!
+//! Workers are scoped threads (crossbeam) that connect, meet at a barrier,
+//! get the common start time, and send progress over a crossbeam channel;
+//! their stats are merged when they are joined.
+
+use crate::codec::{Codec, EchoCodec, RingkvCodec, RingkvOptions};
+use crate::cpu;
+use crate::driver::{self, Interval, Pace, Source, Timing, WorkerResult, WorkerSpec};
+use crate::echo_server::EchoConfig;
+use crate::keydist::{Distribution, KeyChooser};
+use crate::placement;
+use crate::plot;
+use crate::report::{self, RunReport, SweepPoint};
+use crate::stats::{new_hist, Quantiles, RunStats};
+use crate::target::{self, Kind, ResolveOptions, Resolved, TargetUrl};
+use crate::workload::{KeySpace, ValueSize, Workload};
+use anyhow::{anyhow, bail, Context, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use ringkv_net::proto::Level;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Barrier, OnceLock};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DistArg {
+    Uniform,
+    Zipfian,
+    Latest,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Durable {
+    /// The node's default (durable).
+    Default,
+    Yes,
+    No,
+}
+
+/// Parses `10s`, `500ms`, `2m` or a plain number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: f64 = num.trim().parse().map_err(|_| format!("'{s}' is not a duration like 10s or 500ms"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "us" => n / 1e6,
+        _ => return Err(format!("unknown unit in '{s}' (us, ms, s, m)")),
+    };
+    if !(0.0..=86_400.0).contains(&secs) {
+        return Err(format!("duration '{s}' out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// ringkv://HOST:PORT, redis://HOST:PORT, echo://HOST:PORT, or
+    /// echo://local to start an echo server in this process.
+    #[arg(long)]
+    pub target: TargetUrl,
+    /// redis: follow Redis Cluster slots (CLUSTER SLOTS, MOVED, ASK).
+    #[arg(long)]
+    pub cluster: bool,
+    #[arg(long, value_enum, default_value = "a")]
+    pub workload: Workload,
+    /// Records loaded before the run and chosen from by reads and updates.
+    #[arg(long, default_value_t = 100_000)]
+    pub records: u64,
+    /// Do not load the records (they are there from an earlier run).
+    #[arg(long)]
+    pub no_load: bool,
+    /// Key distribution [default: zipfian; latest for workload d].
+    #[arg(long, value_enum)]
+    pub distribution: Option<DistArg>,
+    #[arg(long, default_value_t = 0.99)]
+    pub zipf_theta: f64,
+    /// Value bytes: fixed (1024) or a uniform range (100-2000).
+    #[arg(long, default_value = "1024")]
+    pub value_size: ValueSize,
+    /// ringkv read quorum: one, quorum, all or a count [default: the node's].
+    #[arg(long)]
+    pub r: Option<Level>,
+    /// ringkv write quorum [default: the node's].
+    #[arg(long)]
+    pub w: Option<Level>,
+    /// ringkv: acknowledge writes after fsync (yes) or before (no).
+    #[arg(long, value_enum, default_value = "default")]
+    pub durable: Durable,
+    /// ringkv request timeout sent with each request, 0 = the node's default.
+    #[arg(long, default_value_t = 0)]
+    pub timeout_ms: u32,
+    /// ringkv cluster name presented in the handshake.
+    #[arg(long, default_value = "ringkv")]
+    pub ringkv_cluster: String,
+    /// ringkv: send everything to the given port and let the node forward
+    /// between its shards.
+    #[arg(long)]
+    pub no_shard_aware: bool,
+    /// ringkv: write without the last context seen (each write then adds a
+    /// sibling instead of replacing what was read).
+    #[arg(long)]
+    pub blind_writes: bool,
+    /// Connections (clients) per endpoint, over all threads.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Requests in flight per connection.
+    #[arg(long, default_value_t = 1)]
+    pub pipeline: usize,
+    /// Worker threads, each driving its share of the connections.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Pin worker i to the i-th CPU of this list (e.g. 0 or 0,1).
+    #[arg(long)]
+    pub client_cpus: Option<cpu::CpuList>,
+    /// Open loop at this many operations per second (else closed loop).
+    #[arg(long)]
+    pub rate: Option<f64>,
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub warmup: Duration,
+    /// After the run, how long outstanding operations may still complete.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub drain: Duration,
+    /// Open-loop runs at increasing rates up to saturation.
+    #[arg(long)]
+    pub sweep: bool,
+    /// Rates in the sweep.
+    #[arg(long, default_value_t = 8)]
+    pub sweep_steps: usize,
+    /// Highest sweep rate [default: 110% of a closed-loop probe].
+    #[arg(long)]
+    pub sweep_max: Option<f64>,
+    /// Requests in flight per connection while loading.
+    #[arg(long, default_value_t = 16)]
+    pub load_pipeline: usize,
+    /// Write the results as JSON here (plus .hgrm files and an SVG plot
+    /// beside it).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Name of the run in tables and plots [default: the target].
+    #[arg(long)]
+    pub label: Option<String>,
+    #[arg(long)]
+    pub no_progress: bool,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Spin on the completion queue instead of sleeping (burns the
+    /// client's cores; removes the client's wake-up from the latency).
+    #[arg(long)]
+    pub busy_poll: bool,
+    /// echo://local: pin the echo server to these CPUs.
+    #[arg(long)]
+    pub echo_cpus: Option<cpu::CpuList>,
+    /// echo://local: busy-poll echo server.
+    #[arg(long)]
+    pub echo_busy_poll: bool,
+}
+
+impl RunArgs {
+    fn distribution(&self) -> Distribution {
+        let theta = self.zipf_theta;
+        match self.distribution {
+            Some(DistArg::Uniform) => Distribution::Uniform,
+            Some(DistArg::Zipfian) => Distribution::Zipfian(theta),
+            Some(DistArg::Latest) => Distribution::Latest(theta),
+            None if self.workload.reads_latest() => Distribution::Latest(theta),
+            None => Distribution::Zipfian(theta),
+        }
+    }
+
+    fn ringkv_options(&self) -> RingkvOptions {
+        RingkvOptions {
+            r: self.r.unwrap_or_default(),
+            w: self.w.unwrap_or_default(),
+            durable: match self.durable {
+                Durable::Default => None,
+                Durable::Yes => Some(true),
+                Durable::No => Some(false),
+            },
+            timeout_ms: self.timeout_ms,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        driver::check_layout(self.concurrency, self.threads, self.pipeline)?;
+        if !(self.zipf_theta > 0.0 && self.zipf_theta < 1.0) {
+            bail!("--zipf-theta must be between 0 and 1 (exclusive)");
+        }
+        if self.records == 0 {
+            bail!("--records must be positive");
+        }
+        if self.duration.is_zero() {
+            bail!("--duration must be positive");
+        }
+        if let Some(r) = self.rate {
+            if !(r > 0.0 && r.is_finite()) {
+                bail!("--rate must be positive");
+            }
+        }
+        if self.sweep && self.rate.is_some() {
+            bail!("--sweep chooses its own rates; drop --rate");
+        }
+        if self.sweep && self.sweep_steps == 0 {
+            bail!("--sweep-steps must be positive");
+        }
+        if self.cluster && self.target.kind != Kind::Redis {
+            bail!("--cluster is for redis:// targets");
+        }
+        if self.load_pipeline == 0 || self.load_pipeline > 1024 {
+            bail!("--load-pipeline must be 1..=1024");
+        }
+        Ok(())
+    }
+}
+
+/// What every phase of a run shares.
+struct Ctx<'a> {
+    args: &'a RunArgs,
+    resolved: &'a Resolved,
+    keys: Arc<KeySpace>,
+    make_codec: Arc<dyn Fn() -> Codec + Send + Sync>,
+    connect: Arc<dyn Fn(SocketAddr) -> Result<std::net::TcpStream> + Send + Sync>,
+    /// Local server processes whose CPU time is sampled over the measured
+    /// window.
+    servers: Vec<u32>,
+    /// The echo server runs in this process (echo://local).
+    echo_in_process: bool,
+    /// ringkv: the last context seen per record, merged from the workers
+    /// after each phase so the next phase's writes replace what was written.
+    contexts: std::sync::Mutex<Vec<Vec<u8>>>,
+}
+
+impl Ctx<'_> {
+    /// (client, server) CPU time so far. The client is this whole process
+    /// (workers, io_uring helper threads, progress display) less an
+    /// in-process echo server.
+    fn cpu_ns(&self) -> (u64, u64) {
+        let echo = if self.echo_in_process { crate::echo_server::in_process_cpu_ns() } else { 0 };
+        let servers: u64 = self.servers.iter().map(|&pid| placement::process_cpu_ns(pid)).sum();
+        (cpu::process_cpu_ns().saturating_sub(echo), servers + echo)
+    }
+
+    fn knows_server_cpu(&self) -> bool {
+        self.echo_in_process || !self.servers.is_empty()
+    }
+}
+
+/// The merged outcome of one phase.
+struct PhaseResult {
+    stats: RunStats,
+    workers: Vec<WorkerResult>,
+    seconds: f64,
+    /// CPU time the local server(s) used in the measured window, if known.
+    server_cpu_ns: Option<u64>,
+    /// CPU time this process (the client) used in the measured window.
+    client_cpu_ns: u64,
+}
+
+pub fn run(args: &RunArgs) -> Result<RunReport> {
+    args.validate()?;
+    let opts = ResolveOptions {
+        redis_cluster: args.cluster,
+        shard_aware: !args.no_shard_aware,
+        ringkv_cluster: args.ringkv_cluster.clone(),
+        echo: EchoConfig {
+            listen: "127.0.0.1:0".parse().expect("valid address"),
+            cpus: args.echo_cpus.clone().map(|c| c.0),
+            busy_poll: args.echo_busy_poll,
+        },
+    };
+    let resolved = target::resolve(&args.target, &opts)?;
+    let ropts = args.ringkv_options();
+    let make_codec: Arc<dyn Fn() -> Codec + Send + Sync> = match resolved.kind {
+        Kind::Ringkv => Arc::new(move || Codec::Ringkv(RingkvCodec::new(ropts))),
+        Kind::Redis => Arc::new(|| Codec::Redis),
+        Kind::Echo => Arc::new(move || Codec::Echo(EchoCodec::new(ropts))),
+    };
+    let (kind, cluster) = (resolved.kind, args.ringkv_cluster.clone());
+    let connect: Arc<dyn Fn(SocketAddr) -> Result<std::net::TcpStream> + Send + Sync> =
+        Arc::new(move |a| target::connect(kind, a, &cluster));
+    let ctx = Ctx {
+        args,
+        resolved: &resolved,
+        keys: Arc::new(KeySpace::new(args.records)),
+        make_codec,
+        connect,
+        servers: local_servers(&resolved, args),
+        echo_in_process: args.target.addr.is_none(),
+        contexts: std::sync::Mutex::new(if resolved.kind == Kind::Ringkv && !args.blind_writes {
+            vec![Vec::new(); usize::try_from(args.records).context("--records too large")?]
+        } else {
+            Vec::new()
+        }),
+    };
+
+    let target_name = match &args.target.addr {
+        Some(a) => format!("{}://{a}", resolved.kind.name()),
+        None => format!("echo://{} (in-process)", resolved.endpoints[0]),
+    };
+    let server_placement = server_placement(&resolved, args);
+    eprintln!("target {target_name}: {}", resolved.routing);
+    eprintln!(
+        "machine: {} online CPUs; client threads: {}",
+        cpu::online_cpus(),
+        match &args.client_cpus {
+            Some(c) => format!("pinned to CPUs {}", cpu::format_cpu_list(&c.0)),
+            None => format!("unpinned (allowed CPUs {})", cpu::format_cpu_list(&cpu::allowed_cpus())),
+        }
+    );
+    eprintln!("server: {server_placement}");
+
+    if !args.no_load {
+        load(&ctx)?;
+    }
+
+    let mut report = RunReport {
+        label: args.label.clone().unwrap_or_else(|| target_name.clone()),
+        target: target_name,
+        target_kind: resolved.kind.name().into(),
+        routing: resolved.routing.clone(),
+        endpoints: resolved.endpoints.iter().map(ToString::to_string).collect(),
+        workload: args.workload.name().into(),
+        mode: if args.sweep {
+            "sweep".into()
+        } else if args.rate.is_some() {
+            "open".into()
+        } else {
+            "closed".into()
+        },
+        rate: args.rate,
+        concurrency: args.concurrency,
+        pipeline: args.pipeline,
+        threads: args.threads,
+        duration_s: args.duration.as_secs_f64(),
+        warmup_s: args.warmup.as_secs_f64(),
+        records: args.records,
+        value_size: args.value_size.to_string(),
+        distribution: args.distribution().name().into(),
+        zipf_theta: args.zipf_theta,
+        server_placement,
+        ..Default::default()
+    };
+
+    let last = if args.sweep {
+        let (points, last) = sweep(&ctx)?;
+        report.sweep = points;
+        last
+    } else {
+        let pace = match args.rate {
+            Some(rate) => Pace::Open { rate },
+            None => Pace::Closed,
+        };
+        measured(&ctx, pace, "run")?
+    };
+    report.fill(&last.stats, last.seconds);
+    let per_op = |ns: u64| {
+        let ops = last.stats.completed_in_window;
+        if ops > 0 {
+            ns as f64 / 1000.0 / ops as f64
+        } else {
+            0.0
+        }
+    };
+    report.client_worker_cpu_us_per_op = report.client_cpu_us_per_op;
+    report.client_cpu_us_per_op = per_op(last.client_cpu_ns);
+    report.server_cpu_us_per_op = last.server_cpu_ns.map(per_op);
+    report.client_cpus = last.workers.iter().filter_map(|w| w.cpu).collect();
+    report.client_placement = client_placement(&last.workers);
+    report.io_uring = last.workers.first().map(|w| w.ring_flags.to_string()).unwrap_or_default();
+    if let Some(path) = &args.json {
+        let stem = path.with_extension("");
+        report.hgrm_files = report::write_hgrms(&last.stats, &stem)?
+            .iter()
+            .map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
+            .collect();
+        let json = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
+        let svg = stem.with_extension("svg");
+        if args.sweep {
+            plot::sweep_plot(std::slice::from_ref(&report), &svg)?;
+        } else {
+            plot::distribution_plot(std::slice::from_ref(&report), "all", &svg)?;
+        }
+        eprintln!("wrote {}, {} and {} .hgrm file(s)", path.display(), svg.display(), report.hgrm_files.len());
+    }
+    Ok(report)
+}
+
+fn server_placement(resolved: &Resolved, args: &RunArgs) -> String {
+    if args.target.addr.is_none() {
+        return format!(
+            "echo server in this process ({}), CPUs {}",
+            if args.echo_busy_poll { "busy-poll" } else { "blocking thread per connection" },
+            args.echo_cpus.as_ref().map(|c| cpu::format_cpu_list(&c.0)).unwrap_or_else(|| "unpinned".into())
+        );
+    }
+    let mut seen = Vec::new();
+    for e in &resolved.endpoints {
+        if !e.ip().is_loopback() {
+            continue;
+        }
+        if let Some(d) = placement::describe_listener(e.port()) {
+            if !seen.contains(&d) {
+                seen.push(d);
+            }
+        }
+    }
+    if seen.is_empty() {
+        "placement unknown (not a local process this user can inspect)".into()
+    } else {
+        seen.join(" | ")
+    }
+}
+
+fn local_servers(resolved: &Resolved, args: &RunArgs) -> Vec<u32> {
+    let mut pids = Vec::new();
+    if args.target.addr.is_none() {
+        return pids;
+    }
+    for e in resolved.endpoints.iter().filter(|e| e.ip().is_loopback()) {
+        if let Some(pid) = placement::listener_pid(e.port()) {
+            if pid != std::process::id() && !pids.contains(&pid) {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+fn client_placement(workers: &[WorkerResult]) -> String {
+    let parts: Vec<String> = workers
+        .iter()
+        .enumerate()
+        .map(|(i, w)| match (w.cpu, w.pinned) {
+            (Some(c), true) => format!("worker {i} pinned to CPU {c}"),
+            (Some(c), false) => format!("worker {i} unpinned, last on CPU {c}"),
+            (None, _) => format!("worker {i} unpinned"),
+        })
+        .collect();
+    parts.join(", ")
+}
+
+fn load(ctx: &Ctx<'_>) -> Result<()> {
+    let a = ctx.args;
+    let t0 = Instant::now();
+    let timeout = Duration::from_secs(600);
+    let res = phase(ctx, Pace::Closed, a.load_pipeline, Duration::ZERO, timeout, timeout, "load", |_| Source::Load {
+        records: a.records,
+    })?;
+    let all = res.stats.all();
+    let secs = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "loaded {} records in {:.1}s ({:.0} inserts/s, p99 {:.0} us){}",
+        all.ok(),
+        secs,
+        all.ok() as f64 / secs.max(1e-9),
+        Quantiles::of(&all.hist).p99_us,
+        if all.error_count() > 0 { format!(", {} errors: {:?}", all.error_count(), all.errors) } else { String::new() }
+    );
+    if all.ok() == 0 {
+        bail!("the load phase wrote nothing: {:?}", all.errors);
+    }
+    Ok(())
+}
+
+fn measured(ctx: &Ctx<'_>, pace: Pace, name: &str) -> Result<PhaseResult> {
+    let a = ctx.args;
+    let chooser = KeyChooser::new(a.distribution(), a.records);
+    let mix = a.workload.mix();
+    let keys = ctx.keys.clone();
+    let res = phase(ctx, pace, a.pipeline, a.warmup, a.duration, a.drain, name, |_| Source::Workload {
+        mix,
+        chooser: chooser.clone(),
+        keys: keys.clone(),
+    })?;
+    if !a.no_progress || a.sweep {
+        let all = res.stats.all();
+        let q = Quantiles::of(&all.hist);
+        eprintln!(
+            "{name}: {:.0} ops/s, p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us, {} errors",
+            res.stats.completed_in_window as f64 / res.seconds,
+            q.p50_us,
+            q.p99_us,
+            q.p999_us,
+            all.error_count()
+        );
+    }
+    Ok(res)
+}
+
+/// A closed-loop probe for the highest throughput, then open-loop runs at
+/// rising rates until the server falls behind.
+fn sweep(ctx: &Ctx<'_>) -> Result<(Vec<SweepPoint>, PhaseResult)> {
+    let a = ctx.args;
+    let max = match a.sweep_max {
+        Some(m) => m,
+        None => {
+            let probe = measured(ctx, Pace::Closed, "probe (closed loop)")?;
+            probe.stats.completed_in_window as f64 / probe.seconds * 1.1
+        }
+    };
+    if max.is_nan() || max <= 0.0 {
+        bail!("the probe completed nothing; cannot choose sweep rates");
+    }
+    let mut points = Vec::new();
+    let mut last = None;
+    for step in 1..=a.sweep_steps {
+        let rate = max * step as f64 / a.sweep_steps as f64;
+        let res = measured(ctx, Pace::Open { rate }, &format!("sweep {step}/{} at {rate:.0} ops/s", a.sweep_steps))?;
+        let all = res.stats.all();
+        let q = Quantiles::of(&all.hist);
+        let achieved = res.stats.completed_in_window as f64 / res.seconds;
+        let errors = all.error_count() + res.stats.send_lag.error_count();
+        points.push(SweepPoint {
+            target_ops_per_sec: rate,
+            ops_per_sec: achieved,
+            p50_us: q.p50_us,
+            p99_us: q.p99_us,
+            p999_us: q.p999_us,
+            max_us: q.max_us,
+            errors,
+        });
+        last = Some(res);
+        // Saturated: it no longer keeps up with the schedule.
+        if achieved < 0.9 * rate || errors as f64 > 0.01 * (all.ok() as f64).max(1.0) {
+            eprintln!("saturated at {rate:.0} ops/s (achieved {achieved:.0}); sweep done");
+            break;
+        }
+    }
+    Ok((points, last.ok_or_else(|| anyhow!("empty sweep"))?))
+}
+
+/// Runs one phase on all workers and merges what they recorded.
+#[allow(clippy::too_many_arguments)]
+fn phase(
+    ctx: &Ctx<'_>,
+    pace: Pace,
+    pipeline: usize,
+    warmup: Duration,
+    duration: Duration,
+    drain: Duration,
+    name: &str,
+    source: impl Fn(usize) -> Source,
+) -> Result<PhaseResult> {
+    let a = ctx.args;
+    let threads = a.threads;
+    let groups = driver::split(a.concurrency, threads);
+    let connected = Barrier::new(threads + 1);
+    let go = Barrier::new(threads + 1);
+    let timing: OnceLock<Timing> = OnceLock::new();
+    let (tx, rx) = crossbeam::channel::unbounded::<Interval>();
+    // Worker 0 takes the context cache, the others get copies.
+    let mut contexts = std::mem::take(&mut *ctx.contexts.lock().map_err(|_| anyhow!("poisoned"))?);
+    let mut context_copies: Vec<Vec<Vec<u8>>> = (1..threads).map(|_| contexts.clone()).collect();
+    let show = !a.no_progress && name != "load";
+    let (results, (client_cpu, server_cpu)): (Vec<Result<WorkerResult>>, (u64, u64)) = crossbeam::thread::scope(|s| {
+        let mut handles = Vec::new();
+        for (i, &g) in groups.iter().enumerate() {
+            let spec = WorkerSpec {
+                index: i,
+                workers: threads,
+                cpu: a.client_cpus.as_ref().map(|c| c.0[i % c.0.len()]),
+                groups: g,
+                pipeline,
+                pace,
+                source: source(i),
+                endpoints: ctx.resolved.endpoints.clone(),
+                router: ctx.resolved.router.boxed_clone(),
+                make_codec: ctx.make_codec.clone(),
+                connect: ctx.connect.clone(),
+                value_size: a.value_size,
+                blind_writes: a.blind_writes,
+                seed: a.seed,
+                busy_poll: a.busy_poll,
+                progress: Some(tx.clone()),
+                contexts: if i == 0 { std::mem::take(&mut contexts) } else { context_copies.pop().unwrap_or_default() },
+            };
+            let (connected, go, timing) = (&connected, &go, &timing);
+            handles.push(s.spawn(move |_| {
+                driver::run(spec, || {
+                    connected.wait();
+                    go.wait();
+                    timing.get().copied().ok_or_else(|| anyhow!("no start time"))
+                })
+            }));
+        }
+        drop(tx);
+        connected.wait();
+        // A short lead so every worker is waiting when the clock starts.
+        let start = Instant::now() + Duration::from_millis(5);
+        let t = Timing {
+            start,
+            measure_from: start + warmup,
+            end: start + warmup + duration,
+            give_up: start + warmup + duration + drain,
+        };
+        let _ = timing.set(t);
+        go.wait();
+        let cpu = progress_loop(&rx, show, name, t, pace, &|| ctx.cpu_ns());
+        let results: Vec<_> =
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("a worker panicked")))).collect();
+        (results, cpu)
+    })
+    .map_err(|_| anyhow!("a worker thread panicked"))?;
+    let mut stats = RunStats::default();
+    let mut workers = Vec::new();
+    for r in results {
+        let mut w = r?;
+        stats.merge(&w.stats);
+        merge_contexts(&mut contexts, std::mem::take(&mut w.contexts));
+        workers.push(w);
+    }
+    *ctx.contexts.lock().map_err(|_| anyhow!("poisoned"))? = contexts;
+    let server_cpu_ns = ctx.knows_server_cpu().then_some(server_cpu);
+    Ok(PhaseResult { stats, workers, seconds: duration.as_secs_f64(), server_cpu_ns, client_cpu_ns: client_cpu })
+}
+
+/// Keeps, per record, a context some worker saw (any is good enough: a
+/// stale one only leaves a sibling for the next read to resolve).
+fn merge_contexts(into: &mut Vec<Vec<u8>>, from: Vec<Vec<u8>>) {
+    if into.is_empty() {
+        *into = from;
+        return;
+    }
+    for (a, b) in into.iter_mut().zip(from) {
+        if a.is_empty() {
+            *a = b;
+        }
+    }
+}
+
+/// Shows ops/s and p99 of the last second until the workers hang up, and
+/// samples the client's and server's CPU time at the start and end of the
+/// measured window (returns the differences).
+fn progress_loop(
+    rx: &crossbeam::channel::Receiver<Interval>,
+    show: bool,
+    name: &str,
+    t: Timing,
+    pace: Pace,
+    cpu: &dyn Fn() -> (u64, u64),
+) -> (u64, u64) {
+    let total = t.end.saturating_duration_since(t.start).as_secs_f64().ceil().max(1.0) as u64;
+    let bar = if show {
+        let b = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr_with_hz(2));
+        b.set_style(
+            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len}s {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        b.set_prefix(name.to_string());
+        Some(b)
+    } else {
+        None
+    };
+    let mut rates: Vec<f64> = Vec::new();
+    let mut hist = new_hist();
+    let mut last_draw = Instant::now();
+    let (mut cpu_from, mut cpu_to) = (None, None);
+    loop {
+        let now = Instant::now();
+        if cpu_from.is_none() && now >= t.measure_from {
+            cpu_from = Some(cpu());
+        }
+        if cpu_to.is_none() && now >= t.end {
+            cpu_to = Some(cpu());
+        }
+        // Draw when the workers' once-a-second reports are in, or after a
+        // silence (a stalled run shows as 0 ops/s).
+        let mut wake = last_draw + Duration::from_millis(1500);
+        if cpu_from.is_none() {
+            wake = wake.min(t.measure_from);
+        } else if cpu_to.is_none() {
+            wake = wake.min(t.end);
+        }
+        let mut got = false;
+        match rx.recv_deadline(wake) {
+            Ok(iv) => {
+                got = true;
+                if rates.len() <= iv.worker {
+                    rates.resize(iv.worker + 1, 0.0);
+                }
+                rates[iv.worker] = iv.ops as f64 / iv.elapsed.as_secs_f64().max(1e-9);
+                let _ = hist.add(&iv.hist);
+            }
+            Err(crossbeam::channel::RecvTimeoutError::Timeout) => {}
+            Err(crossbeam::channel::RecvTimeoutError::Disconnected) => break,
+        }
+        let since = last_draw.elapsed();
+        if (got && since >= Duration::from_millis(900)) || since >= Duration::from_millis(1500) {
+            if !got && since >= Duration::from_millis(1500) {
+                rates.iter_mut().for_each(|r| *r = 0.0);
+            }
+            if let Some(b) = &bar {
+                let now = Instant::now();
+                let phase = if now < t.measure_from {
+                    "warm-up"
+                } else if now < t.end {
+                    "measuring"
+                } else {
+                    "draining"
+                };
+                let p99 = if hist.is_empty() { 0.0 } else { hist.value_at_quantile(0.99) as f64 / 1000.0 };
+                let rate = match pace {
+                    Pace::Open { rate } => format!(" (target {rate:.0})"),
+                    Pace::Closed => String::new(),
+                };
+                b.set_position(now.saturating_duration_since(t.start).as_secs().min(total));
+                b.set_message(format!(
+                    "{phase}: {:.0} ops/s{rate}, p99 {p99:.0} us",
+                    rates.iter().fold(0.0, |a, b| a + b)
+                ));
+            }
+            hist.reset();
+            last_draw = Instant::now();
+        }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let from = cpu_from.unwrap_or_else(cpu);
+    let to = cpu_to.unwrap_or_else(cpu);
+    (to.0.saturating_sub(from.0), to.1.saturating_sub(from.1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("10h").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("abc").is_err());
+    }
+}

@@ -1,0 +1,275 @@
+//! End-to-end runs of the built `ringkv-bench` binary: against its own echo
+//! server, and against a real single ringkv node. Every spawned process is
+//! killed by a guard when the test ends (or panics), and every run is bounded
+//! in time.
+
+use ringkv_net::{Client, ClientConfig};
+use serde_json::Value;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BENCH: &str = env!("CARGO_BIN_EXE_ringkv-bench");
+
+/// Kills the child when dropped.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(mut cmd: Command) -> Guard {
+    // SAFETY: prctl is async-signal-safe; the hook allocates nothing. The
+    // child dies with the thread that spawned it, even if the test is killed.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    Guard(cmd.spawn().expect("spawning"))
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_listening(addr: SocketAddr, child: &mut Guard) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while TcpStream::connect(addr).is_err() {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            panic!("server exited during start-up: {status}");
+        }
+        assert!(Instant::now() < deadline, "{addr} not listening in time");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What a finished ringkv-bench run printed.
+struct Output {
+    status: std::process::ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs ringkv-bench with `args`, killing it after `limit`.
+fn bench(args: &[&str], limit: Duration) -> Output {
+    let logs = tempfile::tempdir().unwrap();
+    let (out, err) = (logs.path().join("out"), logs.path().join("err"));
+    let mut cmd = Command::new(BENCH);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap());
+    let mut g = spawn(cmd);
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = g.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "ringkv-bench {args:?} ran over {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    Output { status, stdout: read(&out), stderr: read(&err) }
+}
+
+fn ok(out: &Output) -> String {
+    let text = format!("{}\n{}", out.stdout, out.stderr);
+    assert!(out.status.success(), "ringkv-bench failed: {text}");
+    text
+}
+
+fn read_json(p: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).expect("valid JSON")
+}
+
+fn assert_result(v: &Value, ops: &[&str]) {
+    for k in ["target", "workload", "ops_per_sec", "errors", "ops", "client_cpu_us_per_op"] {
+        assert!(v.get(k).is_some(), "missing key {k} in {v}");
+    }
+    assert!(v["ops_per_sec"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["client_cpu_us_per_op"].as_f64().unwrap() > 0.0, "{v}");
+    for op in ops {
+        let o = &v["ops"][op];
+        for k in ["count", "p50_us", "p90_us", "p99_us", "p999_us", "max_us"] {
+            assert!(o.get(k).is_some(), "missing ops.{op}.{k} in {v}");
+        }
+        assert!(o["count"].as_u64().unwrap() > 0, "no {op} in {v}");
+        assert!(o["p50_us"].as_f64().unwrap() > 0.0);
+        assert!(o["p99_us"].as_f64().unwrap() >= o["p50_us"].as_f64().unwrap());
+    }
+}
+
+#[test]
+fn echo_runs_closed_open_and_sweep_and_plots_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut cmd = Command::new(BENCH);
+    cmd.args(["echo-server", "--listen", &addr.to_string()]).stdout(Stdio::null()).stderr(Stdio::null());
+    let mut server = spawn(cmd);
+    wait_listening(addr, &mut server);
+    let target = format!("echo://{addr}");
+    let limit = Duration::from_secs(60);
+
+    let closed = dir.path().join("closed.json");
+    let c = closed.to_str().unwrap();
+    let out = bench(
+        &["run", "--target", &target, "--workload", "c", "--records", "200", "--duration", "1s", "--warmup", "200ms"]
+            .into_iter()
+            .chain(["--concurrency", "2", "--no-progress", "--label", "closed", "--json", c])
+            .collect::<Vec<_>>(),
+        limit,
+    );
+    let text = ok(&out);
+    assert!(text.contains("p99.9"), "a summary table: {text}");
+    let v = read_json(&closed);
+    assert_result(&v, &["read"]);
+    assert_eq!(v["errors"], 0);
+    assert!(dir.path().join("closed.read.hgrm").exists());
+    assert!(dir.path().join("closed.all.hgrm").exists());
+    assert!(std::fs::read_to_string(dir.path().join("closed.svg")).unwrap().starts_with("<svg"));
+
+    // Open loop at a modest rate: the achieved rate follows the schedule.
+    let open = dir.path().join("open.json");
+    let out = bench(
+        &["run", "--target", &target, "--workload", "a", "--records", "200", "--rate", "2000", "--duration", "1s"]
+            .into_iter()
+            .chain(["--warmup", "200ms", "--no-progress", "--label", "open", "--json", open.to_str().unwrap()])
+            .collect::<Vec<_>>(),
+        limit,
+    );
+    ok(&out);
+    let v = read_json(&open);
+    assert_result(&v, &["read", "update"]);
+    let rate = v["ops_per_sec"].as_f64().unwrap();
+    assert!((1600.0..=2400.0).contains(&rate), "open loop at 2000/s achieved {rate}");
+    assert!(v["send_lag_us"]["count"].as_u64().unwrap() > 0);
+
+    // A short sweep.
+    let sweep = dir.path().join("sweep.json");
+    let out = bench(
+        &["run", "--target", &target, "--workload", "c", "--records", "100", "--sweep", "--sweep-steps", "2"]
+            .into_iter()
+            .chain(["--duration", "500ms", "--warmup", "100ms", "--no-progress", "--json", sweep.to_str().unwrap()])
+            .collect::<Vec<_>>(),
+        limit,
+    );
+    ok(&out);
+    let v = read_json(&sweep);
+    assert!(!v["sweep"].as_array().unwrap().is_empty(), "{v}");
+
+    // Overlaid plot and comparison table of the result files.
+    let svg = dir.path().join("both.svg");
+    ok(&bench(&["plot", c, open.to_str().unwrap(), "--out", svg.to_str().unwrap()], limit));
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.contains("closed (c") && text.contains("open (a"), "both runs in the legend");
+    let table = ok(&bench(&["compare", c, open.to_str().unwrap()], limit));
+    assert!(table.contains("| closed |") && table.contains("| open |"), "{table}");
+}
+
+/// The `ringkv` binary of this workspace, built with the tests' profile
+/// (as `tests/src/harness.rs` does); `RINGKV_BIN` overrides it.
+fn ringkv_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("RINGKV_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> -> target/<profile>
+    let profile_dir = exe.parent().and_then(Path::parent).expect("test binary lives in target/<profile>/deps");
+    let profile = profile_dir.file_name().and_then(|n| n.to_str()).unwrap().to_string();
+    let target_dir = profile_dir.parent().expect("target dir");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--quiet", "-p", "ringkv-tools", "--bin", "ringkv"]).arg("--target-dir").arg(target_dir);
+    match profile.as_str() {
+        "debug" => {}
+        "release" => {
+            cmd.arg("--release");
+        }
+        other => {
+            cmd.args(["--profile", other]);
+        }
+    }
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
+    assert!(cmd.status().expect("running cargo").success(), "building ringkv failed");
+    let bin = profile_dir.join("ringkv");
+    assert!(bin.exists(), "{} missing after build", bin.display());
+    bin
+}
+
+#[test]
+fn workload_a_against_a_real_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut cmd = Command::new(ringkv_bin());
+    cmd.arg("server")
+        .args(["--listen", &addr.to_string(), "--shards", "1", "--no-pin"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("RINGKV_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut node = spawn(cmd);
+    wait_listening(addr, &mut node);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let cfg = ClientConfig { timeout: Duration::from_secs(2), ..Default::default() };
+        if Client::connect(addr, &cfg).and_then(|mut c| c.ping()).is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node not serving");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let json = dir.path().join("a.json");
+    let out = bench(
+        &[
+            "run",
+            "--target",
+            &format!("ringkv://{addr}"),
+            "--workload",
+            "a",
+            "--records",
+            "500",
+            "--duration",
+            "1500ms",
+        ]
+        .into_iter()
+        .chain(["--warmup", "300ms", "--concurrency", "2", "--durable", "no", "--no-progress"])
+        .chain(["--json", json.to_str().unwrap()])
+        .collect::<Vec<_>>(),
+        Duration::from_secs(90),
+    );
+    let text = ok(&out);
+    assert!(text.contains("shard-aware"), "{text}");
+    let v = read_json(&json);
+    assert_result(&v, &["read", "update"]);
+    assert_eq!(v["errors"], 0, "{v}");
+    assert_eq!(v["target_kind"], "ringkv");
+    // Loaded records are found.
+    assert_eq!(v["ops"]["read"]["not_found"], 0, "{v}");
+
+    // Read-modify-write (get, then put with the read's context) as one op.
+    let json = dir.path().join("f.json");
+    let out = bench(
+        &["run", "--target", &format!("ringkv://{addr}"), "--workload", "f", "--records", "500", "--no-load"]
+            .into_iter()
+            .chain(["--duration", "1s", "--warmup", "200ms", "--durable", "no", "--no-progress"])
+            .chain(["--json", json.to_str().unwrap()])
+            .collect::<Vec<_>>(),
+        Duration::from_secs(60),
+    );
+    ok(&out);
+    let v = read_json(&json);
+    assert_result(&v, &["read", "rmw"]);
+    assert_eq!(v["errors"], 0, "{v}");
+}
