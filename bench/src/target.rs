@@ -130,7 +130,7 @@ pub fn resolve(url: &TargetUrl, opts: &ResolveOptions) -> Result<Resolved> {
 /// ringkv: ask the node its shard count and partition count, then route each
 /// key to the shard that owns it.
 fn resolve_ringkv(addr: SocketAddr, opts: &ResolveOptions) -> Result<Resolved> {
-    let cfg = ClientConfig { cluster: opts.ringkv_cluster.clone(), timeout: Duration::from_secs(10) };
+    let cfg = ClientConfig { cluster: opts.ringkv_cluster.clone(), timeout: Duration::from_secs(10), bind: None };
     let mut c = Client::connect(addr, &cfg).with_context(|| format!("connecting to ringkv at {addr}"))?;
     let shards = c.server().shards.max(1);
     let node = c.server().node_id.clone();

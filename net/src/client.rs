@@ -37,12 +37,23 @@ pub struct ClientConfig {
     pub cluster: String,
     /// How long to wait for a connection and for each response.
     pub timeout: Duration,
+    /// Local address to connect from (default: the system's choice). Lets a
+    /// test client stand on one side of a network partition.
+    pub bind: Option<std::net::IpAddr>,
 }
 
 impl Default for ClientConfig {
     fn default() -> Self {
-        ClientConfig { cluster: DEFAULT_CLUSTER.to_string(), timeout: Duration::from_secs(10) }
+        ClientConfig { cluster: DEFAULT_CLUSTER.to_string(), timeout: Duration::from_secs(10), bind: None }
     }
+}
+
+fn open(addr: &SocketAddr, config: &ClientConfig) -> io::Result<TcpStream> {
+    let Some(ip) = config.bind else { return TcpStream::connect_timeout(addr, config.timeout) };
+    let s = socket2::Socket::new(socket2::Domain::for_address(*addr), socket2::Type::STREAM, None)?;
+    s.bind(&SocketAddr::new(ip, 0).into())?;
+    s.connect_timeout(&(*addr).into(), config.timeout)?;
+    Ok(s.into())
 }
 
 /// Options of a put or delete.
@@ -71,7 +82,7 @@ impl Client {
         let addrs: Vec<SocketAddr> = addr.to_socket_addrs().map_err(connect_err)?.collect();
         let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
         for a in addrs {
-            match TcpStream::connect_timeout(&a, config.timeout) {
+            match open(&a, config) {
                 Ok(stream) => return Self::handshake(stream, config),
                 Err(e) => last = e,
             }

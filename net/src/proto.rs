@@ -254,11 +254,13 @@ pub enum Request {
     },
     NodeInfo,
     Topology,
-    /// Merge `object` (canonical object bytes) into the receiver's replica.
+    /// Merge `object` (canonical object bytes) into the receiver's replica,
+    /// or hold it as a hint for `hint_for` when that is not empty.
     ReplicaWrite {
         key: Vec<u8>,
         object: Vec<u8>,
         durable: bool,
+        hint_for: String,
     },
     /// The receiver's own replica of `key`.
     ReplicaRead {
@@ -271,6 +273,57 @@ pub enum Request {
         partition: u32,
         entries: Vec<(Vec<u8>, Vec<u8>)>,
     },
+    /// Root and segment hashes (no segments given) or the leaves of `segments`.
+    Merkle {
+        partition: u32,
+        segments: Vec<u32>,
+    },
+    Keys {
+        partition: u32,
+        leaves: Vec<u32>,
+    },
+    ReadBatch {
+        keys: Vec<Vec<u8>>,
+    },
+    /// Anti-entropy now: one partition, or all this node replicates.
+    Repair {
+        partition: Option<u32>,
+    },
+    MerkleRoots,
+}
+
+/// What one anti-entropy run compared and moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RepairReport {
+    pub partitions: u32,
+    pub exchanges: u32,
+    pub in_sync: u32,
+    pub leaves_differing: u32,
+    pub keys_differing: u64,
+    pub keys_pulled: u64,
+    pub keys_pushed: u64,
+    pub errors: u32,
+}
+
+impl RepairReport {
+    pub fn add(&mut self, o: &RepairReport) {
+        self.partitions += o.partitions;
+        self.exchanges += o.exchanges;
+        self.in_sync += o.in_sync;
+        self.leaves_differing += o.leaves_differing;
+        self.keys_differing += o.keys_differing;
+        self.keys_pulled += o.keys_pulled;
+        self.keys_pushed += o.keys_pushed;
+        self.errors += o.errors;
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionRoot {
+    pub partition: u32,
+    pub root: u64,
+    pub keys: u64,
+    pub last_sync_ms: u64,
 }
 
 impl Request {
@@ -286,12 +339,25 @@ impl Request {
             Request::ReplicaRead { .. } => "replica-read",
             Request::Gossip { .. } => "gossip",
             Request::Handoff { .. } => "handoff",
+            Request::Merkle { .. } => "merkle",
+            Request::Keys { .. } => "keys",
+            Request::ReadBatch { .. } => "read-batch",
+            Request::Repair { .. } => "repair",
+            Request::MerkleRoots => "merkle-roots",
         }
     }
 
     /// Requests only other nodes may send.
     pub fn is_peer_only(&self) -> bool {
-        matches!(self, Request::ReplicaWrite { .. } | Request::Gossip { .. } | Request::Handoff { .. })
+        matches!(
+            self,
+            Request::ReplicaWrite { .. }
+                | Request::Gossip { .. }
+                | Request::Handoff { .. }
+                | Request::Merkle { .. }
+                | Request::Keys { .. }
+                | Request::ReadBatch { .. }
+        )
     }
 }
 
@@ -319,6 +385,7 @@ pub struct ShardStats {
     pub tombstones: u64,
     pub disk_bytes: u64,
     pub segments: u32,
+    pub hints: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -360,6 +427,11 @@ pub enum Reply {
     ReplicaRead { found: bool, object: Vec<u8> },
     Gossip { state: Vec<u8> },
     Handoff { applied: u32 },
+    Merkle { root: u64, segments: Vec<u64>, leaves: Vec<u64> },
+    Keys { keys: Vec<(Vec<u8>, u32)> },
+    ReadBatch { entries: Vec<(Vec<u8>, Vec<u8>)> },
+    Repair(RepairReport),
+    MerkleRoots { roots: Vec<PartitionRoot> },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -433,7 +505,10 @@ pub fn decode(payload: &[u8], limits: DecodeLimits) -> Result<Message, DecodeErr
     let opts = VerifierOptions {
         max_depth: limits.max_depth,
         max_tables: limits.max_tables,
-        max_apparent_size: payload.len().saturating_mul(2).max(1024),
+        // The verifier counts a vtable again for every table sharing it, so
+        // many small tables look bigger than they are; 8x the payload still
+        // stops a small message that expands into a huge DAG.
+        max_apparent_size: payload.len().saturating_mul(8).max(64 * 1024),
         ignore_missing_null_terminator: false,
     };
     let frame =
@@ -525,7 +600,12 @@ fn decode_request(r: &fb::Request<'_>) -> Result<Request, DecodeError> {
         fb::RequestBody::TopologyRequest => Request::Topology,
         fb::RequestBody::ReplicaWriteRequest => {
             let w = r.body_as_replica_write_request().ok_or(DecodeError::Missing("replica write"))?;
-            Request::ReplicaWrite { key: bytes(w.key()), object: bytes(w.object()), durable: w.durable() }
+            Request::ReplicaWrite {
+                key: bytes(w.key()),
+                object: bytes(w.object()),
+                durable: w.durable(),
+                hint_for: w.hint_for().unwrap_or_default().to_string(),
+            }
         }
         fb::RequestBody::ReplicaReadRequest => {
             let g = r.body_as_replica_read_request().ok_or(DecodeError::Missing("replica read"))?;
@@ -543,6 +623,31 @@ fn decode_request(r: &fb::Request<'_>) -> Result<Request, DecodeError> {
                 .unwrap_or_default();
             Request::Handoff { partition: h.partition(), entries }
         }
+        fb::RequestBody::MerkleRequest => {
+            let m = r.body_as_merkle_request().ok_or(DecodeError::Missing("merkle"))?;
+            Request::Merkle {
+                partition: m.partition(),
+                segments: m.segments().map(|v| v.iter().collect()).unwrap_or_default(),
+            }
+        }
+        fb::RequestBody::KeysRequest => {
+            let k = r.body_as_keys_request().ok_or(DecodeError::Missing("keys"))?;
+            Request::Keys {
+                partition: k.partition(),
+                leaves: k.leaves().map(|v| v.iter().collect()).unwrap_or_default(),
+            }
+        }
+        fb::RequestBody::ReadBatchRequest => {
+            let b = r.body_as_read_batch_request().ok_or(DecodeError::Missing("read batch"))?;
+            Request::ReadBatch {
+                keys: b.keys().map(|v| v.iter().map(|k| bytes(k.key())).collect()).unwrap_or_default(),
+            }
+        }
+        fb::RequestBody::RepairRequest => {
+            let rp = r.body_as_repair_request().ok_or(DecodeError::Missing("repair"))?;
+            Request::Repair { partition: rp.one().then_some(rp.partition()) }
+        }
+        fb::RequestBody::MerkleRootsRequest => Request::MerkleRoots,
         other => return Err(DecodeError::UnknownMessage(other.0)),
     })
 }
@@ -575,6 +680,7 @@ fn decode_reply(r: &fb::Response<'_>) -> Result<Reply, DecodeError> {
                             tombstones: s.tombstones(),
                             disk_bytes: s.disk_bytes(),
                             segments: s.segments(),
+                            hints: s.hints(),
                         })
                         .collect()
                 })
@@ -626,6 +732,60 @@ fn decode_reply(r: &fb::Response<'_>) -> Result<Reply, DecodeError> {
         fb::ResultBody::HandoffResult => {
             let h = r.result_as_handoff_result().ok_or(DecodeError::Missing("handoff result"))?;
             Reply::Handoff { applied: h.applied() }
+        }
+        fb::ResultBody::MerkleResult => {
+            let m = r.result_as_merkle_result().ok_or(DecodeError::Missing("merkle result"))?;
+            Reply::Merkle {
+                root: m.root(),
+                segments: m.segments().map(|v| v.iter().collect()).unwrap_or_default(),
+                leaves: m.leaves().map(|v| v.iter().collect()).unwrap_or_default(),
+            }
+        }
+        fb::ResultBody::KeysResult => {
+            let k = r.result_as_keys_result().ok_or(DecodeError::Missing("keys result"))?;
+            Reply::Keys {
+                keys: k.keys().map(|v| v.iter().map(|d| (bytes(d.key()), d.digest())).collect()).unwrap_or_default(),
+            }
+        }
+        fb::ResultBody::ReadBatchResult => {
+            let b = r.result_as_read_batch_result().ok_or(DecodeError::Missing("read batch result"))?;
+            Reply::ReadBatch {
+                entries: b
+                    .entries()
+                    .map(|v| v.iter().map(|e| (bytes(e.key()), bytes(e.object()))).collect())
+                    .unwrap_or_default(),
+            }
+        }
+        fb::ResultBody::RepairResult => {
+            let x = r.result_as_repair_result().ok_or(DecodeError::Missing("repair result"))?;
+            Reply::Repair(RepairReport {
+                partitions: x.partitions(),
+                exchanges: x.exchanges(),
+                in_sync: x.in_sync(),
+                leaves_differing: x.leaves_differing(),
+                keys_differing: x.keys_differing(),
+                keys_pulled: x.keys_pulled(),
+                keys_pushed: x.keys_pushed(),
+                errors: x.errors(),
+            })
+        }
+        fb::ResultBody::MerkleRootsResult => {
+            let m = r.result_as_merkle_roots_result().ok_or(DecodeError::Missing("merkle roots"))?;
+            Reply::MerkleRoots {
+                roots: m
+                    .roots()
+                    .map(|v| {
+                        v.iter()
+                            .map(|x| PartitionRoot {
+                                partition: x.partition(),
+                                root: x.root(),
+                                keys: x.keys(),
+                                last_sync_ms: x.last_sync_ms(),
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            }
         }
         fb::ResultBody::NONE => return Err(DecodeError::Missing("result or error")),
         other => return Err(DecodeError::UnknownMessage(other.0)),
@@ -761,12 +921,18 @@ fn encode_request(fbb: &mut Fbb, r: &RequestFrame) -> Union {
             let t = fb::TopologyRequest::create(fbb, &fb::TopologyRequestArgs {});
             (fb::RequestBody::TopologyRequest, t.as_union_value())
         }
-        Request::ReplicaWrite { key, object, durable } => {
+        Request::ReplicaWrite { key, object, durable, hint_for } => {
             let key = fbb.create_vector(key);
             let object = fbb.create_vector(object);
+            let hint_for = fbb.create_string(hint_for);
             let t = fb::ReplicaWriteRequest::create(
                 fbb,
-                &fb::ReplicaWriteRequestArgs { key: Some(key), object: Some(object), durable: *durable },
+                &fb::ReplicaWriteRequestArgs {
+                    key: Some(key),
+                    object: Some(object),
+                    durable: *durable,
+                    hint_for: Some(hint_for),
+                },
             );
             (fb::RequestBody::ReplicaWriteRequest, t.as_union_value())
         }
@@ -793,6 +959,42 @@ fn encode_request(fbb: &mut Fbb, r: &RequestFrame) -> Union {
             let t =
                 fb::HandoffRequest::create(fbb, &fb::HandoffRequestArgs { partition: *partition, entries: Some(es) });
             (fb::RequestBody::HandoffRequest, t.as_union_value())
+        }
+        Request::Merkle { partition, segments } => {
+            let segments = fbb.create_vector(segments);
+            let t = fb::MerkleRequest::create(
+                fbb,
+                &fb::MerkleRequestArgs { partition: *partition, segments: Some(segments) },
+            );
+            (fb::RequestBody::MerkleRequest, t.as_union_value())
+        }
+        Request::Keys { partition, leaves } => {
+            let leaves = fbb.create_vector(leaves);
+            let t = fb::KeysRequest::create(fbb, &fb::KeysRequestArgs { partition: *partition, leaves: Some(leaves) });
+            (fb::RequestBody::KeysRequest, t.as_union_value())
+        }
+        Request::ReadBatch { keys } => {
+            let ks: Vec<_> = keys
+                .iter()
+                .map(|k| {
+                    let key = fbb.create_vector(k);
+                    fb::Key::create(fbb, &fb::KeyArgs { key: Some(key) })
+                })
+                .collect();
+            let ks = fbb.create_vector(&ks);
+            let t = fb::ReadBatchRequest::create(fbb, &fb::ReadBatchRequestArgs { keys: Some(ks) });
+            (fb::RequestBody::ReadBatchRequest, t.as_union_value())
+        }
+        Request::Repair { partition } => {
+            let t = fb::RepairRequest::create(
+                fbb,
+                &fb::RepairRequestArgs { partition: partition.unwrap_or(0), one: partition.is_some() },
+            );
+            (fb::RequestBody::RepairRequest, t.as_union_value())
+        }
+        Request::MerkleRoots => {
+            let t = fb::MerkleRootsRequest::create(fbb, &fb::MerkleRootsRequestArgs {});
+            (fb::RequestBody::MerkleRootsRequest, t.as_union_value())
         }
     };
     fb::Request::create(
@@ -861,6 +1063,7 @@ fn encode_reply(fbb: &mut Fbb, reply: &Reply) -> (fb::ResultBody, Union) {
                             tombstones: s.tombstones,
                             disk_bytes: s.disk_bytes,
                             segments: s.segments,
+                            hints: s.hints,
                         },
                     )
                 })
@@ -936,6 +1139,75 @@ fn encode_reply(fbb: &mut Fbb, reply: &Reply) -> (fb::ResultBody, Union) {
             let t = fb::HandoffResult::create(fbb, &fb::HandoffResultArgs { applied: *applied });
             (fb::ResultBody::HandoffResult, t.as_union_value())
         }
+        Reply::Merkle { root, segments, leaves } => {
+            let segments = fbb.create_vector(segments);
+            let leaves = fbb.create_vector(leaves);
+            let t = fb::MerkleResult::create(
+                fbb,
+                &fb::MerkleResultArgs { root: *root, segments: Some(segments), leaves: Some(leaves) },
+            );
+            (fb::ResultBody::MerkleResult, t.as_union_value())
+        }
+        Reply::Keys { keys } => {
+            let ks: Vec<_> = keys
+                .iter()
+                .map(|(k, d)| {
+                    let key = fbb.create_vector(k);
+                    fb::KeyDigest::create(fbb, &fb::KeyDigestArgs { key: Some(key), digest: *d })
+                })
+                .collect();
+            let ks = fbb.create_vector(&ks);
+            let t = fb::KeysResult::create(fbb, &fb::KeysResultArgs { keys: Some(ks) });
+            (fb::ResultBody::KeysResult, t.as_union_value())
+        }
+        Reply::ReadBatch { entries } => {
+            let es: Vec<_> = entries
+                .iter()
+                .map(|(k, o)| {
+                    let key = fbb.create_vector(k);
+                    let object = fbb.create_vector(o);
+                    fb::HandoffEntry::create(fbb, &fb::HandoffEntryArgs { key: Some(key), object: Some(object) })
+                })
+                .collect();
+            let es = fbb.create_vector(&es);
+            let t = fb::ReadBatchResult::create(fbb, &fb::ReadBatchResultArgs { entries: Some(es) });
+            (fb::ResultBody::ReadBatchResult, t.as_union_value())
+        }
+        Reply::Repair(x) => {
+            let t = fb::RepairResult::create(
+                fbb,
+                &fb::RepairResultArgs {
+                    partitions: x.partitions,
+                    exchanges: x.exchanges,
+                    in_sync: x.in_sync,
+                    leaves_differing: x.leaves_differing,
+                    keys_differing: x.keys_differing,
+                    keys_pulled: x.keys_pulled,
+                    keys_pushed: x.keys_pushed,
+                    errors: x.errors,
+                },
+            );
+            (fb::ResultBody::RepairResult, t.as_union_value())
+        }
+        Reply::MerkleRoots { roots } => {
+            let rs: Vec<_> = roots
+                .iter()
+                .map(|x| {
+                    fb::PartitionRoot::create(
+                        fbb,
+                        &fb::PartitionRootArgs {
+                            partition: x.partition,
+                            root: x.root,
+                            keys: x.keys,
+                            last_sync_ms: x.last_sync_ms,
+                        },
+                    )
+                })
+                .collect();
+            let rs = fbb.create_vector(&rs);
+            let t = fb::MerkleRootsResult::create(fbb, &fb::MerkleRootsResultArgs { roots: Some(rs) });
+            (fb::ResultBody::MerkleRootsResult, t.as_union_value())
+        }
     }
 }
 
@@ -1001,7 +1273,34 @@ mod tests {
                 id: 12,
                 timeout_ms: 0,
                 hops: 0,
-                body: Request::ReplicaWrite { key: b"k".to_vec(), object: vec![1], durable: false },
+                body: Request::ReplicaWrite {
+                    key: b"k".to_vec(),
+                    object: vec![1],
+                    durable: false,
+                    hint_for: "n2".into(),
+                },
+            }),
+            Message::Request(RequestFrame {
+                id: 13,
+                timeout_ms: 0,
+                hops: 0,
+                body: Request::ReadBatch { keys: vec![b"a".to_vec(), b"bc".to_vec()] },
+            }),
+            Message::Request(RequestFrame {
+                id: 14,
+                timeout_ms: 0,
+                hops: 0,
+                body: Request::Repair { partition: Some(3) },
+            }),
+            Message::Response(Response {
+                id: 14,
+                ring_version: 2,
+                result: Ok(Reply::Repair(RepairReport { partitions: 1, keys_pulled: 5, ..Default::default() })),
+            }),
+            Message::Response(Response {
+                id: 15,
+                ring_version: 2,
+                result: Ok(Reply::Keys { keys: vec![(b"k".to_vec(), 7)] }),
             }),
             Message::Response(Response {
                 id: 11,

@@ -380,6 +380,70 @@ impl Cluster {
         &self.nodes[i]
     }
 
+    /// Each partition's Merkle roots as the running replicas report them.
+    pub fn merkle_roots(&self) -> std::collections::BTreeMap<u32, Vec<(String, u64)>> {
+        let mut out: std::collections::BTreeMap<u32, Vec<(String, u64)>> = Default::default();
+        for n in self.nodes.iter().filter(|n| n.is_running()) {
+            let Some(mut c) = n.try_client() else { continue };
+            if let Ok(ringkv_net::Reply::MerkleRoots { roots }) = c.call(ringkv_net::Request::MerkleRoots) {
+                for r in roots {
+                    out.entry(r.partition).or_default().push((n.spec.node_id.clone(), r.root));
+                }
+            }
+        }
+        out
+    }
+
+    /// Waits until the replicas of every partition report equal Merkle roots
+    /// (and every partition is reported by `replicas` nodes); returns how long.
+    pub fn wait_merkle_converged(&self, replicas: usize, timeout: Duration) -> Duration {
+        let started = Instant::now();
+        loop {
+            let roots = self.merkle_roots();
+            let converged = roots.values().all(|rs| rs.len() == replicas && rs.iter().all(|(_, r)| *r == rs[0].1))
+                && !roots.is_empty();
+            if converged {
+                return started.elapsed();
+            }
+            if started.elapsed() > timeout {
+                let differing: Vec<_> = roots
+                    .iter()
+                    .filter(|(_, rs)| rs.len() != replicas || rs.iter().any(|(_, r)| *r != rs[0].1))
+                    .take(5)
+                    .collect();
+                panic!("replicas did not converge within {timeout:?}; e.g. {differing:?}");
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Hints held across the running nodes.
+    pub fn hints_pending(&self) -> u64 {
+        self.nodes
+            .iter()
+            .filter(|n| n.is_running())
+            .filter_map(|n| n.try_client().and_then(|mut c| c.node_info().ok()))
+            .map(|i| i.shards.iter().map(|s| s.hints).sum::<u64>())
+            .sum()
+    }
+
+    /// Every key's values, read at r=all through node `via`.
+    pub fn read_all(&self, via: usize, keys: &[Vec<u8>]) -> std::collections::BTreeMap<Vec<u8>, Vec<Vec<u8>>> {
+        let mut c = self.nodes[via].client();
+        keys.iter()
+            .map(|k| {
+                let g = c.get(k, ringkv_net::Level::All).unwrap_or_else(|e| panic!("final read of {k:?}: {e}"));
+                (k.clone(), g.values)
+            })
+            .collect()
+    }
+
+    /// The shard ports the cluster's nodes listen on.
+    pub fn ports(&self) -> std::ops::RangeInclusive<u16> {
+        let s = &self.nodes[0].spec;
+        s.port..=s.port + s.shards as u16 - 1
+    }
+
     pub fn addrs(&self) -> Vec<String> {
         self.nodes.iter().map(|n| n.addr().to_string()).collect()
     }

@@ -1,6 +1,13 @@
 //! Test support for ringkv: real processes on loopback, and checkers.
 //!
 //! - [`harness`]: builds the `ringkv` binary, starts nodes on 127.0.0.x, and
-//!   stops them however a test ends.
+//!   stops them however a test ends;
+//! - [`faults`]: network partitions between nodes with nftables rules;
+//! - [`load`]: a bounded client load that records what it did;
+//! - [`history`]: the checker for such records (lost, resurrected, phantom
+//!   values, stale reads).
 
+pub mod faults;
 pub mod harness;
+pub mod history;
+pub mod load;

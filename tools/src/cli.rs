@@ -24,6 +24,9 @@ pub enum Command {
     Delete(DeleteArgs),
     /// Show the cluster as the node sees it: members, states, ownership, load.
     Status(StatusArgs),
+    /// Run anti-entropy now: compare this node's partitions with their other
+    /// replicas and exchange the keys that differ; reports what it did.
+    Repair(RepairArgs),
     /// Manage a local development cluster.
     #[command(subcommand)]
     Cluster(ClusterCmd),
@@ -106,6 +109,15 @@ pub struct ServerArgs {
     /// First core to pin shard 0 to [default: 0].
     #[arg(long)]
     pub cpu_offset: Option<usize>,
+    /// Seconds between anti-entropy passes [default: 60].
+    #[arg(long)]
+    pub anti_entropy_interval_s: Option<u64>,
+    /// Seconds between hinted-handoff attempts [default: 3].
+    #[arg(long)]
+    pub handoff_interval_s: Option<u64>,
+    /// Hints a shard holds at most for unreachable replicas [default: 1000000].
+    #[arg(long)]
+    pub max_hints_per_shard: Option<u64>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -165,6 +177,17 @@ pub struct DeleteArgs {
     /// Context from an earlier get: delete exactly what that read saw.
     #[arg(long)]
     pub context: Option<String>,
+}
+
+#[derive(Args)]
+pub struct RepairArgs {
+    #[command(flatten)]
+    pub endpoint: Endpoint,
+    /// Only this partition (default: every partition the node replicates).
+    #[arg(long)]
+    pub partition: Option<u32>,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]

@@ -1,18 +1,18 @@
 //! `ringkv put|get|delete|status`: one request to the node named by
 //! `--endpoint`, which coordinates it (the CLI never reroutes).
 
-use crate::cli::{DeleteArgs, Endpoint, GetArgs, PutArgs, StatusArgs};
+use crate::cli::{DeleteArgs, Endpoint, GetArgs, PutArgs, RepairArgs, StatusArgs};
 use crate::Failure;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use ringkv_net::proto::NodeInfo;
+use ringkv_net::proto::{NodeInfo, PartitionRoot, Reply, Request};
 use ringkv_net::{Client, ClientConfig, ClientError, ErrorCode, Level, WriteOptions};
 use serde_json::json;
 use std::io::{IsTerminal, Read, Write};
 use std::time::Duration;
 
 fn connect(e: &Endpoint) -> Result<Client, Failure> {
-    let cfg = ClientConfig { cluster: e.cluster.clone(), timeout: Duration::from_millis(e.timeout_ms) };
+    let cfg = ClientConfig { cluster: e.cluster.clone(), timeout: Duration::from_millis(e.timeout_ms), bind: None };
     Client::connect(e.endpoint.as_str(), &cfg).map_err(Failure::from)
 }
 
@@ -120,10 +120,75 @@ pub fn delete(a: &DeleteArgs) -> Result<(), Failure> {
 pub fn status(a: &StatusArgs) -> Result<(), Failure> {
     let mut c = connect(&a.endpoint)?;
     let info = c.node_info()?;
+    let roots = match c.call(Request::MerkleRoots)? {
+        Reply::MerkleRoots { roots } => roots,
+        other => return Err(Failure::Unreachable(format!("unexpected reply {other:?}"))),
+    };
     if a.json {
-        println!("{}", status_json(&info));
+        let mut v = status_json(&info);
+        v["anti_entropy"] = json!(roots
+            .iter()
+            .map(|r| json!({"partition": r.partition, "keys": r.keys, "merkle_root": format!("{:016x}", r.root),
+                            "last_round_ms": r.last_sync_ms}))
+            .collect::<Vec<_>>());
+        println!("{v}");
     } else {
-        print!("{}", status_text(&info));
+        print!("{}{}", status_text(&info), anti_entropy_text(&roots));
+    }
+    Ok(())
+}
+
+fn anti_entropy_text(roots: &[PartitionRoot]) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let synced: Vec<u64> =
+        roots.iter().filter(|r| r.last_sync_ms > 0).map(|r| now.saturating_sub(r.last_sync_ms)).collect();
+    let never = roots.len() - synced.len();
+    let mut s = format!("\nanti-entropy over the {} partitions this node replicates: ", roots.len());
+    match (synced.iter().min(), synced.iter().max()) {
+        (Some(newest), Some(oldest)) => {
+            s += &format!("last rounds {:.0}s to {:.0}s ago", *newest as f64 / 1000.0, *oldest as f64 / 1000.0)
+        }
+        _ => s += "no round completed yet",
+    }
+    if never > 0 && !synced.is_empty() {
+        s += &format!(", {never} never");
+    }
+    s += " (per partition: --json)\n";
+    s
+}
+
+pub fn repair(a: &RepairArgs) -> Result<(), Failure> {
+    let mut c = connect(&a.endpoint)?;
+    let r = match c.call(Request::Repair { partition: a.partition })? {
+        Reply::Repair(r) => r,
+        other => return Err(Failure::Unreachable(format!("unexpected reply {other:?}"))),
+    };
+    if a.json {
+        println!(
+            "{}",
+            json!({"partitions": r.partitions, "exchanges": r.exchanges, "in_sync": r.in_sync,
+                   "leaves_differing": r.leaves_differing, "keys_differing": r.keys_differing,
+                   "keys_pulled": r.keys_pulled, "keys_pushed": r.keys_pushed, "errors": r.errors})
+        );
+    } else {
+        println!(
+            "compared {} partitions in {} replica exchanges ({} already in sync); {} Merkle leaves and {} keys differed; \
+             moved {} keys here and {} keys to other replicas; {} exchanges failed",
+            r.partitions,
+            r.exchanges,
+            r.in_sync,
+            r.leaves_differing,
+            r.keys_differing,
+            r.keys_pulled,
+            r.keys_pushed,
+            r.errors
+        );
+    }
+    if r.errors > 0 {
+        return Err(Failure::Refused(format!(
+            "{} exchanges failed (replicas down?); run repair again later",
+            r.errors
+        )));
     }
     Ok(())
 }
@@ -138,9 +203,10 @@ fn status_json(n: &NodeInfo) -> serde_json::Value {
         "keys": n.shards.iter().map(|s| s.keys).sum::<u64>(),
         "tombstones": n.shards.iter().map(|s| s.tombstones).sum::<u64>(),
         "disk_bytes": n.shards.iter().map(|s| s.disk_bytes).sum::<u64>(),
+        "hints": n.shards.iter().map(|s| s.hints).sum::<u64>(),
         "shards": n.shards.iter().map(|s| json!({
             "shard": s.shard, "keys": s.keys, "tombstones": s.tombstones,
-            "disk_bytes": s.disk_bytes, "segments": s.segments,
+            "disk_bytes": s.disk_bytes, "segments": s.segments, "hints": s.hints,
         })).collect::<Vec<_>>(),
         "replicas": n.replicas,
         "ring_version": n.ring_version,
@@ -161,13 +227,13 @@ fn status_text(n: &NodeInfo) -> String {
         n.node_id, n.listen, n.cluster, n.partitions, n.replicas, n.ring_version, n.version
     );
     s += &format!(
-        "{:<12} {:<22} {:<8} {:>6} {:>6} {:>7} {:>7} {:>10} {:>10}\n",
-        "member", "address", "state", "weight", "shards", "owned", "share", "replicas", "keys"
+        "{:<12} {:<22} {:<8} {:>6} {:>6} {:>7} {:>7} {:>10} {:>10} {:>8}\n",
+        "member", "address", "state", "weight", "shards", "owned", "share", "replicas", "keys", "hints"
     );
     for m in &n.members {
         let state = if m.alive { m.status.clone() } else { format!("{} (down)", m.status) };
         s += &format!(
-            "{:<12} {:<22} {:<8} {:>6} {:>6} {:>7} {:>6.1}% {:>10} {:>10}\n",
+            "{:<12} {:<22} {:<8} {:>6} {:>6} {:>7} {:>6.1}% {:>10} {:>10} {:>8}\n",
             m.node_id,
             m.addr,
             state,
@@ -176,7 +242,8 @@ fn status_text(n: &NodeInfo) -> String {
             m.partitions_owned,
             100.0 * f64::from(m.partitions_owned) / f64::from(n.partitions.max(1)),
             m.partitions_replicated,
-            m.keys
+            m.keys,
+            m.hints_pending
         );
     }
     s += &format!("\nshards of {}:\n", n.node_id);

@@ -1,7 +1,9 @@
 //! `ringkv cluster up`: a local cluster of N `ringkv server` processes on
 //! 127.0.0.1 .. 127.0.0.N (same port), seeded to each other, in the
-//! foreground. Ctrl-C (or SIGTERM) stops them all cleanly; if one dies, the
-//! others are stopped too and the command fails with that node's log tail.
+//! foreground. Ctrl-C (or SIGTERM) stops them all cleanly. A node that dies
+//! is reported with its log tail while the others keep serving (surviving
+//! that is the point of a replicated store); when none is left, the command
+//! fails.
 
 use crate::cli::ClusterUpArgs;
 use ringkv_net::{Client, ClientConfig};
@@ -155,12 +157,27 @@ pub fn up(args: &ClusterUpArgs) -> Result<(), String> {
     }
     eprintln!("try: ringkv put hello world && ringkv get hello --endpoint {}; ringkv status", addrs[addrs.len() - 1]);
     eprintln!("Ctrl-C stops the cluster.");
+    let mut reported = vec![false; nodes.len()];
     let result = loop {
         if stop.load(Ordering::Relaxed) {
             break Ok(());
         }
-        if let Err(e) = check_alive(&mut nodes) {
-            break Err(e);
+        for (i, n) in nodes.iter_mut().enumerate() {
+            if reported[i] {
+                continue;
+            }
+            if let Ok(Some(status)) = n.child.try_wait() {
+                reported[i] = true;
+                eprintln!(
+                    "ringkv cluster: node {} exited ({status}); the others keep running. Last lines of {}:\n{}",
+                    n.id,
+                    n.log.display(),
+                    tail(&n.log, 10)
+                );
+            }
+        }
+        if reported.iter().all(|r| *r) {
+            break Err("every node has exited".to_string());
         }
         std::thread::sleep(Duration::from_millis(200));
     };

@@ -39,6 +39,7 @@ fn main() -> ExitCode {
         Command::Get(a) => client_cmd::get(a),
         Command::Delete(a) => client_cmd::delete(a),
         Command::Status(a) => client_cmd::status(a),
+        Command::Repair(a) => client_cmd::repair(a),
         Command::Cluster(ClusterCmd::Up(a)) => cluster_cmd::up(a).map_err(Failure::Server),
     };
     match result {

@@ -58,6 +58,15 @@ pub fn resolve(args: &ServerArgs) -> Result<NodeConfig, String> {
     if let Some(v) = a.cpu_offset {
         c.cpu_offset = v;
     }
+    if let Some(v) = a.anti_entropy_interval_s {
+        c.anti_entropy_interval_s = v;
+    }
+    if let Some(v) = a.handoff_interval_s {
+        c.handoff_interval_s = v;
+    }
+    if let Some(v) = a.max_hints_per_shard {
+        c.max_hints_per_shard = v;
+    }
     c.validate()?;
     Ok(c)
 }

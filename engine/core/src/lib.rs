@@ -12,6 +12,7 @@ pub mod codec;
 pub mod failure;
 pub mod keyspace;
 pub mod membership;
+pub mod merkle;
 pub mod quorum;
 pub mod ring;
 pub mod version;

@@ -406,7 +406,7 @@ impl Gossip {
         let alive: Vec<&&Member> = others.iter().filter(|m| self.is_alive(&m.id, now_ms)).collect();
         // Now and then (or when we know nobody alive) go to a seed or a
         // suspected member instead, so partitions heal and joins happen.
-        let explore = alive.is_empty() || random % 5 == 0;
+        let explore = alive.is_empty() || random.is_multiple_of(5);
         if explore {
             let mut pool: Vec<&str> = self.seeds.iter().map(String::as_str).collect();
             pool.extend(others.iter().filter(|m| !self.is_alive(&m.id, now_ms)).map(|m| m.addr.as_str()));
@@ -450,11 +450,13 @@ impl Gossip {
         self.state.members.keys().map(String::as_str).find(|id| in_ring(id) && self.is_alive(id, now_ms))
     }
 
+    /// A first ring is formed once every seed is known (so nodes started
+    /// together get one well-spread claim rather than a chain of small
+    /// ones), or when the formation wait is over.
     fn may_form(&self, now_ms: u64) -> bool {
-        self.state.ring.is_some()
-            || self.seeds.is_empty()
-            || self.heard_from_peer
-            || now_ms.saturating_sub(self.started_ms) >= self.cfg.formation_wait_ms
+        let seeds_known =
+            self.seeds.iter().all(|s| self.state.members.values().any(|m| m.addr == *s && m.id != self.me));
+        self.state.ring.is_some() || seeds_known || now_ms.saturating_sub(self.started_ms) >= self.cfg.formation_wait_ms
     }
 
     /// Computes and publishes a new ring if we are the claimant and the

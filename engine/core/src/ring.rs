@@ -11,11 +11,13 @@
 //! - each node's partition count is the floor or the ceiling of its
 //!   weighted share `Q * w / W`, except that every node gets at least one
 //!   partition while there are enough of them;
-//! - only partitions that must move do: nodes over their new target release
-//!   exactly their excess, preferring partitions spread around the ring, and
-//!   rounding ties keep the current owner;
+//! - few partitions move: nodes over their new target release exactly their
+//!   excess, preferring partitions spread around the ring, rounding ties keep
+//!   the current owner, and mending the spacing may cost at most 20% more;
 //! - where it can, a node's partitions are at least N apart, so a preference
-//!   list is usually just N consecutive owners.
+//!   list is usually just N consecutive owners and every node replicates
+//!   about N times its owned share (checked by the property tests, since a
+//!   badly spaced ring leaves some nodes holding far more data than others).
 //!
 //! Pure: no I/O, deterministic (ties broken by node id).
 
@@ -276,10 +278,75 @@ pub fn claim(prev: Option<&Ring>, members: &[Claimant], q: u32, n: usize) -> Rin
         count[best] += 1;
     }
     debug_assert_eq!(count, target);
+
+    // Mend spacing by swapping owners. A fresh ring may move anything; a new
+    // claim may spend 20% more moves than the minimum it just made, so a
+    // cluster that grows one node at a time keeps its replica balance.
+    let prev_owner: Option<Vec<Option<usize>>> =
+        prev.filter(|r| r.owners.len() == q).map(|r| (0..q as u32).map(|p| index.get(r.owner(p)).copied()).collect());
+    let moved = |owner: &[Option<usize>]| match &prev_owner {
+        Some(po) => (0..q).filter(|&p| owner[p] != po[p]).count(),
+        None => 0,
+    };
+    let budget = match &prev_owner {
+        Some(_) => moved(&owner) + moved(&owner) / 5,
+        None => usize::MAX,
+    };
+    repair_spacing(&mut owner, window, |o| moved(o) <= budget);
+
     Ring {
         version: prev.map_or(1, |r| r.version + 1),
         members: members.to_vec(),
         owners: owner.iter().map(|o| o.expect("every partition filled") as u16).collect(),
+    }
+}
+
+/// Whether partition `p` shares its owner with one of the `window` before it.
+fn violates(owner: &[Option<usize>], p: usize, window: usize) -> bool {
+    let q = owner.len();
+    (1..=window.min(q - 1)).any(|d| owner[p] == owner[(p + q - d) % q])
+}
+
+/// Violations among the partitions a swap at `i` and `j` can affect.
+fn local_violations(owner: &[Option<usize>], i: usize, j: usize, window: usize) -> usize {
+    let q = owner.len();
+    let mut ps: Vec<usize> = (0..=window).flat_map(|d| [(i + d) % q, (j + d) % q]).collect();
+    ps.sort_unstable();
+    ps.dedup();
+    ps.into_iter().filter(|&p| violates(owner, p, window)).count()
+}
+
+/// Greedy swaps of two partitions' owners that lower the number of spacing
+/// violations, while `allowed` accepts the result (a movement budget).
+/// Counts per node never change, so the targets still hold.
+fn repair_spacing(owner: &mut [Option<usize>], window: usize, allowed: impl Fn(&[Option<usize>]) -> bool) {
+    let q = owner.len();
+    if q < 4 {
+        return;
+    }
+    // Bounded: each accepted swap removes at least one violation.
+    for _ in 0..q {
+        let mut improved = false;
+        for j in 0..q {
+            if !violates(owner, j, window) {
+                continue;
+            }
+            for i in 0..q {
+                if owner[i] == owner[j] {
+                    continue;
+                }
+                let before = local_violations(owner, i, j, window);
+                owner.swap(i, j);
+                if local_violations(owner, i, j, window) < before && allowed(owner) {
+                    improved = true;
+                    break;
+                }
+                owner.swap(i, j);
+            }
+        }
+        if !improved {
+            return;
+        }
     }
 }
 
@@ -332,12 +399,26 @@ mod tests {
     }
 
     #[test]
-    fn a_join_moves_only_the_new_nodes_share() {
+    fn a_join_moves_about_the_new_nodes_share() {
         let before = claim(None, &members(&[1, 1, 1]), 256, 3);
         let after = claim(Some(&before), &members(&[1, 1, 1, 1]), 256, 3);
         assert_eq!(after.version, 2);
         assert_eq!(after.counts()["n03"], 64);
-        assert_eq!(after.moved_from(&before), 64);
+        let moved = after.moved_from(&before);
+        assert!((64..=76).contains(&moved), "moved {moved}");
+    }
+
+    #[test]
+    fn growing_one_node_at_a_time_keeps_replicas_balanced() {
+        let mut ring = claim(None, &members(&[1]), 256, 3);
+        for n in 2..=6 {
+            ring = claim(Some(&ring), &members(&vec![1; n]), 256, 3);
+        }
+        for m in ring.members() {
+            let held = ring.replicated_by(&m.id, 3).len() as f64;
+            let ideal = 256.0 * 3.0 / 6.0;
+            assert!((held - ideal).abs() <= ideal * 0.1, "{} replicates {held}, ideal {ideal}", m.id);
+        }
     }
 
     #[test]
@@ -345,7 +426,10 @@ mod tests {
         let before = claim(None, &members(&[1, 1, 1, 1]), 256, 3);
         let remaining: Vec<Claimant> = members(&[1, 1, 1, 1]).into_iter().filter(|m| m.id != "n02").collect();
         let after = claim(Some(&before), &remaining, 256, 3);
-        assert_eq!(after.moved_from(&before), before.counts()["n02"]);
+        let owned = before.counts()["n02"];
+        let moved = after.moved_from(&before);
+        // The leaver's partitions, plus at most 20% for mending the spacing.
+        assert!(moved >= owned && moved <= owned + owned / 5, "moved {moved} for {owned}");
         assert!(!after.contains("n02"));
     }
 

@@ -76,9 +76,29 @@ proptest! {
         let after = claim(Some(&before), &rest, Q, N);
         let owned = before.counts().get(all[gone].id.as_str()).copied().unwrap_or(0);
         prop_assert!(!after.contains(&all[gone].id));
-        // Its partitions move; rounding may shift a few more between others.
-        prop_assert!(after.moved_from(&before) <= owned + rest.len().min(owned + 1), "moved {} for {} owned", after.moved_from(&before), owned);
+        // Its partitions move; rounding may shift a few more between others,
+        // and mending the spacing may cost up to 20% more.
+        let minimum = owned + rest.len().min(owned + 1);
+        prop_assert!(after.moved_from(&before) <= minimum + minimum / 5, "moved {} for {} owned", after.moved_from(&before), owned);
         assert_preference_lists(&after, rest.len())?;
+    }
+
+    /// Equal nodes added one at a time (as an operator adds servers) each
+    /// replicate about N/n of the ring: spacing repair keeps the data
+    /// balanced, not just ownership. (With unequal weights a heavy node must
+    /// sit in most windows of N, so N times its share is not the target.)
+    #[test]
+    fn equal_nodes_added_one_by_one_replicate_equal_shares(n in 3usize..=24) {
+        let weights = vec![1u32; n];
+        let mut ring = claim(None, &members(&weights[..1]), Q, N);
+        for k in 2..=n {
+            ring = claim(Some(&ring), &members(&weights[..k]), Q, N);
+        }
+        let ideal = f64::from(Q) * N as f64 / n as f64;
+        for i in 0..n {
+            let held = ring.replicated_by(&format!("node{i:03}"), N).len() as f64;
+            prop_assert!((held - ideal).abs() <= (0.1 * ideal).max(3.0), "node{i:03} replicates {held}, ideal {ideal:.1}");
+        }
     }
 
     #[test]

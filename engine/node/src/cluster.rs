@@ -203,6 +203,7 @@ impl ClusterAgent {
         let load = Load {
             keys: stats.iter().map(|s| s.keys).sum(),
             disk_bytes: stats.iter().map(|s| s.log_bytes).sum(),
+            hints: stats.iter().map(|s| s.hints).sum(),
             ..Load::default()
         };
         self.gossip.borrow_mut().set_load(load);

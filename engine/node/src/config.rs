@@ -44,6 +44,12 @@ pub struct NodeConfig {
     pub cpu_offset: usize,
     pub max_connections_per_shard: usize,
     pub max_in_flight_per_connection: usize,
+    /// Hints (writes held for unreachable replicas) a shard keeps at most.
+    pub max_hints_per_shard: u64,
+    /// Seconds between anti-entropy passes over a shard's partitions.
+    pub anti_entropy_interval_s: u64,
+    /// Seconds between hinted-handoff attempts.
+    pub handoff_interval_s: u64,
 }
 
 impl Default for NodeConfig {
@@ -67,6 +73,9 @@ impl Default for NodeConfig {
             cpu_offset: 0,
             max_connections_per_shard: 4096,
             max_in_flight_per_connection: 1024,
+            max_hints_per_shard: 1_000_000,
+            anti_entropy_interval_s: 60,
+            handoff_interval_s: 3,
         }
     }
 }
@@ -117,6 +126,9 @@ impl NodeConfig {
         }
         if self.segment_mb == 0 || self.segment_mb > 4000 {
             return Err(format!("segment_mb must be between 1 and 4000, got {}", self.segment_mb));
+        }
+        if self.anti_entropy_interval_s == 0 || self.handoff_interval_s == 0 {
+            return Err("anti_entropy_interval_s and handoff_interval_s must be positive".into());
         }
         if self.request_timeout_ms == 0 {
             return Err("request_timeout_ms must be positive".into());

@@ -6,8 +6,11 @@
 //! `ringkv_core::quorum` types; this module only sends and collects.
 //!
 //! Write: apply locally (append, no wait), send the new object to the other
-//! live replicas, and answer after `w` acknowledgements, the local fsync
-//! counting as one. Replicas that answer later just finish.
+//! replicas, and answer after `w` acknowledgements, the local fsync counting
+//! as one. Replicas that answer later just finish. Sloppy quorum: a
+//! preference-list replica that is down, or fails while we write, is stood in
+//! for by the next live fallback in ring order, which holds the write as a
+//! hint for it (delivered by hinted handoff); the hint counts toward `w`.
 //! Read: ask the live replicas, answer after `r` with everything merged, and
 //! keep listening in the background: replicas whose copy lacks something the
 //! merge has get the merged object (read repair).
@@ -20,6 +23,8 @@ use futures::StreamExt;
 use ringkv_core::quorum::{live_targets, Progress, Quorum, QuorumError, ReadMerge};
 use ringkv_core::version::Object;
 use ringkv_net::proto::{ErrorCode, GetResult, Level, Reply, Request, WireError};
+use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::rc::Rc;
 
 pub enum ClientOp {
@@ -144,6 +149,110 @@ async fn read_repair(
     }
 }
 
+/// Where one replica's copy of a write goes: the replica itself, or a
+/// fallback holding a hint for it.
+#[derive(Debug, Clone)]
+struct Slot {
+    node: String,
+    hint_for: Option<String>,
+}
+
+/// One slot per preference-list replica; down ones get a live fallback.
+/// Returns the slots, the unused live fallbacks (for replicas that fail
+/// mid-write) and how many acknowledgements are needed.
+fn plan_write(shard: &Shard, p: u32, w: Level) -> Result<(Vec<Slot>, VecDeque<String>, usize), WireError> {
+    let view = shard.view();
+    if !view.has_ring() {
+        return Err(WireError::new(ErrorCode::Unavailable, "this node is still joining the cluster"));
+    }
+    let n = shard.node.cfg.replicas;
+    let prefs = view.primaries(p);
+    let needed = w.required(n, prefs.len()).map_err(|e| WireError::new(ErrorCode::BadRequest, format!("w={e}")))?;
+    if needed > prefs.len() {
+        return Err(WireError::new(
+            ErrorCode::Unavailable,
+            format!("w={needed} needs {needed} replicas but the cluster has only {}", prefs.len()),
+        ));
+    }
+    let mut spare: VecDeque<String> = view.fallbacks(p).iter().filter(|f| view.alive(f)).cloned().collect();
+    let mut slots = Vec::with_capacity(prefs.len());
+    for primary in prefs {
+        if view.alive(primary) {
+            slots.push(Slot { node: primary.clone(), hint_for: None });
+        } else if let Some(f) = spare.pop_front() {
+            slots.push(Slot { node: f, hint_for: Some(primary.clone()) });
+        }
+    }
+    if slots.len() < needed {
+        return Err(quorum_error(QuorumError::Unavailable { needed, live: slots.len() }));
+    }
+    Ok((slots, spare, needed))
+}
+
+/// The write being replicated: its key, partition, new object, and where
+/// the local copy is in the log.
+struct WriteJob {
+    p: u32,
+    key: Vec<u8>,
+    obj: Object,
+    lsn: u64,
+    durable: bool,
+}
+
+/// Delivers one slot's copy; if a replica fails, a spare fallback holds a
+/// hint for it instead.
+async fn write_slot(
+    shard: &Rc<Shard>,
+    slot: Slot,
+    spare: &RefCell<VecDeque<String>>,
+    job: &WriteJob,
+) -> Result<(), String> {
+    let WriteJob { p, ref key, ref obj, lsn, durable } = *job;
+    let first = if slot.node == shard.me() && slot.hint_for.is_none() {
+        if durable {
+            shard.store.wait_lsn(lsn).await.map_err(|e| e.to_string())
+        } else {
+            Ok(())
+        }
+    } else {
+        send_write(shard, &slot, p, key.to_vec(), obj, durable).await
+    };
+    let Err(e) = first else { return Ok(()) };
+    if slot.hint_for.is_some() || slot.node == shard.me() {
+        return Err(e);
+    }
+    let Some(fallback) = spare.borrow_mut().pop_front() else { return Err(e) };
+    tracing::debug!(replica = slot.node, fallback, error = e, "replica failed; holding a hint on a fallback");
+    let hint = Slot { node: fallback, hint_for: Some(slot.node.clone()) };
+    send_write(shard, &hint, p, key.to_vec(), obj, durable).await.map_err(|h| format!("{e}; hint: {h}"))
+}
+
+async fn send_write(
+    shard: &Rc<Shard>,
+    slot: &Slot,
+    p: u32,
+    key: Vec<u8>,
+    obj: &Object,
+    durable: bool,
+) -> Result<(), String> {
+    match &slot.hint_for {
+        None => write_replica(shard, &slot.node, p, key, obj, durable).await,
+        Some(owner) if slot.node == shard.me() => {
+            shard.store.put_hint(owner, &key, obj, durable).await.map_err(|e| e.to_string())
+        }
+        Some(owner) => {
+            let addr = shard.view().address(&slot.node, p).ok_or_else(|| format!("no address for {}", slot.node))?;
+            let req = Request::ReplicaWrite { key, object: obj.to_bytes(), durable, hint_for: owner.clone() };
+            let resp = shard.peers.call(addr, req, 0, shard.node.timeout()).await.map_err(|e| e.to_string())?;
+            match resp.result {
+                Ok(Reply::ReplicaWrite) => Ok(()),
+                Ok(other) => Err(format!("unexpected reply {other:?}")),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    }
+}
+
 async fn write(
     shard: &Rc<Shard>,
     key: Vec<u8>,
@@ -153,28 +262,25 @@ async fn write(
     durable: bool,
 ) -> Result<Object, WireError> {
     let p = shard.node.partition(&key);
-    let (targets, needed) = plan(shard, p, "w", w)?;
+    let (slots, spare, needed) = plan_write(shard, p, w)?;
     let me = shard.me().to_string();
     let (obj, lsn) = shard.store.write_deferred(&key, value, &ctx, clock::now_ms()).await.map_err(storage_error)?;
+    let spare = Rc::new(RefCell::new(spare));
     let (tx, mut rx) = mpsc::unbounded::<Answer<()>>();
-    for t in &targets {
-        let (shard, key, tx, t, obj) = (shard.clone(), key.clone(), tx.clone(), t.clone(), obj.clone());
+    let coordinated_as_replica = slots.iter().any(|s| s.node == me && s.hint_for.is_none());
+    let job = Rc::new(WriteJob { p, key, obj: obj.clone(), lsn, durable });
+    for slot in slots.iter().cloned() {
+        let (shard, tx, spare, job) = (shard.clone(), tx.clone(), spare.clone(), job.clone());
         glommio::spawn_local(async move {
-            let answer = if t == shard.me() {
-                if durable {
-                    shard.store.wait_lsn(lsn).await.map_err(|e| e.to_string())
-                } else {
-                    Ok(())
-                }
-            } else {
-                write_replica(&shard, &t, p, key, &obj, durable).await
-            };
-            let _ = tx.unbounded_send((t, answer));
+            let name = slot.hint_for.clone().unwrap_or_else(|| slot.node.clone());
+            let answer = write_slot(&shard, slot, &spare, &job).await;
+            let _ = tx.unbounded_send((name, answer));
         })
         .detach();
     }
     drop(tx);
-    if !targets.contains(&me) {
+    let targets = slots;
+    if !coordinated_as_replica {
         // A coordinator outside the preference list (rings disagreed while a
         // forwarded request travelled): its copy does not count; handoff
         // moves it to the replicas later.
@@ -232,7 +338,7 @@ pub async fn write_replica(
         return shard.store.merge(&key, obj, durable).await.map(|_| ()).map_err(|e| e.to_string());
     }
     let addr = shard.view().address(node, p).ok_or_else(|| format!("no address for {node}"))?;
-    let req = Request::ReplicaWrite { key, object: obj.to_bytes(), durable };
+    let req = Request::ReplicaWrite { key, object: obj.to_bytes(), durable, hint_for: String::new() };
     let resp = shard.peers.call(addr, req, 0, shard.node.timeout()).await.map_err(|e| e.to_string())?;
     match resp.result {
         Ok(Reply::ReplicaWrite) => Ok(()),

@@ -4,6 +4,7 @@
 //! - [`shard`]: the per-core runtime that owns a store and serves connections;
 //! - [`server`]: starts the shards, checks the data directory, handles signals.
 
+pub mod antientropy;
 pub mod clock;
 pub mod cluster;
 pub mod config;
@@ -11,6 +12,7 @@ pub mod conn;
 pub mod coordinator;
 pub mod datadir;
 pub mod handoff;
+pub mod hints;
 pub mod peer;
 pub mod server;
 pub mod service;

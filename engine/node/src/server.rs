@@ -11,7 +11,7 @@ use crate::datadir::{self, DataDir};
 use crate::shard::{NodeContext, RequestMesh, ResponseMesh, Shard, MESH_CHANNEL_SIZE};
 use crate::store::{Store, StoreConfig};
 use crate::view::ClusterView;
-use crate::{clock, conn, handoff};
+use crate::{antientropy, clock, conn, handoff, hints};
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{LocalExecutorBuilder, Placement};
 use ringkv_core::membership::{Gossip, GossipConfig, Load, Member};
@@ -127,6 +127,7 @@ pub fn start(cfg: NodeConfig) -> Result<Running, String> {
             cache_bytes: cfg.cache_mb << 20,
             max_unflushed_bytes: 32 << 20,
             hash_seed: rand::random(),
+            max_hints: cfg.max_hints_per_shard,
         };
         let spawned =
             LocalExecutorBuilder::new(placement).name(&format!("ringkv-shard-{i}")).spawn(move || async move {
@@ -168,6 +169,9 @@ pub fn start(cfg: NodeConfig) -> Result<Running, String> {
     }
     Ok(running)
 }
+
+/// A shard's background loop, boxed so the different ones fit in one list.
+type BackgroundTask = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
 
 /// How long between gossip rounds, and between handoff scans.
 const GOSSIP_INTERVAL: Duration = Duration::from_secs(1);
@@ -235,9 +239,15 @@ async fn run_shard(
         glommio::Latency::NotImportant,
         "background",
     );
-    glommio::spawn_local_into(handoff::run(shard.clone(), HANDOFF_INTERVAL), background)
-        .map_err(|e| format!("cannot start the handoff task: {e}"))?
-        .detach();
+    let cfg = &node.cfg;
+    let tasks: [(&str, BackgroundTask); 3] = [
+        ("ownership handoff", Box::pin(handoff::run(shard.clone(), HANDOFF_INTERVAL))),
+        ("hinted handoff", Box::pin(hints::run(shard.clone(), Duration::from_secs(cfg.handoff_interval_s)))),
+        ("anti-entropy", Box::pin(antientropy::run(shard.clone(), Duration::from_secs(cfg.anti_entropy_interval_s)))),
+    ];
+    for (name, task) in tasks {
+        glommio::spawn_local_into(task, background).map_err(|e| format!("cannot start the {name} task: {e}"))?.detach();
+    }
     let addr = node.cfg.shard_addr(id);
     let listener = listen(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let _ = events.send(ShardEvent::Ready);

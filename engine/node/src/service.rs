@@ -13,7 +13,7 @@ use crate::store::WriteContext;
 use ringkv_core::keyspace::{validate_key, validate_pair, PairError};
 use ringkv_core::version::{Object, VersionVector};
 use ringkv_net::proto::{
-    ErrorCode, MemberInfo, NodeInfo, Reply, Request, RequestFrame, Response, Role, ShardStats, WireError,
+    ErrorCode, MemberInfo, NodeInfo, RepairReport, Reply, Request, RequestFrame, Response, Role, ShardStats, WireError,
 };
 use std::rc::Rc;
 use std::time::Duration;
@@ -107,12 +107,17 @@ async fn execute(shard: &Rc<Shard>, body: Request, hops: u8, timeout: Duration) 
                 _ => Err(internal("replica read returned something else")),
             }
         }
-        Request::ReplicaWrite { key, object, durable } => {
+        Request::ReplicaWrite { key, object, durable, hint_for } => {
             // Sizes are not capped here: replicas carry whatever they hold.
             validate_key(&key).map_err(pair_error)?;
             let object = parse_object(&object)?;
             let target = shard.local_shard_of(shard.node.partition(&key));
-            shard.on_shard(target, Op::Merge { key, object, durable }).await?;
+            let op = if hint_for.is_empty() {
+                Op::Merge { key, object, durable }
+            } else {
+                Op::Hint { target: hint_for, key, object, durable }
+            };
+            shard.on_shard(target, op).await?;
             Ok(Reply::ReplicaWrite)
         }
         Request::Handoff { partition, entries } => {
@@ -130,7 +135,54 @@ async fn execute(shard: &Rc<Shard>, body: Request, hops: u8, timeout: Duration) 
             Ok(Reply::Handoff { applied: n })
         }
         Request::Gossip { state } => reply(shard.on_shard(0, Op::Gossip(state)).await?),
+        Request::Merkle { partition, segments } => {
+            let p = check_partition(shard, partition)?;
+            reply(shard.on_shard(shard.local_shard_of(p), Op::Merkle { partition: p, segments }).await?)
+        }
+        Request::Keys { partition, leaves } => {
+            let p = check_partition(shard, partition)?;
+            reply(shard.on_shard(shard.local_shard_of(p), Op::Keys { partition: p, leaves }).await?)
+        }
+        Request::ReadBatch { keys } => {
+            let Some(first) = keys.first() else { return Ok(Reply::ReadBatch { entries: vec![] }) };
+            let p = shard.node.partition(first);
+            if keys.iter().any(|k| validate_key(k).is_err() || shard.node.partition(k) != p) {
+                return Err(bad_request("a read batch holds valid keys of one partition"));
+            }
+            reply(shard.on_shard(shard.local_shard_of(p), Op::GetBatch { keys }).await?)
+        }
+        Request::Repair { partition } => {
+            if let Some(p) = partition {
+                check_partition(shard, p)?;
+            }
+            let mut total = RepairReport::default();
+            for s in 0..shard.node.shards {
+                match shard.on_shard(s, Op::Repair { partition }).await? {
+                    OpOutput::Repair(r) => total.add(&r),
+                    _ => return Err(internal("repair returned something else")),
+                }
+            }
+            Ok(Reply::Repair(total))
+        }
+        Request::MerkleRoots => {
+            let mut roots = Vec::new();
+            for s in 0..shard.node.shards {
+                match shard.on_shard(s, Op::Roots).await? {
+                    OpOutput::Roots(r) => roots.extend(r),
+                    _ => return Err(internal("roots returned something else")),
+                }
+            }
+            roots.sort_by_key(|r| r.partition);
+            Ok(Reply::MerkleRoots { roots })
+        }
     }
+}
+
+fn check_partition(shard: &Shard, p: u32) -> Result<u32, WireError> {
+    if p >= shard.node.cfg.partitions {
+        return Err(bad_request(format!("partition {p} does not exist (the ring has {})", shard.node.cfg.partitions)));
+    }
+    Ok(p)
 }
 
 /// Runs a client request where it belongs: forwarded to a replica if this
@@ -213,6 +265,7 @@ async fn node_info(shard: &Rc<Shard>) -> Result<NodeInfo, WireError> {
                 tombstones: s.tombstones,
                 disk_bytes: s.log_bytes,
                 segments: s.segments,
+                hints: s.hints,
             })
             .collect(),
         replicas: cfg.replicas as u8,

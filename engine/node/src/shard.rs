@@ -20,7 +20,7 @@ use futures::channel::oneshot;
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers, Senders};
 use ringkv_core::keyspace::partition_of;
 use ringkv_core::version::Object;
-use ringkv_net::proto::{ErrorCode, Reply, WireError};
+use ringkv_net::proto::{ErrorCode, PartitionRoot, RepairReport, Reply, WireError};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -95,6 +95,29 @@ pub enum Op {
     MergeBatch {
         entries: Vec<(Vec<u8>, Object)>,
     },
+    /// Hold `object` for `target` (sloppy quorum).
+    Hint {
+        target: String,
+        key: Vec<u8>,
+        object: Object,
+        durable: bool,
+    },
+    /// Merkle root and segments (no segments) or leaves of `segments`.
+    Merkle {
+        partition: u32,
+        segments: Vec<u32>,
+    },
+    Keys {
+        partition: u32,
+        leaves: Vec<u32>,
+    },
+    GetBatch {
+        keys: Vec<Vec<u8>>,
+    },
+    Repair {
+        partition: Option<u32>,
+    },
+    Roots,
     /// Coordinate a client request (this shard holds the key's partition).
     Coordinate(crate::coordinator::ClientOp),
     /// Gossip received by another shard, for the gossip shard.
@@ -107,6 +130,8 @@ pub enum OpOutput {
     Object(Option<Object>),
     Stats(StoreStats),
     Reply(Reply),
+    Repair(RepairReport),
+    Roots(Vec<PartitionRoot>),
     Done,
 }
 
@@ -149,6 +174,8 @@ pub struct Shard {
     view: RefCell<Arc<ClusterView>>,
     /// The gossip agent; set on the gossip shard (shard 0) only.
     pub agent: RefCell<Option<Rc<ClusterAgent>>>,
+    /// When each partition of this shard last completed anti-entropy.
+    last_sync: RefCell<HashMap<u32, u64>>,
 }
 
 /// Removes a forwarded request's pending entry if its caller gives up.
@@ -207,6 +234,7 @@ impl Shard {
             connections: Cell::new(0),
             view: RefCell::new(view),
             agent: RefCell::new(None),
+            last_sync: RefCell::new(HashMap::new()),
         });
         for (_, rx) in request_rx.streams() {
             let shard = shard.clone();
@@ -250,6 +278,28 @@ impl Shard {
         self.view().local_shard(p).min(self.node.shards - 1)
     }
 
+    /// Notes that partition `p` just completed an anti-entropy round.
+    pub fn synced(&self, p: u32) {
+        self.last_sync.borrow_mut().insert(p, crate::clock::now_ms());
+    }
+
+    /// Roots of the partitions this node replicates that live on this shard.
+    fn roots(&self) -> Vec<PartitionRoot> {
+        let view = self.view();
+        (0..self.node.cfg.partitions)
+            .filter(|&p| view.is_primary(p, self.me()) && view.local_shard(p) == self.id)
+            .map(|p| {
+                let counts = self.store.partition_counts(p);
+                PartitionRoot {
+                    partition: p,
+                    root: self.store.merkle(p).root(),
+                    keys: counts.live + counts.deleted,
+                    last_sync_ms: self.last_sync.borrow().get(&p).copied().unwrap_or(0),
+                }
+            })
+            .collect()
+    }
+
     /// Runs `op` on shard `target` of this node.
     pub async fn on_shard(self: &Rc<Self>, target: usize, op: Op) -> OpResult {
         if target == self.id {
@@ -286,6 +336,41 @@ impl Shard {
                 self.store.sync().await.map_err(storage_error)?;
                 Ok(OpOutput::Done)
             }
+            Op::Hint { target, key, object, durable } => self
+                .store
+                .put_hint(&target, &key, &object, durable)
+                .await
+                .map(|()| OpOutput::Done)
+                .map_err(storage_error),
+            Op::Merkle { partition, segments } => {
+                let tree = self.store.merkle(partition);
+                let reply = if segments.is_empty() {
+                    Reply::Merkle { root: tree.root(), segments: tree.segments(), leaves: vec![] }
+                } else {
+                    if segments.iter().any(|&s| s as usize >= ringkv_core::merkle::SEGMENTS) {
+                        return Err(WireError::new(ErrorCode::BadRequest, "no such merkle segment"));
+                    }
+                    let leaves = crate::antientropy::segment_leaves(&tree, &segments);
+                    Reply::Merkle { root: tree.root(), segments: vec![], leaves }
+                };
+                Ok(OpOutput::Reply(reply))
+            }
+            Op::Keys { partition, leaves } => {
+                let leaves: Vec<usize> =
+                    leaves.into_iter().map(|l| l as usize).filter(|&l| l < ringkv_core::merkle::LEAVES).collect();
+                Ok(OpOutput::Reply(Reply::Keys { keys: self.store.keys_in_leaves(partition, &leaves) }))
+            }
+            Op::GetBatch { keys } => {
+                let mut entries = Vec::with_capacity(keys.len());
+                for key in keys {
+                    if let Some(o) = self.store.get(&key).await.map_err(storage_error)? {
+                        entries.push((key, o.to_bytes()));
+                    }
+                }
+                Ok(OpOutput::Reply(Reply::ReadBatch { entries }))
+            }
+            Op::Repair { partition } => Ok(OpOutput::Repair(crate::antientropy::repair(self, partition).await)),
+            Op::Roots => Ok(OpOutput::Roots(self.roots())),
             Op::Coordinate(op) => crate::coordinator::run(self, op).await.map(OpOutput::Reply),
             Op::Gossip(state) => {
                 let agent = self.agent.borrow().clone();

@@ -24,6 +24,7 @@ fn config(dir: &Path) -> StoreConfig {
         cache_bytes: 1 << 20,
         max_unflushed_bytes: 1 << 20,
         hash_seed: 1,
+        max_hints: 1000,
     }
 }
 

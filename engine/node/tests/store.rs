@@ -17,6 +17,7 @@ fn config(dir: &Path, segment_bytes: u64) -> StoreConfig {
         cache_bytes: 1 << 20,
         max_unflushed_bytes: 8 << 20,
         hash_seed: 7,
+        max_hints: 1000,
     }
 }
 

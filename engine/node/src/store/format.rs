@@ -35,6 +35,13 @@ pub enum RecordKind {
     /// was handed off to the partition's replicas). The key is the partition
     /// number, 4 bytes little-endian; the body is empty.
     DropPartition = 2,
+    /// A write held for another node (sloppy quorum). Key: [`hint_key`];
+    /// body: the object.
+    Hint = 3,
+    /// Retires one hint record once its owner has it. Key: [`hint_key`];
+    /// body: the hint record's segment and offset (u32 LE each), so a newer
+    /// hint for the same key is not retired by an older delivery.
+    HintDone = 4,
 }
 
 impl RecordKind {
@@ -42,9 +49,41 @@ impl RecordKind {
         match b {
             1 => Some(RecordKind::Object),
             2 => Some(RecordKind::DropPartition),
+            3 => Some(RecordKind::Hint),
+            4 => Some(RecordKind::HintDone),
             _ => None,
         }
     }
+}
+
+/// The key of a hint record: the owner's node id, length-prefixed, then the
+/// key itself.
+pub fn hint_key(target: &str, key: &[u8]) -> Vec<u8> {
+    assert!(target.len() <= u8::MAX as usize, "node ids are at most 255 bytes");
+    let mut out = Vec::with_capacity(1 + target.len() + key.len());
+    out.push(target.len() as u8);
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(key);
+    out
+}
+
+pub fn parse_hint_key(k: &[u8]) -> Option<(&str, &[u8])> {
+    let n = usize::from(*k.first()?);
+    let target = std::str::from_utf8(k.get(1..1 + n)?).ok()?;
+    let key = k.get(1 + n..)?;
+    (!key.is_empty()).then_some((target, key))
+}
+
+pub fn hint_done_body(segment: u32, offset: u32) -> [u8; 8] {
+    let mut b = [0u8; 8];
+    b[..4].copy_from_slice(&segment.to_le_bytes());
+    b[4..].copy_from_slice(&offset.to_le_bytes());
+    b
+}
+
+pub fn parse_hint_done_body(b: &[u8]) -> Option<(u32, u32)> {
+    let b: &[u8; 8] = b.try_into().ok()?;
+    Some((u32::from_le_bytes(b[..4].try_into().ok()?), u32::from_le_bytes(b[4..].try_into().ok()?)))
 }
 
 /// The key of a [`RecordKind::DropPartition`] record.
@@ -157,11 +196,18 @@ pub fn encode_record(kind: RecordKind, flags: u8, key: &[u8], body: &[u8], out: 
     len
 }
 
+/// The checksum of the record that starts at `bytes[0]` (already encoded).
+pub fn record_checksum(bytes: &[u8]) -> u64 {
+    u64::from_le_bytes(bytes[..8].try_into().expect("a record has a checksum"))
+}
+
 /// A record parsed in place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecordRef<'a> {
     pub kind: RecordKind,
     pub flags: u8,
+    /// The verified xxh3-64 of the record (its identity for anti-entropy).
+    pub checksum: u64,
     pub key: &'a [u8],
     pub body: &'a [u8],
     pub len: usize,
@@ -209,7 +255,7 @@ pub fn decode_record(buf: &[u8]) -> Result<Option<RecordRef<'_>>, FormatError> {
     }
     let key = &buf[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + key_len];
     let body = &buf[RECORD_HEADER_BYTES + key_len..len];
-    Ok(Some(RecordRef { kind, flags, key, body, len }))
+    Ok(Some(RecordRef { kind, flags, checksum: sum, key, body, len }))
 }
 
 pub fn align_down(v: u64) -> u64 {
@@ -277,6 +323,14 @@ mod tests {
         for cut in 1..rec.len() {
             assert!(decode_record(&rec[..cut]).is_err(), "record cut to {cut} bytes accepted");
         }
+    }
+
+    #[test]
+    fn hint_keys_round_trip() {
+        let k = hint_key("n3", b"user/1");
+        assert_eq!(parse_hint_key(&k), Some(("n3", &b"user/1"[..])));
+        assert_eq!(parse_hint_key(&[5, b'a']), None);
+        assert_eq!(parse_hint_done_body(&hint_done_body(7, 4096)), Some((7, 4096)));
     }
 
     #[test]

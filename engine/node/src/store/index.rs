@@ -7,6 +7,8 @@
 //! Invariant: an entry always points at the newest durable-or-pending record
 //! of its key in this shard's log; replaying the log in order rebuilds it.
 
+use ringkv_core::keyspace::key_hash;
+use ringkv_core::merkle::{leaf_of, MerkleTree};
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 
@@ -18,22 +20,33 @@ pub struct Loc {
     pub len: u32,
 }
 
-/// An index entry: a location plus whether the object is a tombstone
-/// (packed into the top bit of the length to keep entries at 12 bytes).
+/// An index entry: a location, whether the object is a tombstone (packed
+/// into the top bit of the length), and the low 32 bits of the record's
+/// checksum, which the Merkle trees use as the object's digest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Entry {
     segment: u32,
     offset: u32,
     len_and_flags: u32,
+    digest: u32,
 }
 
 const DELETED: u32 = 1 << 31;
-const _: () = assert!(std::mem::size_of::<Entry>() == 12);
+const _: () = assert!(std::mem::size_of::<Entry>() == 16);
 
 impl Entry {
-    pub fn new(loc: Loc, deleted: bool) -> Entry {
+    pub fn new(loc: Loc, deleted: bool, digest: u32) -> Entry {
         assert!(loc.len < DELETED, "record length {} does not fit the index", loc.len);
-        Entry { segment: loc.segment, offset: loc.offset, len_and_flags: loc.len | if deleted { DELETED } else { 0 } }
+        Entry {
+            segment: loc.segment,
+            offset: loc.offset,
+            len_and_flags: loc.len | if deleted { DELETED } else { 0 },
+            digest,
+        }
+    }
+
+    pub fn digest(&self) -> u32 {
+        self.digest
     }
 
     pub fn loc(&self) -> Loc {
@@ -74,11 +87,31 @@ pub struct PartitionCounts {
 pub struct PartitionIndex {
     map: HashMap<Box<[u8]>, Entry, KeyHasher>,
     counts: PartitionCounts,
+    /// Follows every change of `map`: the anti-entropy tree.
+    tree: MerkleTree,
 }
 
 impl PartitionIndex {
     fn new(hasher: KeyHasher) -> Self {
-        PartitionIndex { map: HashMap::with_hasher(hasher), counts: PartitionCounts::default() }
+        PartitionIndex {
+            map: HashMap::with_hasher(hasher),
+            counts: PartitionCounts::default(),
+            tree: MerkleTree::default(),
+        }
+    }
+
+    pub fn tree(&self) -> &MerkleTree {
+        &self.tree
+    }
+
+    /// Keys (and their digests) that fall in the given Merkle leaves.
+    pub fn keys_in_leaves(&self, leaves: &[usize]) -> Vec<(Vec<u8>, u32)> {
+        let wanted: std::collections::HashSet<usize> = leaves.iter().copied().collect();
+        self.map
+            .iter()
+            .filter(|(k, _)| wanted.contains(&leaf_of(key_hash(k))))
+            .map(|(k, e)| (k.to_vec(), e.digest))
+            .collect()
     }
 
     pub fn get(&self, key: &[u8]) -> Option<Entry> {
@@ -108,7 +141,9 @@ impl PartitionIndex {
 
     /// Points `key` at a new record; returns the entry it replaced.
     pub fn insert(&mut self, key: &[u8], entry: Entry) -> Option<Entry> {
+        let h = key_hash(key);
         self.count(&entry, 1);
+        self.tree.insert(h, entry.digest);
         let old = match self.map.get_mut(key) {
             Some(slot) => Some(std::mem::replace(slot, entry)),
             None => {
@@ -118,6 +153,7 @@ impl PartitionIndex {
         };
         if let Some(o) = &old {
             self.count(o, -1);
+            self.tree.remove(h, o.digest);
         }
         old
     }
@@ -126,22 +162,88 @@ impl PartitionIndex {
         let old = self.map.remove(key);
         if let Some(o) = &old {
             self.count(o, -1);
+            self.tree.remove(key_hash(key), o.digest);
         }
         old
     }
 }
 
-/// All partitions' indexes of one shard, plus per-segment live-byte counts
-/// (what compaction needs to find garbage).
+/// Hints this shard holds for other nodes: per intended owner, per key, the
+/// latest hint record.
+#[derive(Default)]
+pub struct Hints {
+    by_target: std::collections::BTreeMap<String, HashMap<Box<[u8]>, Entry>>,
+    count: u64,
+}
+
+impl Hints {
+    pub fn get(&self, target: &str, key: &[u8]) -> Option<Entry> {
+        self.by_target.get(target)?.get(key).copied()
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Owners with hints waiting, and how many each.
+    pub fn targets(&self) -> Vec<(String, usize)> {
+        self.by_target.iter().filter(|(_, m)| !m.is_empty()).map(|(t, m)| (t.clone(), m.len())).collect()
+    }
+
+    /// Up to `max` hints for `target`.
+    pub fn batch(&self, target: &str, max: usize) -> Vec<(Vec<u8>, Entry)> {
+        self.by_target
+            .get(target)
+            .map(|m| m.iter().take(max).map(|(k, e)| (k.to_vec(), *e)).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// All partitions' indexes of one shard, the hints it holds for others, and
+/// per-segment live-byte counts (what compaction needs to find garbage).
 pub struct Index {
     partitions: Vec<Option<PartitionIndex>>,
     hasher: KeyHasher,
     live_bytes: HashMap<u32, u64>,
+    pub hints: Hints,
 }
 
 impl Index {
     pub fn new(partitions: u32, hasher: KeyHasher) -> Index {
-        Index { partitions: (0..partitions).map(|_| None).collect(), hasher, live_bytes: HashMap::new() }
+        Index {
+            partitions: (0..partitions).map(|_| None).collect(),
+            hasher,
+            live_bytes: HashMap::new(),
+            hints: Hints::default(),
+        }
+    }
+
+    /// Records a hint for `target`; returns the hint it replaced.
+    pub fn insert_hint(&mut self, target: &str, key: &[u8], entry: Entry) -> Option<Entry> {
+        *self.live_bytes.entry(entry.loc().segment).or_default() += u64::from(entry.loc().len);
+        let map = self.hints.by_target.entry(target.to_string()).or_default();
+        let old = map.insert(key.into(), entry);
+        match old {
+            Some(o) => self.release(o.loc()),
+            None => self.hints.count += 1,
+        }
+        old
+    }
+
+    /// Retires the hint for (`target`, `key`) if it is still the record at
+    /// (`segment`, `offset`) (a newer hint for the key stays).
+    pub fn retire_hint(&mut self, target: &str, key: &[u8], segment: u32, offset: u32) -> bool {
+        let Some(map) = self.hints.by_target.get_mut(target) else { return false };
+        let Some(loc) = map.get(key).map(|e| e.loc()).filter(|l| (l.segment, l.offset) == (segment, offset)) else {
+            return false;
+        };
+        map.remove(key);
+        if map.is_empty() {
+            self.hints.by_target.remove(target);
+        }
+        self.hints.count -= 1;
+        self.release(loc);
+        true
     }
 
     pub fn partition(&self, p: u32) -> Option<&PartitionIndex> {
@@ -213,9 +315,11 @@ mod tests {
     #[test]
     fn replacing_a_key_moves_its_bytes_and_counts() {
         let mut ix = Index::new(4, KeyHasher::new(1));
-        assert_eq!(ix.insert(2, b"k", Entry::new(loc(1, 4096, 100), false)), None);
+        assert_eq!(ix.insert(2, b"k", Entry::new(loc(1, 4096, 100), false, 1)), None);
         assert_eq!(ix.live_bytes(1), 100);
-        let old = ix.insert(2, b"k", Entry::new(loc(2, 4096, 50), true)).unwrap();
+        let root = ix.partition(2).unwrap().tree().root();
+        let old = ix.insert(2, b"k", Entry::new(loc(2, 4096, 50), true, 2)).unwrap();
+        assert_ne!(ix.partition(2).unwrap().tree().root(), root, "the tree follows the new digest");
         assert_eq!(old.loc(), loc(1, 4096, 100));
         assert_eq!((ix.live_bytes(1), ix.live_bytes(2)), (0, 50));
         assert_eq!(ix.counts(), PartitionCounts { live: 0, deleted: 1 });
@@ -224,5 +328,6 @@ mod tests {
         ix.remove(2, b"k");
         assert_eq!(ix.live_bytes(2), 0);
         assert_eq!(ix.counts(), PartitionCounts::default());
+        assert_eq!(ix.partition(2).unwrap().tree().root(), 0, "an emptied partition's tree is empty again");
     }
 }

@@ -184,23 +184,25 @@ impl Log {
     }
 
     /// Appends a record if the active segment has room; `Ok(None)` means the
-    /// caller must [`rotate`] first. Returns the record's location and the
-    /// sequence number to wait on for durability.
+    /// caller must [`rotate`] first. Returns the record's location, the
+    /// sequence number to wait on for durability, and the record's checksum.
     pub fn try_append(
         &mut self,
         kind: RecordKind,
         flags: u8,
         key: &[u8],
         body: &[u8],
-    ) -> Result<Option<(Loc, u64)>, StoreError> {
+    ) -> Result<Option<(Loc, u64, u64)>, StoreError> {
         self.check_writable()?;
         let len = format::record_len(key.len(), body.len());
         if (len as u64) > self.active.room() {
             return Ok(None);
         }
         let offset = self.active.end();
+        let start = self.active.buf.len();
         let written = format::encode_record(kind, flags, key, body, &mut self.active.buf);
         debug_assert_eq!(written, len);
+        let checksum = format::record_checksum(&self.active.buf[start..]);
         self.appended += len as u64;
         let loc = Loc {
             segment: self.active.segment,
@@ -208,7 +210,7 @@ impl Log {
             len: len as u32,
         };
         self.kick();
-        Ok(Some((loc, self.appended)))
+        Ok(Some((loc, self.appended, checksum)))
     }
 
     /// A future that resolves once everything up to `lsn` is on disk.

@@ -47,6 +47,8 @@ pub enum StoreError {
     Corrupt { segment: u32, offset: u64, what: String },
     #[error("store is shutting down")]
     Closed,
+    #[error("this shard already holds {0} hints; refusing more until they are delivered")]
+    HintsFull(u64),
 }
 
 impl StoreError {
@@ -72,6 +74,8 @@ pub struct StoreConfig {
     pub max_unflushed_bytes: u64,
     /// Seed of the index's key hasher.
     pub hash_seed: u64,
+    /// Hints this shard holds at most (for all other nodes together).
+    pub max_hints: u64,
 }
 
 /// The causal context a write applies on top of.
@@ -89,6 +93,7 @@ pub struct StoreStats {
     pub tombstones: u64,
     pub log_bytes: u64,
     pub segments: u32,
+    pub hints: u64,
 }
 
 pub struct Store {
@@ -278,8 +283,8 @@ impl Store {
             }
             let appended = self.log.borrow_mut().try_append(RecordKind::Object, flags, key, &body)?;
             match appended {
-                Some((loc, lsn)) => {
-                    self.index.borrow_mut().insert(p, key, Entry::new(loc, deleted));
+                Some((loc, lsn, checksum)) => {
+                    self.index.borrow_mut().insert(p, key, Entry::new(loc, deleted, checksum as u32));
                     // The next write to this key reads it back; keep it in
                     // memory past the flush instead of paying a disk read.
                     if let Some(bytes) = self.log.borrow().buffered(loc) {
@@ -343,6 +348,117 @@ impl Store {
         Object::decode(rec.body).map_err(|e| corrupt(e.to_string()))
     }
 
+    /// Holds `remote` for node `target`, which should have it but cannot be
+    /// reached (sloppy quorum): merged into any hint already held for the
+    /// key, durable like any write, delivered later by hinted handoff.
+    pub async fn put_hint(&self, target: &str, key: &[u8], remote: &Object, durable: bool) -> Result<(), StoreError> {
+        let record_key = format::hint_key(target, key);
+        loop {
+            self.log.borrow().check_writable()?;
+            let entry = self.index.borrow().hints.get(target, key);
+            let held = self.index.borrow().hints.count();
+            if entry.is_none() && held >= self.cfg.max_hints {
+                return Err(StoreError::HintsFull(held));
+            }
+            let local = match entry {
+                Some(e) => Some(self.read_object(e.loc()).await?),
+                None => None,
+            };
+            let merged = match &local {
+                Some(l) if l.descends(remote) => return Ok(()),
+                Some(l) => l.merge(remote),
+                None => remote.clone(),
+            };
+            if self.index.borrow().hints.get(target, key) != entry {
+                continue;
+            }
+            let deleted = merged.is_deleted();
+            let flags = if deleted { FLAG_DELETED } else { 0 };
+            let appended =
+                self.log.borrow_mut().try_append(RecordKind::Hint, flags, &record_key, &merged.to_bytes())?;
+            match appended {
+                Some((loc, lsn, checksum)) => {
+                    self.index.borrow_mut().insert_hint(target, key, Entry::new(loc, deleted, checksum as u32));
+                    if durable {
+                        self.wait_lsn(lsn).await?;
+                    }
+                    return Ok(());
+                }
+                None => {
+                    let len = format::record_len(record_key.len(), merged.to_bytes().len());
+                    log::rotate(&self.log, len).await?;
+                }
+            }
+        }
+    }
+
+    /// Owners this shard holds hints for, with how many each.
+    pub fn hint_targets(&self) -> Vec<(String, usize)> {
+        self.index.borrow().hints.targets()
+    }
+
+    pub fn hints_pending(&self) -> u64 {
+        self.index.borrow().hints.count()
+    }
+
+    /// Up to `max` hints for `target`: key, record location and the object.
+    pub async fn hint_batch(&self, target: &str, max: usize) -> Result<Vec<(Vec<u8>, Entry, Object)>, StoreError> {
+        let batch = self.index.borrow().hints.batch(target, max);
+        let mut out = Vec::with_capacity(batch.len());
+        for (key, entry) in batch {
+            out.push((key, entry, self.read_object(entry.loc()).await?));
+        }
+        Ok(out)
+    }
+
+    /// Retires hints their owner now has durably. A hint replaced by a newer
+    /// one since `entry` was read stays, for the next delivery.
+    pub async fn hints_delivered(&self, target: &str, delivered: &[(Vec<u8>, Entry)]) -> Result<usize, StoreError> {
+        let mut retired = 0;
+        let mut last_lsn = None;
+        for (key, entry) in delivered {
+            if self.index.borrow().hints.get(target, key) != Some(*entry) {
+                continue;
+            }
+            let record_key = format::hint_key(target, key);
+            let loc = entry.loc();
+            let body = format::hint_done_body(loc.segment, loc.offset);
+            loop {
+                self.log.borrow().check_writable()?;
+                let appended = self.log.borrow_mut().try_append(RecordKind::HintDone, 0, &record_key, &body)?;
+                match appended {
+                    Some((_, lsn, _)) => {
+                        if self.index.borrow_mut().retire_hint(target, key, loc.segment, loc.offset) {
+                            retired += 1;
+                        }
+                        last_lsn = Some(lsn);
+                        break;
+                    }
+                    None => log::rotate(&self.log, format::record_len(record_key.len(), body.len())).await?,
+                }
+            }
+        }
+        if let Some(lsn) = last_lsn {
+            self.wait_lsn(lsn).await?;
+        }
+        Ok(retired)
+    }
+
+    /// The Merkle tree of partition `p` (empty if this shard holds none of it).
+    pub fn merkle(&self, p: u32) -> ringkv_core::merkle::MerkleTree {
+        self.index.borrow().partition(p).map(|ix| ix.tree().clone()).unwrap_or_default()
+    }
+
+    /// Keys of partition `p` in the given Merkle leaves, with their digests.
+    pub fn keys_in_leaves(&self, p: u32, leaves: &[usize]) -> Vec<(Vec<u8>, u32)> {
+        self.index.borrow().partition(p).map(|ix| ix.keys_in_leaves(leaves)).unwrap_or_default()
+    }
+
+    /// Live and tombstoned keys of partition `p` on this shard.
+    pub fn partition_counts(&self, p: u32) -> index::PartitionCounts {
+        self.index.borrow().partition(p).map(|ix| ix.counts()).unwrap_or_default()
+    }
+
     /// Partitions this shard holds any key of (tombstones included).
     pub fn partitions_with_data(&self) -> Vec<u32> {
         self.index.borrow().partitions().filter(|(_, ix)| !ix.is_empty()).map(|(p, _)| p).collect()
@@ -371,7 +487,7 @@ impl Store {
             }
             let appended = self.log.borrow_mut().try_append(RecordKind::DropPartition, 0, &key, &[])?;
             match appended {
-                Some((_, lsn)) => {
+                Some((_, lsn, _)) => {
                     self.index.borrow_mut().drop_partition(p);
                     self.wait_lsn(lsn).await?;
                     return Ok(true);
@@ -389,6 +505,7 @@ impl Store {
             tombstones: counts.deleted,
             log_bytes: self.recovered_bytes + log.appended_lsn(),
             segments: log.segments().count() as u32,
+            hints: self.index.borrow().hints.count(),
         }
     }
 

@@ -10,8 +10,8 @@
 //! rather than silently dropping acknowledged data.
 
 use super::format::{
-    decode_record, parse_drop_partition_key, peek_len, FormatError, RecordKind, SegmentHeader, HEADER_BYTES,
-    MAX_RECORD_BYTES, RECORD_HEADER_BYTES,
+    decode_record, parse_drop_partition_key, parse_hint_done_body, parse_hint_key, peek_len, FormatError, RecordKind,
+    RecordRef, SegmentHeader, HEADER_BYTES, MAX_RECORD_BYTES, RECORD_HEADER_BYTES,
 };
 use super::index::{Entry, Index, KeyHasher, Loc};
 use super::log::open_dma;
@@ -53,7 +53,7 @@ async fn scan(
     file: &DmaFile,
     id: u32,
     size: u64,
-    mut visit: impl FnMut(RecordKind, &[u8], u8, Loc),
+    mut visit: impl FnMut(&RecordRef<'_>, Loc),
 ) -> Result<ScanEnd, StoreError> {
     let mut pos = HEADER_BYTES;
     let mut buf: Vec<u8> = Vec::new();
@@ -83,7 +83,7 @@ async fn scan(
             Ok(None) => return Ok(ScanEnd::Clean { end: pos }),
             Ok(Some(r)) => {
                 let loc = Loc { segment: id, offset: pos as u32, len: r.len as u32 };
-                visit(r.kind, r.key, r.flags, loc);
+                visit(&r, loc);
                 pos += r.len as u64;
             }
             Err(reason) => return Ok(ScanEnd::Bad { offset: pos, reason }),
@@ -127,7 +127,7 @@ pub async fn recover(dir: &Path, shard: u32, partitions: u32, hasher: KeyHasher)
         if let Some((bad_seg, bad_off, _, reason)) = &torn {
             // Past a torn tail only empty segments may follow.
             let mut stray = 0u64;
-            scan(&file, id, size, |_, _, _, _| stray += 1).await?;
+            scan(&file, id, size, |_, _| stray += 1).await?;
             if stray > 0 {
                 return Err(StoreError::Corrupt {
                     segment: *bad_seg,
@@ -141,16 +141,29 @@ pub async fn recover(dir: &Path, shard: u32, partitions: u32, hasher: KeyHasher)
             continue;
         }
         let mut records = 0u64;
-        let end = scan(&file, id, size, |kind, key, flags, loc| {
+        let end = scan(&file, id, size, |r, loc| {
             records += 1;
-            match kind {
+            match r.kind {
                 RecordKind::Object => {
-                    let deleted = flags & super::format::FLAG_DELETED != 0;
-                    index.insert(partition_of(key, partitions), key, Entry::new(loc, deleted));
+                    let deleted = r.flags & super::format::FLAG_DELETED != 0;
+                    index.insert(partition_of(r.key, partitions), r.key, Entry::new(loc, deleted, r.checksum as u32));
                 }
                 RecordKind::DropPartition => {
-                    if let Some(p) = parse_drop_partition_key(key).filter(|&p| p < partitions) {
+                    if let Some(p) = parse_drop_partition_key(r.key).filter(|&p| p < partitions) {
                         index.drop_partition(p);
+                    }
+                }
+                RecordKind::Hint => {
+                    if let Some((target, key)) = parse_hint_key(r.key) {
+                        let deleted = r.flags & super::format::FLAG_DELETED != 0;
+                        index.insert_hint(target, key, Entry::new(loc, deleted, r.checksum as u32));
+                    }
+                }
+                RecordKind::HintDone => {
+                    if let (Some((target, key)), Some((segment, offset))) =
+                        (parse_hint_key(r.key), parse_hint_done_body(r.body))
+                    {
+                        index.retire_hint(target, key, segment, offset);
                     }
                 }
             }
