@@ -66,6 +66,50 @@ impl ShardAwareNode {
     }
 }
 
+/// A ringkv cluster: a key goes to the owning shard of its first replica,
+/// as `ringkv_net::Topology::route` says, precomputed per partition so a
+/// request costs a hash and a table lookup.
+#[derive(Debug, Clone)]
+pub struct TopologyRouter {
+    partitions: u32,
+    /// Partition -> index into `endpoints`.
+    table: Vec<usize>,
+}
+
+impl TopologyRouter {
+    /// The router and the endpoint list it indexes: every (node, shard)
+    /// address that is some partition's first replica.
+    pub fn new(topology: &ringkv_net::Topology) -> (TopologyRouter, Vec<SocketAddr>) {
+        let partitions = topology.cluster().partitions.max(1);
+        let mut endpoints: Vec<SocketAddr> = Vec::new();
+        let mut table = Vec::with_capacity(partitions as usize);
+        for p in 0..partitions {
+            // Any key of partition p routes like p's own first key would; ask
+            // the topology for the partition's first replica directly.
+            let addr = topology.route_partition(p).first().copied().expect("a ring has replicas for every partition");
+            let i = match endpoints.iter().position(|a| *a == addr) {
+                Some(i) => i,
+                None => {
+                    endpoints.push(addr);
+                    endpoints.len() - 1
+                }
+            };
+            table.push(i);
+        }
+        (TopologyRouter { partitions, table }, endpoints)
+    }
+}
+
+impl Router for TopologyRouter {
+    fn endpoint_for(&self, key: &[u8]) -> usize {
+        self.table[ringkv_partition(key, self.partitions) as usize]
+    }
+
+    fn boxed_clone(&self) -> Box<dyn Router> {
+        Box::new(self.clone())
+    }
+}
+
 /// Redis Cluster: a key goes to the master that serves its slot.
 #[derive(Debug, Clone)]
 pub struct SlotRouter {

@@ -4,7 +4,7 @@
 
 use crate::echo_server::{self, EchoConfig};
 use crate::resp::{self, Resp};
-use crate::router::{Router, ShardAwareNode, SingleEndpoint, SlotRouter};
+use crate::router::{Router, ShardAwareNode, SingleEndpoint, SlotRouter, TopologyRouter};
 use crate::slots::parse_cluster_slots;
 use anyhow::{anyhow, bail, Context, Result};
 use ringkv_net::frame::FrameDecoder;
@@ -142,11 +142,22 @@ fn resolve_ringkv(addr: SocketAddr, opts: &ResolveOptions) -> Result<Resolved> {
             routing: format!("single endpoint (node {node}, {shards} shards; the node forwards between shards)"),
         });
     }
+    // The cluster's layout: every request goes straight to the owning shard
+    // of its key's first replica, on whichever node that is.
+    if let Ok(ringkv_net::Reply::Topology { state, replicas }) = c.call(ringkv_net::Request::Topology) {
+        if let Ok(topology) = ringkv_net::Topology::decode(&state, replicas) {
+            let (router, endpoints) = TopologyRouter::new(&topology);
+            let routing = format!(
+                "topology-aware: {} members, ring v{}, {} (node, shard) endpoints; each key to its first replica's shard",
+                topology.cluster().members.len(),
+                topology.version(),
+                endpoints.len()
+            );
+            return Ok(Resolved { kind: Kind::Ringkv, endpoints, router: Box::new(router), routing });
+        }
+    }
+    // An older node without topology: route by its shard count.
     let partitions = c.node_info().context("asking the node for its partition count")?.partitions.max(1);
-    // TODO(topology): when the cluster topology router lands in ringkv-net
-    // (key -> node address and shard port), build the endpoint list from the
-    // topology and wrap that function in a `Router` here; the driver needs
-    // nothing else.
     let base = SocketAddr::new(addr.ip(), addr.port() - c.server().shard);
     Ok(Resolved {
         kind: Kind::Ringkv,

@@ -39,8 +39,12 @@ impl Topology {
     /// Where to send a request for `key`: the shard address of each replica,
     /// in preference order (the first is the natural coordinator).
     pub fn route(&self, key: &[u8]) -> Vec<SocketAddr> {
+        self.route_partition(partition_of(key, self.state.partitions))
+    }
+
+    /// [`Topology::route`] for every key of partition `p`.
+    pub fn route_partition(&self, p: u32) -> Vec<SocketAddr> {
         let Some(ring) = &self.state.ring else { return Vec::new() };
-        let p = partition_of(key, self.state.partitions);
         ring.preference_list(p, self.replicas)
             .into_iter()
             .filter_map(|node| {
