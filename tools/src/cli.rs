@@ -56,6 +56,10 @@ pub struct ClusterUpArgs {
     /// Replication factor N.
     #[arg(long, default_value_t = 3)]
     pub replicas: usize,
+    /// Do not pin the nodes' shards to cores (leave placement to the OS, or
+    /// to taskset around this command).
+    #[arg(long)]
+    pub no_pin: bool,
 }
 
 #[derive(Args, Debug, Clone, Default)]

@@ -45,6 +45,7 @@ fn spawn(args: &ClusterUpArgs, i: usize, addrs: &[SocketAddr], dir: &Path) -> Re
         .args(["--shards", &args.shards.to_string()])
         .args(["--replicas", &args.replicas.to_string()])
         .args(["--cpu-offset", &i.to_string()])
+        .args(if args.no_pin { &["--no-pin"][..] } else { &[][..] })
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err);
@@ -95,19 +96,18 @@ fn check_alive(nodes: &mut [LocalNode]) -> Result<(), String> {
     Ok(())
 }
 
-/// Waits until every node answers and node 1 sees them all up in one ring.
+/// Waits until every node answers and sees all of them up in one ring.
 fn wait_formed(nodes: &mut [LocalNode], timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     let cfg = ClientConfig { timeout: Duration::from_secs(2), ..Default::default() };
     loop {
         check_alive(nodes)?;
-        let formed = (|| {
-            let mut c = Client::connect(nodes[0].addr, &cfg).ok()?;
-            let info = c.node_info().ok()?;
-            let up = info.members.iter().filter(|m| m.status == "up" && m.alive).count();
-            (up == nodes.len()).then_some(())
-        })();
-        if formed.is_some() {
+        let sees_all = |addr: SocketAddr| {
+            let Ok(mut c) = Client::connect(addr, &cfg) else { return false };
+            c.node_info()
+                .is_ok_and(|info| info.members.iter().filter(|m| m.status == "up" && m.alive).count() == nodes.len())
+        };
+        if nodes.iter().all(|n| sees_all(n.addr)) {
             return Ok(());
         }
         if Instant::now() > deadline {

@@ -11,9 +11,13 @@
 //! preference-list replica that is down, or fails while we write, is stood in
 //! for by the next live fallback in ring order, which holds the write as a
 //! hint for it (delivered by hinted handoff); the hint counts toward `w`.
-//! Read: ask the live replicas, answer after `r` with everything merged, and
-//! keep listening in the background: replicas whose copy lacks something the
-//! merge has get the merged object (read repair).
+//! Read: ask `r` live replicas (this one first), answer once `r` have
+//! answered, with everything merged. A replica that fails, or has not
+//! answered after [`SPECULATE_AFTER`], is backed up by the next live one, so
+//! one slow replica does not set the tail while the usual read costs `r`
+//! replica reads rather than N. Replicas whose copy lacks something the
+//! merge has then get the merged object (read repair); anti-entropy covers
+//! the replicas a read did not ask.
 
 use crate::clock;
 use crate::shard::{storage_error, Shard};
@@ -26,6 +30,7 @@ use ringkv_net::proto::{ErrorCode, GetResult, Level, Reply, Request, WireError};
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::rc::Rc;
+use std::time::Duration;
 
 pub enum ClientOp {
     Get { key: Vec<u8>, r: Level },
@@ -81,24 +86,52 @@ pub async fn run(shard: &Rc<Shard>, op: ClientOp) -> Result<Reply, WireError> {
 
 type Answer<T> = (String, Result<T, String>);
 
+/// How long a read waits for its first `r` replicas before also asking the
+/// next one.
+pub const SPECULATE_AFTER: Duration = Duration::from_millis(20);
+
+fn ask(shard: &Rc<Shard>, node: &str, p: u32, key: &[u8], tx: &mpsc::UnboundedSender<Answer<Option<Object>>>) {
+    let (shard, key, tx, node) = (shard.clone(), key.to_vec(), tx.clone(), node.to_string());
+    glommio::spawn_local(async move {
+        let answer = read_replica(&shard, &node, p, key).await;
+        let _ = tx.unbounded_send((node, answer));
+    })
+    .detach();
+}
+
 async fn get(shard: &Rc<Shard>, key: Vec<u8>, r: Level) -> Result<Reply, WireError> {
     let p = shard.node.partition(&key);
-    let (targets, needed) = plan(shard, p, "r", r)?;
-    let (tx, mut rx) = mpsc::unbounded::<Answer<Option<Object>>>();
-    for t in &targets {
-        let (shard, key, tx, t) = (shard.clone(), key.clone(), tx.clone(), t.clone());
-        glommio::spawn_local(async move {
-            let answer = read_replica(&shard, &t, p, key).await;
-            let _ = tx.unbounded_send((t, answer));
-        })
-        .detach();
+    let (mut targets, needed) = plan(shard, p, "r", r)?;
+    // This replica first: its read needs no network.
+    if let Some(i) = targets.iter().position(|t| t == shard.me()) {
+        targets[..=i].rotate_right(1);
     }
-    drop(tx);
+    let (tx, mut rx) = mpsc::unbounded::<Answer<Option<Object>>>();
+    let mut spare = targets.split_off(needed).into_iter();
+    for t in &targets {
+        ask(shard, t, p, &key, &tx);
+    }
     let mut merge = ReadMerge::default();
-    let mut quorum = Quorum::new(targets.len(), needed);
+    let mut quorum = Quorum::new(targets.len() + spare.len(), needed);
     let mut failures = Vec::new();
+    let mut speculated = false;
     while quorum.progress() == Progress::Pending {
-        match rx.next().await {
+        let next = if speculated || spare.len() == 0 {
+            rx.next().await
+        } else {
+            match glommio::timer::timeout(SPECULATE_AFTER, async { Ok(rx.next().await) }).await {
+                Ok(n) => n,
+                Err(_) => {
+                    // Slow answers: hedge with the next replica.
+                    speculated = true;
+                    if let Some(t) = spare.next() {
+                        ask(shard, &t, p, &key, &tx);
+                    }
+                    continue;
+                }
+            }
+        };
+        match next {
             Some((from, Ok(obj))) => {
                 merge.add(&from, obj);
                 quorum.ack(&from);
@@ -106,10 +139,14 @@ async fn get(shard: &Rc<Shard>, key: Vec<u8>, r: Level) -> Result<Reply, WireErr
             Some((from, Err(e))) => {
                 failures.push(format!("{from}: {e}"));
                 quorum.fail(&from);
+                if let Some(t) = spare.next() {
+                    ask(shard, &t, p, &key, &tx);
+                }
             }
             None => break,
         }
     }
+    drop(tx);
     if quorum.progress() != Progress::Reached {
         return Err(with_failures(quorum_error(quorum.error()), &failures));
     }
