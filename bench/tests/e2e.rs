@@ -250,7 +250,7 @@ fn workload_a_against_a_real_node() {
         Duration::from_secs(90),
     );
     let text = ok(&out);
-    assert!(text.contains("shard-aware"), "{text}");
+    assert!(text.contains("topology-aware"), "requests are routed by the cluster layout: {text}");
     let v = read_json(&json);
     assert_result(&v, &["read", "update"]);
     assert_eq!(v["errors"], 0, "{v}");

@@ -386,6 +386,7 @@ pub struct ShardStats {
     pub disk_bytes: u64,
     pub segments: u32,
     pub hints: u64,
+    pub compactions: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -681,6 +682,7 @@ fn decode_reply(r: &fb::Response<'_>) -> Result<Reply, DecodeError> {
                             disk_bytes: s.disk_bytes(),
                             segments: s.segments(),
                             hints: s.hints(),
+                            compactions: s.compactions(),
                         })
                         .collect()
                 })
@@ -1064,6 +1066,7 @@ fn encode_reply(fbb: &mut Fbb, reply: &Reply) -> (fb::ResultBody, Union) {
                             disk_bytes: s.disk_bytes,
                             segments: s.segments,
                             hints: s.hints,
+                            compactions: s.compactions,
                         },
                     )
                 })

@@ -15,7 +15,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Command {
     /// Run a node in the foreground.
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// Write a value (VALUE, or - to read it from stdin).
     Put(PutArgs),
     /// Read a key's value(s); exits 1 when the key is not found.
@@ -122,6 +122,15 @@ pub struct ServerArgs {
     /// Hints a shard holds at most for unreachable replicas [default: 1000000].
     #[arg(long)]
     pub max_hints_per_shard: Option<u64>,
+    /// Seconds between compaction passes [default: 10].
+    #[arg(long)]
+    pub compaction_interval_s: Option<u64>,
+    /// Rewrite a sealed segment once this share of it is garbage [default: 0.5].
+    #[arg(long)]
+    pub compaction_garbage_ratio: Option<f64>,
+    /// Compaction I/O budget in MiB/s [default: 64].
+    #[arg(long)]
+    pub compaction_mb_per_s: Option<u64>,
 }
 
 #[derive(Args, Debug, Clone)]

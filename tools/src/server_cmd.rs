@@ -67,6 +67,15 @@ pub fn resolve(args: &ServerArgs) -> Result<NodeConfig, String> {
     if let Some(v) = a.max_hints_per_shard {
         c.max_hints_per_shard = v;
     }
+    if let Some(v) = a.compaction_interval_s {
+        c.compaction_interval_s = v;
+    }
+    if let Some(v) = a.compaction_garbage_ratio {
+        c.compaction_garbage_ratio = v;
+    }
+    if let Some(v) = a.compaction_mb_per_s {
+        c.compaction_mb_per_s = v;
+    }
     c.validate()?;
     Ok(c)
 }

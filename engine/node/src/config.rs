@@ -50,6 +50,12 @@ pub struct NodeConfig {
     pub anti_entropy_interval_s: u64,
     /// Seconds between hinted-handoff attempts.
     pub handoff_interval_s: u64,
+    /// Seconds between compaction passes.
+    pub compaction_interval_s: u64,
+    /// A sealed segment is rewritten once this share of its bytes is garbage.
+    pub compaction_garbage_ratio: f64,
+    /// Compaction reads plus writes at most this many MiB per second.
+    pub compaction_mb_per_s: u64,
 }
 
 impl Default for NodeConfig {
@@ -76,6 +82,9 @@ impl Default for NodeConfig {
             max_hints_per_shard: 1_000_000,
             anti_entropy_interval_s: 60,
             handoff_interval_s: 3,
+            compaction_interval_s: 10,
+            compaction_garbage_ratio: 0.5,
+            compaction_mb_per_s: 64,
         }
     }
 }
@@ -127,8 +136,17 @@ impl NodeConfig {
         if self.segment_mb == 0 || self.segment_mb > 4000 {
             return Err(format!("segment_mb must be between 1 and 4000, got {}", self.segment_mb));
         }
-        if self.anti_entropy_interval_s == 0 || self.handoff_interval_s == 0 {
-            return Err("anti_entropy_interval_s and handoff_interval_s must be positive".into());
+        if self.anti_entropy_interval_s == 0 || self.handoff_interval_s == 0 || self.compaction_interval_s == 0 {
+            return Err("anti_entropy_interval_s, handoff_interval_s and compaction_interval_s must be positive".into());
+        }
+        if !(0.0..=1.0).contains(&self.compaction_garbage_ratio) {
+            return Err(format!(
+                "compaction_garbage_ratio must be between 0 and 1, got {}",
+                self.compaction_garbage_ratio
+            ));
+        }
+        if self.compaction_mb_per_s == 0 {
+            return Err("compaction_mb_per_s must be positive".into());
         }
         if self.request_timeout_ms == 0 {
             return Err("request_timeout_ms must be positive".into());

@@ -240,7 +240,13 @@ async fn run_shard(
         "background",
     );
     let cfg = &node.cfg;
-    let tasks: [(&str, BackgroundTask); 3] = [
+    let compaction = crate::store::compaction::CompactionConfig {
+        interval: Duration::from_secs(cfg.compaction_interval_s),
+        garbage_ratio: cfg.compaction_garbage_ratio,
+        bytes_per_sec: cfg.compaction_mb_per_s << 20,
+    };
+    let tasks: [(&str, BackgroundTask); 4] = [
+        ("compaction", Box::pin(crate::store::compaction::run(shard.store.clone(), compaction))),
         ("ownership handoff", Box::pin(handoff::run(shard.clone(), HANDOFF_INTERVAL))),
         ("hinted handoff", Box::pin(hints::run(shard.clone(), Duration::from_secs(cfg.handoff_interval_s)))),
         ("anti-entropy", Box::pin(antientropy::run(shard.clone(), Duration::from_secs(cfg.anti_entropy_interval_s)))),

@@ -266,6 +266,7 @@ async fn node_info(shard: &Rc<Shard>) -> Result<NodeInfo, WireError> {
                 disk_bytes: s.log_bytes,
                 segments: s.segments,
                 hints: s.hints,
+                compactions: s.compactions,
             })
             .collect(),
         replicas: cfg.replicas as u8,

@@ -15,6 +15,11 @@ use xxhash_rust::xxh3::xxh3_64;
 pub const BLOCK: u64 = 4096;
 pub const HEADER_BYTES: u64 = BLOCK;
 pub const SEGMENT_MAGIC: [u8; 8] = *b"RKVSEG\0\x01";
+/// Segments written by the log get ids this far apart, leaving room after
+/// each for the outputs of compacting it: an output takes a free id right
+/// after its input, so it replays in the input's place, before anything
+/// written later.
+pub const SEGMENT_ID_STEP: u32 = 1024;
 pub const FORMAT_VERSION: u32 = 1;
 
 pub const RECORD_HEADER_BYTES: usize = 16;
@@ -31,16 +36,19 @@ const _: () = assert!(RECORD_HEADER_BYTES == 8 + 4 + 1 + 1 + 2);
 pub enum RecordKind {
     /// The whole current object (all siblings and the version vector) of a key.
     Object = 1,
-    /// Everything of one partition written before this record is gone (it
+    /// Everything of one partition written before a boundary is gone (it
     /// was handed off to the partition's replicas). The key is the partition
-    /// number, 4 bytes little-endian; the body is empty.
+    /// number, 4 bytes little-endian; the body is the boundary, [`loc_body`]:
+    /// the record's own original position, so the record keeps its meaning
+    /// when compaction moves it (an empty body, from before compaction
+    /// existed, means the record's own position).
     DropPartition = 2,
     /// A write held for another node (sloppy quorum). Key: [`hint_key`];
     /// body: the object.
     Hint = 3,
     /// Retires one hint record once its owner has it. Key: [`hint_key`];
-    /// body: the hint record's segment and offset (u32 LE each), so a newer
-    /// hint for the same key is not retired by an older delivery.
+    /// body: the hint record's position ([`loc_body`]), so a newer hint for
+    /// the same key is not retired by an older delivery.
     HintDone = 4,
 }
 
@@ -74,14 +82,15 @@ pub fn parse_hint_key(k: &[u8]) -> Option<(&str, &[u8])> {
     (!key.is_empty()).then_some((target, key))
 }
 
-pub fn hint_done_body(segment: u32, offset: u32) -> [u8; 8] {
+/// A (segment, offset) position, as record bodies carry it.
+pub fn loc_body(segment: u32, offset: u32) -> [u8; 8] {
     let mut b = [0u8; 8];
     b[..4].copy_from_slice(&segment.to_le_bytes());
     b[4..].copy_from_slice(&offset.to_le_bytes());
     b
 }
 
-pub fn parse_hint_done_body(b: &[u8]) -> Option<(u32, u32)> {
+pub fn parse_loc_body(b: &[u8]) -> Option<(u32, u32)> {
     let b: &[u8; 8] = b.try_into().ok()?;
     Some((u32::from_le_bytes(b[..4].try_into().ok()?), u32::from_le_bytes(b[4..].try_into().ok()?)))
 }
@@ -211,6 +220,8 @@ pub struct RecordRef<'a> {
     pub key: &'a [u8],
     pub body: &'a [u8],
     pub len: usize,
+    /// The whole record, header included (compaction copies it verbatim).
+    pub raw: &'a [u8],
 }
 
 /// The length a record at the start of `buf` claims, if its header is there.
@@ -255,7 +266,7 @@ pub fn decode_record(buf: &[u8]) -> Result<Option<RecordRef<'_>>, FormatError> {
     }
     let key = &buf[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + key_len];
     let body = &buf[RECORD_HEADER_BYTES + key_len..len];
-    Ok(Some(RecordRef { kind, flags, checksum: sum, key, body, len }))
+    Ok(Some(RecordRef { kind, flags, checksum: sum, key, body, len, raw: &buf[..len] }))
 }
 
 pub fn align_down(v: u64) -> u64 {
@@ -330,7 +341,7 @@ mod tests {
         let k = hint_key("n3", b"user/1");
         assert_eq!(parse_hint_key(&k), Some(("n3", &b"user/1"[..])));
         assert_eq!(parse_hint_key(&[5, b'a']), None);
-        assert_eq!(parse_hint_done_body(&hint_done_body(7, 4096)), Some((7, 4096)));
+        assert_eq!(parse_loc_body(&loc_body(7, 4096)), Some((7, 4096)));
     }
 
     #[test]

@@ -274,6 +274,60 @@ impl Index {
         old
     }
 
+    /// Forgets the keys of partition `p` whose records lie before
+    /// (`segment`, `offset`) in log order.
+    pub fn drop_partition_before(&mut self, p: u32, segment: u32, offset: u32) {
+        let Some(part) = self.partitions.get_mut(p as usize).and_then(Option::as_mut) else { return };
+        let doomed: Vec<Box<[u8]>> = part
+            .map
+            .iter()
+            .filter(|(_, e)| (e.segment, e.offset) < (segment, offset))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in doomed {
+            let old = part.remove(&k).expect("just listed");
+            let loc = old.loc();
+            let live = self.live_bytes.get_mut(&loc.segment).expect("accounted");
+            *live -= u64::from(loc.len);
+        }
+    }
+
+    /// Whether `key`'s index entry is the record at (`segment`, `offset`).
+    pub fn points_at(&self, p: u32, key: &[u8], segment: u32, offset: u32) -> bool {
+        self.get(p, key).is_some_and(|e| (e.segment, e.offset) == (segment, offset))
+    }
+
+    /// Moves `key`'s entry from (`segment`, `offset`) to `to` (compaction
+    /// copied the record verbatim there). Does nothing, and says so, if the
+    /// key was written again meanwhile.
+    pub fn relocate(&mut self, p: u32, key: &[u8], segment: u32, offset: u32, to: Loc) -> bool {
+        let Some(part) = self.partitions.get_mut(p as usize).and_then(Option::as_mut) else { return false };
+        let Some(e) = part.map.get_mut(key) else { return false };
+        if (e.segment, e.offset) != (segment, offset) {
+            return false;
+        }
+        let old = e.loc();
+        e.segment = to.segment;
+        e.offset = to.offset;
+        *self.live_bytes.get_mut(&old.segment).expect("accounted") -= u64::from(old.len);
+        *self.live_bytes.entry(to.segment).or_default() += u64::from(old.len);
+        true
+    }
+
+    /// [`Index::relocate`] for a hint.
+    pub fn relocate_hint(&mut self, target: &str, key: &[u8], segment: u32, offset: u32, to: Loc) -> bool {
+        let Some(e) = self.hints.by_target.get_mut(target).and_then(|m| m.get_mut(key)) else { return false };
+        if (e.segment, e.offset) != (segment, offset) {
+            return false;
+        }
+        let old = e.loc();
+        e.segment = to.segment;
+        e.offset = to.offset;
+        *self.live_bytes.get_mut(&old.segment).expect("accounted") -= u64::from(old.len);
+        *self.live_bytes.entry(to.segment).or_default() += u64::from(old.len);
+        true
+    }
+
     /// Forgets every key of partition `p`.
     pub fn drop_partition(&mut self, p: u32) {
         let Some(part) = self.partitions.get_mut(p as usize).and_then(Option::take) else { return };
@@ -290,6 +344,11 @@ impl Index {
     /// Bytes of records the index still points to in `segment`.
     pub fn live_bytes(&self, segment: u32) -> u64 {
         self.live_bytes.get(&segment).copied().unwrap_or(0)
+    }
+
+    /// Forgets the accounting of a segment that no longer exists.
+    pub fn forget_segment(&mut self, segment: u32) {
+        self.live_bytes.remove(&segment);
     }
 
     pub fn counts(&self) -> PartitionCounts {

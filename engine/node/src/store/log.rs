@@ -15,6 +15,7 @@
 //! silently lose data), while reads of what is on disk go on.
 
 use super::format::{self, align_down, align_up, RecordKind, SegmentHeader, HEADER_BYTES};
+use super::hintfile::HintEntry;
 use super::index::Loc;
 use super::segment;
 use super::StoreError;
@@ -23,6 +24,7 @@ use glommio::io::{DmaFile, OpenOptions};
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::time::Instant;
 
 /// The unflushed end of one segment.
 struct Tail {
@@ -32,6 +34,9 @@ struct Tail {
     base: u64,
     buf: Vec<u8>,
     capacity: u64,
+    /// Index entries of every record in the segment: its hint file, once
+    /// the segment is sealed and flushed.
+    entries: Vec<HintEntry>,
 }
 
 impl Tail {
@@ -79,6 +84,9 @@ pub struct LogConfig {
 pub struct Log {
     cfg: LogConfig,
     files: HashMap<u32, Rc<DmaFile>>,
+    /// Bytes of records in each segment (header excluded): what compaction
+    /// weighs garbage against.
+    sizes: HashMap<u32, u64>,
     active: Tail,
     /// Rotated segments whose last bytes are not yet flushed, oldest first.
     sealing: VecDeque<Tail>,
@@ -94,6 +102,10 @@ pub struct Log {
     creating: bool,
     /// Set by [`Log::shut_down`]: the flusher drains and exits.
     closing: bool,
+    /// Sealed, fully flushed segments whose hint files are still to write.
+    ready_hints: Vec<(u32, Vec<HintEntry>)>,
+    /// Segments compaction replaced, still readable until they expire.
+    retired: HashMap<u32, (Rc<DmaFile>, Instant)>,
 }
 
 /// Opens a segment file created by [`segment::create_segment`] for DMA.
@@ -126,18 +138,32 @@ async fn create(cfg: &LogConfig, id: u32, capacity: u64) -> Result<Rc<DmaFile>, 
 impl Log {
     /// A log that continues after the recovered segments `files`, writing
     /// into a new segment `next_segment`.
-    pub async fn start(cfg: LogConfig, files: HashMap<u32, Rc<DmaFile>>, next_segment: u32) -> Result<Log, StoreError> {
+    pub async fn start(
+        cfg: LogConfig,
+        files: HashMap<u32, Rc<DmaFile>>,
+        ends: &HashMap<u32, u64>,
+        next_segment: u32,
+    ) -> Result<Log, StoreError> {
         let capacity = cfg.segment_bytes;
         let file = create(&cfg, next_segment, capacity).await?;
         let mut files = files;
         files.insert(next_segment, file.clone());
+        let sizes = ends.iter().map(|(&id, &end)| (id, end.saturating_sub(HEADER_BYTES))).collect();
         Ok(Log {
             cfg,
             files,
-            active: Tail { segment: next_segment, file, base: HEADER_BYTES, buf: Vec::new(), capacity },
+            sizes,
+            active: Tail {
+                segment: next_segment,
+                file,
+                base: HEADER_BYTES,
+                buf: Vec::new(),
+                capacity,
+                entries: Vec::new(),
+            },
             sealing: VecDeque::new(),
             spare: None,
-            next_segment: next_segment + 1,
+            next_segment: next_segment + format::SEGMENT_ID_STEP,
             appended: 0,
             durable: 0,
             waiters: VecDeque::new(),
@@ -145,11 +171,13 @@ impl Log {
             wake: None,
             creating: false,
             closing: false,
+            ready_hints: Vec::new(),
+            retired: HashMap::new(),
         })
     }
 
     pub fn file(&self, segment: u32) -> Option<Rc<DmaFile>> {
-        self.files.get(&segment).cloned()
+        self.files.get(&segment).or_else(|| self.retired.get(&segment).map(|(f, _)| f)).cloned()
     }
 
     pub fn segments(&self) -> impl Iterator<Item = u32> + '_ {
@@ -158,6 +186,88 @@ impl Log {
 
     pub fn active_segment(&self) -> u32 {
         self.active.segment
+    }
+
+    /// Bytes of records in `segment`.
+    pub fn segment_size(&self, segment: u32) -> u64 {
+        self.sizes.get(&segment).copied().unwrap_or(0)
+    }
+
+    /// Segments no longer written to: neither active, nor still flushing,
+    /// nor the spare.
+    pub fn sealed(&self) -> Vec<u32> {
+        let mut out: Vec<u32> = self
+            .files
+            .keys()
+            .copied()
+            .filter(|&s| s != self.active.segment)
+            .filter(|&s| !self.sealing.iter().any(|t| t.segment == s))
+            .filter(|&s| self.spare.as_ref().is_none_or(|sp| sp.segment != s))
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// The lowest unused segment id after `segment` and before the next
+    /// segment in log order: where a compaction of `segment` can go.
+    pub fn free_id_after(&self, segment: u32) -> Option<u32> {
+        let next = self.files.keys().copied().filter(|&s| s > segment).min().unwrap_or(self.next_segment);
+        let candidate = segment.checked_add(1)?;
+        (candidate < next).then_some(candidate)
+    }
+
+    /// Adds a segment written by compaction.
+    pub fn install(&mut self, segment: u32, file: Rc<DmaFile>, size: u64) {
+        assert!(!self.files.contains_key(&segment), "segment {segment} installed twice");
+        self.files.insert(segment, file);
+        self.sizes.insert(segment, size);
+    }
+
+    /// Drops a segment compaction replaced. It stays readable for readers
+    /// that looked it up just before; [`Log::expired`] hands it over for
+    /// deletion later.
+    pub fn retire(&mut self, segment: u32) {
+        assert!(self.sealed().contains(&segment), "only sealed segments are retired");
+        let file = self.files.remove(&segment).expect("sealed segments are open");
+        self.sizes.remove(&segment);
+        self.retired.insert(segment, (file, Instant::now()));
+    }
+
+    /// Retired segments older than `grace` (all with `grace` zero), forgotten.
+    pub fn expired(&mut self, grace: std::time::Duration) -> Vec<u32> {
+        let ids: Vec<u32> = self.retired.iter().filter(|(_, (_, at))| at.elapsed() >= grace).map(|(&s, _)| s).collect();
+        for s in &ids {
+            self.retired.remove(s);
+        }
+        ids
+    }
+
+    /// Hint files ready to be written: (segment, entries).
+    pub fn take_ready_hints(&mut self) -> Vec<(u32, Vec<HintEntry>)> {
+        std::mem::take(&mut self.ready_hints)
+    }
+
+    /// The active segment's entries, for a hint file at a clean stop (when
+    /// everything is flushed and nothing more will be appended).
+    pub fn active_entries(&self) -> (u32, Vec<HintEntry>) {
+        (self.active.segment, self.active.entries.clone())
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.cfg.dir
+    }
+
+    pub fn shard(&self) -> u32 {
+        self.cfg.shard
+    }
+
+    pub fn incarnation(&self) -> u64 {
+        self.cfg.incarnation
+    }
+
+    /// Where the next record will go if it fits in the active segment.
+    pub fn next_position(&self) -> (u32, u32) {
+        (self.active.segment, u32::try_from(self.active.end()).expect("segments stay under 4 GiB"))
     }
 
     /// The bytes of a record that is still in a write buffer.
@@ -203,7 +313,18 @@ impl Log {
         let written = format::encode_record(kind, flags, key, body, &mut self.active.buf);
         debug_assert_eq!(written, len);
         let checksum = format::record_checksum(&self.active.buf[start..]);
+        let marker = matches!(kind, RecordKind::DropPartition | RecordKind::HintDone);
+        self.active.entries.push(HintEntry {
+            kind,
+            flags,
+            key: key.to_vec(),
+            offset: offset as u32,
+            len: len as u32,
+            checksum,
+            body: if marker { body.to_vec() } else { Vec::new() },
+        });
         self.appended += len as u64;
+        *self.sizes.entry(self.active.segment).or_default() += len as u64;
         let loc = Loc {
             segment: self.active.segment,
             offset: u32::try_from(offset).expect("segments stay under 4 GiB"),
@@ -288,11 +409,15 @@ impl Log {
                 base: HEADER_BYTES,
                 buf: Vec::new(),
                 capacity: spare.capacity,
+                entries: Vec::new(),
             };
-            let old = std::mem::replace(&mut self.active, fresh);
+            let mut old = std::mem::replace(&mut self.active, fresh);
             // An empty buffer means everything in the old segment is already
-            // durable; otherwise its last bytes still need a flush.
-            if !old.buf.is_empty() {
+            // durable (its hint file can be written now); otherwise its last
+            // bytes still need a flush.
+            if old.buf.is_empty() {
+                self.ready_hints.push((old.segment, std::mem::take(&mut old.entries)));
+            } else {
                 self.sealing.push_back(old);
             }
             self.kick();
@@ -303,7 +428,7 @@ impl Log {
         }
         self.creating = true;
         let id = self.next_segment;
-        self.next_segment += 1;
+        self.next_segment += format::SEGMENT_ID_STEP;
         Ok(Rotation::Create { cfg: self.cfg.clone(), id, capacity: self.cfg.segment_bytes.max(align_up(need)) })
     }
 
@@ -344,7 +469,7 @@ pub async fn prepare_spare(log: &std::cell::RefCell<Log>) {
         }
         l.creating = true;
         let id = l.next_segment;
-        l.next_segment += 1;
+        l.next_segment += format::SEGMENT_ID_STEP;
         (l.cfg.clone(), id)
     };
     let made = create(&cfg, id, cfg.segment_bytes).await;
@@ -439,9 +564,11 @@ async fn flush_once(log: &std::cell::RefCell<Log>) -> Result<(), StoreError> {
         let job = log.borrow().sealing.front().map(Job::of);
         let Some(mut job) = job else { break };
         job.write().await?;
-        let done = log.borrow_mut().sealing.pop_front().expect("sealing tail still queued");
+        let mut l = log.borrow_mut();
+        let mut done = l.sealing.pop_front().expect("sealing tail still queued");
         assert_eq!(done.segment, job.segment);
         assert_eq!(done.end(), job.end(), "no appends go to a sealed segment");
+        l.ready_hints.push((done.segment, std::mem::take(&mut done.entries)));
     }
     let mut job = Job::of(&log.borrow().active);
     job.write().await?;

@@ -11,8 +11,10 @@
 //! group commit), `recovery` (start-up replay), `index`, `cache`, `epoch`.
 
 pub mod cache;
+pub mod compaction;
 pub mod epoch;
 pub mod format;
+pub mod hintfile;
 pub mod index;
 pub mod log;
 pub mod recovery;
@@ -94,6 +96,8 @@ pub struct StoreStats {
     pub log_bytes: u64,
     pub segments: u32,
     pub hints: u64,
+    pub compactions: u64,
+    pub bytes_reclaimed: u64,
 }
 
 pub struct Store {
@@ -105,6 +109,9 @@ pub struct Store {
     extending_lease: Cell<bool>,
     recovered_bytes: u64,
     recovery: RecoveryReport,
+    closing: Cell<bool>,
+    compactions: Cell<u64>,
+    bytes_reclaimed: Cell<u64>,
 }
 
 impl Store {
@@ -121,7 +128,7 @@ impl Store {
             incarnation: cfg.incarnation,
             segment_bytes: cfg.segment_bytes,
         };
-        let log = Rc::new(RefCell::new(Log::start(log_cfg, rec.files, rec.next_segment).await?));
+        let log = Rc::new(RefCell::new(Log::start(log_cfg, rec.files, &rec.ends, rec.next_segment).await?));
         glommio::spawn_local(log::run_flusher(log.clone())).detach();
         let spare_log = log.clone();
         glommio::spawn_local(async move { log::prepare_spare(&spare_log).await }).detach();
@@ -134,6 +141,9 @@ impl Store {
             extending_lease: Cell::new(false),
             recovered_bytes: rec.ends.values().sum(),
             recovery: rec.report,
+            closing: Cell::new(false),
+            compactions: Cell::new(0),
+            bytes_reclaimed: Cell::new(0),
         }))
     }
 
@@ -422,7 +432,7 @@ impl Store {
             }
             let record_key = format::hint_key(target, key);
             let loc = entry.loc();
-            let body = format::hint_done_body(loc.segment, loc.offset);
+            let body = format::loc_body(loc.segment, loc.offset);
             loop {
                 self.log.borrow().check_writable()?;
                 let appended = self.log.borrow_mut().try_append(RecordKind::HintDone, 0, &record_key, &body)?;
@@ -485,16 +495,84 @@ impl Store {
             if !unchanged() {
                 return Ok(false);
             }
-            let appended = self.log.borrow_mut().try_append(RecordKind::DropPartition, 0, &key, &[])?;
+            // The boundary is this record's own position: everything of p
+            // before it goes, whatever compaction later does with it.
+            let (segment, offset) = self.log.borrow().next_position();
+            let body = format::loc_body(segment, offset);
+            let appended = self.log.borrow_mut().try_append(RecordKind::DropPartition, 0, &key, &body)?;
             match appended {
-                Some((_, lsn, _)) => {
-                    self.index.borrow_mut().drop_partition(p);
+                Some((loc, lsn, _)) => {
+                    assert_eq!((loc.segment, loc.offset), (segment, offset), "appended where announced");
+                    self.index.borrow_mut().drop_partition_before(p, segment, offset);
                     self.wait_lsn(lsn).await?;
                     return Ok(true);
                 }
-                None => log::rotate(&self.log, format::record_len(key.len(), 0)).await?,
+                None => log::rotate(&self.log, format::record_len(key.len(), body.len())).await?,
             }
         }
+    }
+
+    /// The segment appends go to now.
+    pub fn active_segment(&self) -> u32 {
+        self.log.borrow().active_segment()
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing.get()
+    }
+
+    pub fn note_compaction(&self, c: &compaction::Compacted) {
+        self.compactions.set(self.compactions.get() + 1);
+        self.bytes_reclaimed.set(self.bytes_reclaimed.get() + c.bytes_in.saturating_sub(c.bytes_out));
+    }
+
+    /// Writes the hint files of segments sealed since the last call.
+    pub async fn write_ready_hints(&self) {
+        let ready = self.log.borrow_mut().take_ready_hints();
+        for (segment, entries) in ready {
+            let dir = self.cfg.dir.clone();
+            let done = glommio::executor().spawn_blocking(move || hintfile::write(&dir, segment, &entries)).await;
+            if let Err(e) = done {
+                // Only a slower restart: recovery scans a segment without one.
+                tracing::warn!(segment, error = %e, "could not write a hint file");
+            }
+        }
+    }
+
+    /// Deletes segments compaction replaced more than `grace` ago.
+    pub async fn delete_retired(&self, grace: std::time::Duration) {
+        let ids = self.log.borrow_mut().expired(grace);
+        if ids.is_empty() {
+            return;
+        }
+        let dir = self.cfg.dir.clone();
+        let removed = glommio::executor()
+            .spawn_blocking(move || -> std::io::Result<()> {
+                for id in ids {
+                    // The hint file first: a segment without one is only
+                    // slower to recover, one without its segment is ignored.
+                    let _ = std::fs::remove_file(hintfile::path(&dir, id));
+                    std::fs::remove_file(segment::segment_path(&dir, id))?;
+                }
+                segment::fsync_dir(&dir)
+            })
+            .await;
+        if let Err(e) = removed {
+            tracing::warn!(error = %e, "could not delete compacted segments");
+        }
+    }
+
+    /// Compacts everything worth it now (tests and `ringkv compact`).
+    pub async fn compact_now(&self, garbage_ratio: f64) -> Result<Vec<compaction::Compacted>, StoreError> {
+        let mut out = Vec::new();
+        for s in compaction::candidates(self, garbage_ratio) {
+            if let Some(c) = compaction::compact(self, s).await? {
+                self.note_compaction(&c);
+                out.push(c);
+            }
+        }
+        self.write_ready_hints().await;
+        Ok(out)
     }
 
     pub fn stats(&self) -> StoreStats {
@@ -506,13 +584,28 @@ impl Store {
             log_bytes: self.recovered_bytes + log.appended_lsn(),
             segments: log.segments().count() as u32,
             hints: self.index.borrow().hints.count(),
+            compactions: self.compactions.get(),
+            bytes_reclaimed: self.bytes_reclaimed.get(),
         }
     }
 
-    /// Flushes everything, stops the flusher and records a clean stop.
+    /// Flushes everything, stops the flusher, writes the hint files (the
+    /// active segment's too: nothing more goes into it) and records a clean
+    /// stop, so the next start reads no values.
     pub async fn close(&self) -> Result<(), StoreError> {
+        self.closing.set(true);
         log::flush_all(&self.log).await?;
         self.log.borrow_mut().shut_down();
+        self.write_ready_hints().await;
+        let (segment, entries) = self.log.borrow().active_entries();
+        if !entries.is_empty() {
+            let dir = self.cfg.dir.clone();
+            glommio::executor()
+                .spawn_blocking(move || hintfile::write(&dir, segment, &entries))
+                .await
+                .map_err(|e| StoreError::io("writing the last hint file".into(), e))?;
+        }
+        self.delete_retired(std::time::Duration::ZERO).await;
         self.epochs.borrow_mut().close_clean().map_err(|e| StoreError::io("recording a clean stop".into(), e))
     }
 }

@@ -10,9 +10,10 @@
 //! rather than silently dropping acknowledged data.
 
 use super::format::{
-    decode_record, parse_drop_partition_key, parse_hint_done_body, parse_hint_key, peek_len, FormatError, RecordKind,
+    decode_record, parse_drop_partition_key, parse_hint_key, parse_loc_body, peek_len, FormatError, RecordKind,
     RecordRef, SegmentHeader, HEADER_BYTES, MAX_RECORD_BYTES, RECORD_HEADER_BYTES,
 };
+use super::hintfile;
 use super::index::{Entry, Index, KeyHasher, Loc};
 use super::log::open_dma;
 use super::segment::{self, segment_path};
@@ -29,6 +30,11 @@ const READ_WINDOW: usize = 1 << 20;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RecoveryReport {
     pub segments: usize,
+    /// Segments whose index came from their hint file (no value read).
+    pub segments_from_hints: usize,
+    /// Segments read record by record, and the bytes that took.
+    pub segments_scanned: usize,
+    pub bytes_scanned: u64,
     pub records: u64,
     /// Where a torn tail was cut off: segment, offset, bytes dropped, why.
     pub truncated: Option<(u32, u64, u64, String)>,
@@ -43,13 +49,13 @@ pub struct Recovered {
     pub report: RecoveryReport,
 }
 
-enum ScanEnd {
+pub(super) enum ScanEnd {
     Clean { end: u64 },
     Bad { offset: u64, reason: FormatError },
 }
 
 /// Reads records from `HEADER_BYTES` on, calling `visit` for each valid one.
-async fn scan(
+pub(super) async fn scan(
     file: &DmaFile,
     id: u32,
     size: u64,
@@ -103,6 +109,41 @@ async fn file_size(file: &DmaFile, id: u32) -> Result<u64, StoreError> {
     file.file_size().await.map_err(|e| StoreError::io(format!("sizing segment {id}"), e.into()))
 }
 
+/// One record as replay needs it, from a scan or from a hint file.
+struct Replay<'a> {
+    kind: RecordKind,
+    flags: u8,
+    key: &'a [u8],
+    body: &'a [u8],
+    checksum: u64,
+}
+
+/// Applies one record to the index being rebuilt.
+fn apply(index: &mut Index, partitions: u32, r: &Replay<'_>, loc: Loc) {
+    let deleted = r.flags & super::format::FLAG_DELETED != 0;
+    match r.kind {
+        RecordKind::Object => {
+            index.insert(partition_of(r.key, partitions), r.key, Entry::new(loc, deleted, r.checksum as u32));
+        }
+        RecordKind::DropPartition => {
+            if let Some(p) = parse_drop_partition_key(r.key).filter(|&p| p < partitions) {
+                let (segment, offset) = parse_loc_body(r.body).unwrap_or((loc.segment, loc.offset));
+                index.drop_partition_before(p, segment, offset);
+            }
+        }
+        RecordKind::Hint => {
+            if let Some((target, key)) = parse_hint_key(r.key) {
+                index.insert_hint(target, key, Entry::new(loc, deleted, r.checksum as u32));
+            }
+        }
+        RecordKind::HintDone => {
+            if let (Some((target, key)), Some((segment, offset))) = (parse_hint_key(r.key), parse_loc_body(r.body)) {
+                index.retire_hint(target, key, segment, offset);
+            }
+        }
+    }
+}
+
 /// Replays every segment in `dir` into a fresh index.
 pub async fn recover(dir: &Path, shard: u32, partitions: u32, hasher: KeyHasher) -> Result<Recovered, StoreError> {
     let ids = segment::list_segments(dir).map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))?;
@@ -141,34 +182,35 @@ pub async fn recover(dir: &Path, shard: u32, partitions: u32, hasher: KeyHasher)
             continue;
         }
         let mut records = 0u64;
-        let end = scan(&file, id, size, |r, loc| {
-            records += 1;
-            match r.kind {
-                RecordKind::Object => {
-                    let deleted = r.flags & super::format::FLAG_DELETED != 0;
-                    index.insert(partition_of(r.key, partitions), r.key, Entry::new(loc, deleted, r.checksum as u32));
-                }
-                RecordKind::DropPartition => {
-                    if let Some(p) = parse_drop_partition_key(r.key).filter(|&p| p < partitions) {
-                        index.drop_partition(p);
-                    }
-                }
-                RecordKind::Hint => {
-                    if let Some((target, key)) = parse_hint_key(r.key) {
-                        let deleted = r.flags & super::format::FLAG_DELETED != 0;
-                        index.insert_hint(target, key, Entry::new(loc, deleted, r.checksum as u32));
-                    }
-                }
-                RecordKind::HintDone => {
-                    if let (Some((target, key)), Some((segment, offset))) =
-                        (parse_hint_key(r.key), parse_hint_done_body(r.body))
-                    {
-                        index.retire_hint(target, key, segment, offset);
-                    }
-                }
+        // A hint file gives the segment's index without reading values. One
+        // is written only once its segment can never change again (sealed and
+        // flushed, or closed by a clean stop), so a segment with one is whole.
+        let d = dir.to_path_buf();
+        let hints = glommio::executor().spawn_blocking(move || hintfile::read(&d, id)).await;
+        let end = if let Some(entries) = hints {
+            report.segments_from_hints += 1;
+            let mut end = HEADER_BYTES;
+            for e in &entries {
+                records += 1;
+                let loc = Loc { segment: id, offset: e.offset, len: e.len };
+                let r = Replay { kind: e.kind, flags: e.flags, key: &e.key, body: &e.body, checksum: e.checksum };
+                apply(&mut index, partitions, &r, loc);
+                end = end.max(u64::from(e.offset) + u64::from(e.len));
             }
-        })
-        .await?;
+            ScanEnd::Clean { end }
+        } else {
+            report.segments_scanned += 1;
+            let scanned = scan(&file, id, size, |r, loc| {
+                records += 1;
+                let r = Replay { kind: r.kind, flags: r.flags, key: r.key, body: r.body, checksum: r.checksum };
+                apply(&mut index, partitions, &r, loc);
+            })
+            .await?;
+            report.bytes_scanned += match &scanned {
+                ScanEnd::Clean { end } | ScanEnd::Bad { offset: end, .. } => end - HEADER_BYTES,
+            };
+            scanned
+        };
         report.records += records;
         match end {
             ScanEnd::Clean { end } => {
@@ -198,7 +240,8 @@ pub async fn recover(dir: &Path, shard: u32, partitions: u32, hasher: KeyHasher)
         }
         report.truncated = Some((id, offset, dropped, reason.to_string()));
     }
-    let next_segment = ids.last().map_or(1, |l| l + 1);
+    let step = super::format::SEGMENT_ID_STEP;
+    let next_segment = ids.last().map_or(step, |l| (l / step + 1) * step);
     Ok(Recovered { files, index, ends, next_segment, report })
 }
 

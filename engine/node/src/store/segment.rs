@@ -30,7 +30,7 @@ pub fn list_segments(dir: &Path) -> io::Result<Vec<u32>> {
         let entry = entry?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        if name.ends_with(".seg.tmp") {
+        if name.ends_with(".seg.tmp") || name.ends_with(".hint.tmp") {
             fs::remove_file(entry.path())?;
         } else if let Some(id) = name.strip_suffix(SUFFIX).and_then(|s| s.parse::<u32>().ok()) {
             ids.push(id);
@@ -76,6 +76,29 @@ fn preallocate(f: &File, len: u64) -> io::Result<()> {
         Some(libc::EOPNOTSUPP) => f.set_len(len),
         _ => Err(err),
     }
+}
+
+/// Writes a complete segment (a compaction output) in one go: header and
+/// records to a temporary file, synced, then renamed into place and the
+/// directory synced. With `stop_before_rename` (tests) it leaves the
+/// temporary file as a crash at that point would.
+pub fn write_whole_segment(
+    dir: &Path,
+    header: &SegmentHeader,
+    records: &[u8],
+    stop_before_rename: bool,
+) -> io::Result<()> {
+    let path = segment_path(dir, header.segment);
+    let tmp = path.with_extension("seg.tmp");
+    let mut f = OpenOptions::new().write(true).create_new(true).mode(0o644).open(&tmp)?;
+    f.write_all(&header.encode())?;
+    f.write_all(records)?;
+    f.sync_all()?;
+    if stop_before_rename {
+        return Ok(());
+    }
+    fs::rename(&tmp, &path)?;
+    fsync_dir(dir)
 }
 
 /// Cuts a segment to `len` bytes (dropping a torn tail or unused space) and
