@@ -27,6 +27,9 @@ pub enum Command {
     /// Run anti-entropy now: compare this node's partitions with their other
     /// replicas and exchange the keys that differ; reports what it did.
     Repair(RepairArgs),
+    /// Verify a stopped node's data directory offline: segments, checksums,
+    /// hint files, live and garbage bytes. Exits non-zero on damage.
+    Inspect(InspectArgs),
     /// Manage a local development cluster.
     #[command(subcommand)]
     Cluster(ClusterCmd),
@@ -190,6 +193,17 @@ pub struct DeleteArgs {
     /// Context from an earlier get: delete exactly what that read saw.
     #[arg(long)]
     pub context: Option<String>,
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    /// The node's data directory.
+    pub dir: PathBuf,
+    #[arg(long)]
+    pub json: bool,
+    /// List every segment, not only a per-shard summary.
+    #[arg(long)]
+    pub segments: bool,
 }
 
 #[derive(Args)]

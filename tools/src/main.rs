@@ -3,6 +3,7 @@
 mod cli;
 mod client_cmd;
 mod cluster_cmd;
+mod inspect_cmd;
 mod server_cmd;
 
 use clap::Parser;
@@ -40,6 +41,7 @@ fn main() -> ExitCode {
         Command::Delete(a) => client_cmd::delete(a),
         Command::Status(a) => client_cmd::status(a),
         Command::Repair(a) => client_cmd::repair(a),
+        Command::Inspect(a) => inspect_cmd::run(a),
         Command::Cluster(ClusterCmd::Up(a)) => cluster_cmd::up(a).map_err(Failure::Server),
     };
     match result {

@@ -16,6 +16,7 @@ pub mod epoch;
 pub mod format;
 pub mod hintfile;
 pub mod index;
+pub mod inspect;
 pub mod log;
 pub mod recovery;
 pub mod segment;

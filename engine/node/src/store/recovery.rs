@@ -110,16 +110,16 @@ async fn file_size(file: &DmaFile, id: u32) -> Result<u64, StoreError> {
 }
 
 /// One record as replay needs it, from a scan or from a hint file.
-struct Replay<'a> {
-    kind: RecordKind,
-    flags: u8,
-    key: &'a [u8],
-    body: &'a [u8],
-    checksum: u64,
+pub(super) struct Replay<'a> {
+    pub kind: RecordKind,
+    pub flags: u8,
+    pub key: &'a [u8],
+    pub body: &'a [u8],
+    pub checksum: u64,
 }
 
-/// Applies one record to the index being rebuilt.
-fn apply(index: &mut Index, partitions: u32, r: &Replay<'_>, loc: Loc) {
+/// Applies one record to the index being rebuilt (recovery and inspect).
+pub(super) fn apply(index: &mut Index, partitions: u32, r: &Replay<'_>, loc: Loc) {
     let deleted = r.flags & super::format::FLAG_DELETED != 0;
     match r.kind {
         RecordKind::Object => {
