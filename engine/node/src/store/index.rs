@@ -7,6 +7,7 @@
 //! Invariant: an entry always points at the newest durable-or-pending record
 //! of its key in this shard's log; replaying the log in order rebuilds it.
 
+use hashbrown::HashTable;
 use ringkv_core::keyspace::key_hash;
 use ringkv_core::merkle::{leaf_of, MerkleTree};
 use std::collections::HashMap;
@@ -84,17 +85,89 @@ pub struct PartitionCounts {
     pub deleted: u64,
 }
 
+/// Key bytes of one partition, packed back to back in chunks of at most
+/// `CHUNK` bytes.
+///
+/// A key is stored once, behind a one- or two-byte length, and named by its
+/// offset (`u32`), so an index slot costs 20 bytes instead of a boxed key's
+/// pointer, length and allocation header. Chunks never move, so growth costs
+/// no copy and no transient doubling. Removed keys leave garbage that
+/// [`PartitionIndex::remove`] reclaims by repacking once it outweighs the
+/// live keys.
+#[derive(Default)]
+struct KeyArena {
+    chunks: Vec<Vec<u8>>,
+    garbage: usize,
+}
+
+/// Fits the longest key (`MAX_KEY_BYTES` = 1024) plus its length many times.
+const CHUNK: usize = 64 * 1024;
+const _: () = assert!(ringkv_core::keyspace::MAX_KEY_BYTES < 1 << 15 && ringkv_core::keyspace::MAX_KEY_BYTES < CHUNK);
+
+impl KeyArena {
+    fn push(&mut self, key: &[u8]) -> u32 {
+        let need = key.len() + if key.len() < 0x80 { 1 } else { 2 };
+        if self.chunks.last().is_none_or(|c| c.len() + need > CHUNK) {
+            self.chunks.push(Vec::new());
+        }
+        let index = self.chunks.len() - 1;
+        let chunk = &mut self.chunks[index];
+        if chunk.len() + need > chunk.capacity() {
+            // Doubling, but never past CHUNK: a small partition's keys cost
+            // little more than their bytes, and a full chunk has no slack.
+            let cap = (chunk.capacity() * 2).max(chunk.len() + need).clamp(256, CHUNK);
+            chunk.reserve_exact(cap - chunk.len());
+        }
+        let off = index * CHUNK + chunk.len();
+        if key.len() < 0x80 {
+            chunk.push(key.len() as u8);
+        } else {
+            chunk.extend_from_slice(&(0x8000 | key.len() as u16).to_be_bytes());
+        }
+        chunk.extend_from_slice(key);
+        u32::try_from(off).expect("a partition's keys fit in 4 GiB")
+    }
+
+    fn get(&self, off: u32) -> &[u8] {
+        let off = off as usize;
+        let chunk = &self.chunks[off / CHUNK];
+        let at = off % CHUNK;
+        let (len, start) = if chunk[at] & 0x80 == 0 {
+            (chunk[at] as usize, at + 1)
+        } else {
+            ((u16::from_be_bytes([chunk[at], chunk[at + 1]]) & 0x7fff) as usize, at + 2)
+        };
+        &chunk[start..start + len]
+    }
+
+    fn bytes(&self) -> usize {
+        self.chunks.iter().map(Vec::len).sum()
+    }
+}
+
+/// One key of the table: where its bytes are, and its index entry.
+#[derive(Clone, Copy)]
+struct Slot {
+    key: u32,
+    entry: Entry,
+}
+const _: () = assert!(std::mem::size_of::<Slot>() == 20);
+
 pub struct PartitionIndex {
-    map: HashMap<Box<[u8]>, Entry, KeyHasher>,
+    keys: KeyArena,
+    table: HashTable<Slot>,
+    hasher: KeyHasher,
     counts: PartitionCounts,
-    /// Follows every change of `map`: the anti-entropy tree.
+    /// Follows every change of `table`: the anti-entropy tree.
     tree: MerkleTree,
 }
 
 impl PartitionIndex {
     fn new(hasher: KeyHasher) -> Self {
         PartitionIndex {
-            map: HashMap::with_hasher(hasher),
+            keys: KeyArena::default(),
+            table: HashTable::new(),
+            hasher,
             counts: PartitionCounts::default(),
             tree: MerkleTree::default(),
         }
@@ -107,23 +180,31 @@ impl PartitionIndex {
     /// Keys (and their digests) that fall in the given Merkle leaves.
     pub fn keys_in_leaves(&self, leaves: &[usize]) -> Vec<(Vec<u8>, u32)> {
         let wanted: std::collections::HashSet<usize> = leaves.iter().copied().collect();
-        self.map
-            .iter()
+        self.iter()
             .filter(|(k, _)| wanted.contains(&leaf_of(key_hash(k))))
             .map(|(k, e)| (k.to_vec(), e.digest))
             .collect()
     }
 
+    fn find(&self, key: &[u8]) -> Option<&Slot> {
+        self.table.find(self.hasher.hash_one(key), |s| self.keys.get(s.key) == key)
+    }
+
+    fn find_mut(&mut self, key: &[u8]) -> Option<&mut Slot> {
+        let keys = &self.keys;
+        self.table.find_mut(self.hasher.hash_one(key), |s| keys.get(s.key) == key)
+    }
+
     pub fn get(&self, key: &[u8]) -> Option<Entry> {
-        self.map.get(key).copied()
+        self.find(key).map(|s| s.entry)
     }
 
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.table.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.table.is_empty()
     }
 
     pub fn counts(&self) -> PartitionCounts {
@@ -131,7 +212,7 @@ impl PartitionIndex {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], Entry)> {
-        self.map.iter().map(|(k, e)| (&**k, *e))
+        self.table.iter().map(|s| (self.keys.get(s.key), s.entry))
     }
 
     fn count(&mut self, e: &Entry, delta: i64) {
@@ -144,10 +225,14 @@ impl PartitionIndex {
         let h = key_hash(key);
         self.count(&entry, 1);
         self.tree.insert(h, entry.digest);
-        let old = match self.map.get_mut(key) {
-            Some(slot) => Some(std::mem::replace(slot, entry)),
+        let old = match self.find_mut(key) {
+            Some(slot) => Some(std::mem::replace(&mut slot.entry, entry)),
             None => {
-                self.map.insert(key.into(), entry);
+                let off = self.keys.push(key);
+                let (keys, hasher) = (&self.keys, &self.hasher);
+                self.table.insert_unique(hasher.hash_one(key), Slot { key: off, entry }, |s| {
+                    hasher.hash_one(keys.get(s.key))
+                });
                 None
             }
         };
@@ -159,12 +244,31 @@ impl PartitionIndex {
     }
 
     pub fn remove(&mut self, key: &[u8]) -> Option<Entry> {
-        let old = self.map.remove(key);
-        if let Some(o) = &old {
-            self.count(o, -1);
-            self.tree.remove(key_hash(key), o.digest);
+        let keys = &self.keys;
+        let found = self.table.find_entry(self.hasher.hash_one(key), |s| keys.get(s.key) == key).ok()?;
+        let (slot, _) = found.remove();
+        self.keys.garbage += key.len() + if key.len() < 0x80 { 1 } else { 2 };
+        self.count(&slot.entry, -1);
+        self.tree.remove(key_hash(key), slot.entry.digest);
+        if self.keys.garbage > CHUNK && self.keys.garbage * 2 > self.keys.bytes() {
+            self.repack();
         }
-        old
+        Some(slot.entry)
+    }
+
+    /// Copies the live keys into a fresh arena, dropping removed keys' bytes.
+    fn repack(&mut self) {
+        let mut fresh = KeyArena::default();
+        for slot in self.table.iter_mut() {
+            slot.key = fresh.push(self.keys.get(slot.key));
+        }
+        self.keys = fresh;
+    }
+
+    /// Removes every key whose entry matches `doomed`; returns their entries.
+    fn remove_where(&mut self, mut doomed: impl FnMut(&Entry) -> bool) -> Vec<Entry> {
+        let keys: Vec<Vec<u8>> = self.iter().filter(|(_, e)| doomed(e)).map(|(k, _)| k.to_vec()).collect();
+        keys.iter().map(|k| self.remove(k).expect("just listed")).collect()
     }
 }
 
@@ -278,17 +382,9 @@ impl Index {
     /// (`segment`, `offset`) in log order.
     pub fn drop_partition_before(&mut self, p: u32, segment: u32, offset: u32) {
         let Some(part) = self.partitions.get_mut(p as usize).and_then(Option::as_mut) else { return };
-        let doomed: Vec<Box<[u8]>> = part
-            .map
-            .iter()
-            .filter(|(_, e)| (e.segment, e.offset) < (segment, offset))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in doomed {
-            let old = part.remove(&k).expect("just listed");
+        for old in part.remove_where(|e| (e.segment, e.offset) < (segment, offset)) {
             let loc = old.loc();
-            let live = self.live_bytes.get_mut(&loc.segment).expect("accounted");
-            *live -= u64::from(loc.len);
+            *self.live_bytes.get_mut(&loc.segment).expect("accounted") -= u64::from(loc.len);
         }
     }
 
@@ -302,7 +398,7 @@ impl Index {
     /// key was written again meanwhile.
     pub fn relocate(&mut self, p: u32, key: &[u8], segment: u32, offset: u32, to: Loc) -> bool {
         let Some(part) = self.partitions.get_mut(p as usize).and_then(Option::as_mut) else { return false };
-        let Some(e) = part.map.get_mut(key) else { return false };
+        let Some(e) = part.find_mut(key).map(|s| &mut s.entry) else { return false };
         if (e.segment, e.offset) != (segment, offset) {
             return false;
         }
@@ -331,8 +427,8 @@ impl Index {
     /// Forgets every key of partition `p`.
     pub fn drop_partition(&mut self, p: u32) {
         let Some(part) = self.partitions.get_mut(p as usize).and_then(Option::take) else { return };
-        for (_, e) in part.map {
-            self.release(e.loc());
+        for s in part.table {
+            self.release(s.entry.loc());
         }
     }
 
@@ -388,5 +484,47 @@ mod tests {
         assert_eq!(ix.live_bytes(2), 0);
         assert_eq!(ix.counts(), PartitionCounts::default());
         assert_eq!(ix.partition(2).unwrap().tree().root(), 0, "an emptied partition's tree is empty again");
+    }
+
+    #[test]
+    fn keys_of_every_length_survive_growth_removal_and_repacking() {
+        let mut ix = Index::new(1, KeyHasher::new(7));
+        let key = |i: usize| -> Vec<u8> {
+            let len = 1 + (i * 37) % ringkv_core::keyspace::MAX_KEY_BYTES;
+            (0..len).map(|j| (i + j) as u8).chain((i as u32).to_le_bytes()).collect()
+        };
+        let n = 2_000;
+        for i in 0..n {
+            ix.insert(0, &key(i), Entry::new(loc(1, i as u32 * 8, 8), false, i as u32));
+        }
+        // Removing most keys forces the arena to repack under the survivors.
+        for i in (0..n).filter(|i| i % 5 != 0) {
+            assert_eq!(ix.remove(0, &key(i)).map(|e| e.digest()), Some(i as u32));
+        }
+        let part = ix.partition(0).unwrap();
+        assert!(part.keys.garbage * 2 <= part.keys.bytes().max(CHUNK * 2), "garbage was reclaimed");
+        assert_eq!(part.len(), n / 5);
+        for i in 0..n {
+            let got = ix.get(0, &key(i));
+            assert_eq!(got.map(|e| e.digest()), (i % 5 == 0).then_some(i as u32), "key {i}");
+        }
+        let mut listed: Vec<u32> = ix.partition(0).unwrap().iter().map(|(_, e)| e.digest()).collect();
+        listed.sort();
+        assert_eq!(listed, (0..n as u32).filter(|i| i % 5 == 0).collect::<Vec<_>>());
+        assert_eq!(ix.live_bytes(1), (n / 5) as u64 * 8);
+    }
+
+    #[test]
+    fn dropping_a_partition_prefix_keeps_newer_records() {
+        let mut ix = Index::new(2, KeyHasher::new(3));
+        ix.insert(1, b"old", Entry::new(loc(1, 0, 10), false, 1));
+        ix.insert(1, b"new", Entry::new(loc(2, 0, 10), false, 2));
+        ix.drop_partition_before(1, 2, 0);
+        assert_eq!(ix.get(1, b"old"), None);
+        assert!(ix.get(1, b"new").is_some());
+        assert_eq!((ix.live_bytes(1), ix.live_bytes(2)), (0, 10));
+        assert!(ix.relocate(1, b"new", 2, 0, loc(3, 4096, 10)));
+        assert_eq!(ix.get(1, b"new").unwrap().loc(), loc(3, 4096, 10));
+        assert!(!ix.relocate(1, b"new", 2, 0, loc(4, 0, 10)), "a stale relocation is refused");
     }
 }

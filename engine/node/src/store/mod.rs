@@ -99,6 +99,8 @@ pub struct StoreStats {
     pub hints: u64,
     pub compactions: u64,
     pub bytes_reclaimed: u64,
+    /// Group commits (write + fdatasync) since start-up.
+    pub flushes: u64,
 }
 
 pub struct Store {
@@ -587,6 +589,7 @@ impl Store {
             hints: self.index.borrow().hints.count(),
             compactions: self.compactions.get(),
             bytes_reclaimed: self.bytes_reclaimed.get(),
+            flushes: log.flushes(),
         }
     }
 
