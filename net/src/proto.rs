@@ -290,6 +290,12 @@ pub enum Request {
         partition: Option<u32>,
     },
     MerkleRoots,
+    /// Drop the receiver's tombstone of `key` if its replica is exactly
+    /// `object` (canonical bytes): every replica holds it, past the grace.
+    Purge {
+        key: Vec<u8>,
+        object: Vec<u8>,
+    },
 }
 
 /// What one anti-entropy run compared and moved.
@@ -344,6 +350,7 @@ impl Request {
             Request::ReadBatch { .. } => "read-batch",
             Request::Repair { .. } => "repair",
             Request::MerkleRoots => "merkle-roots",
+            Request::Purge { .. } => "purge",
         }
     }
 
@@ -433,6 +440,7 @@ pub enum Reply {
     ReadBatch { entries: Vec<(Vec<u8>, Vec<u8>)> },
     Repair(RepairReport),
     MerkleRoots { roots: Vec<PartitionRoot> },
+    Purge { purged: bool },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -649,6 +657,10 @@ fn decode_request(r: &fb::Request<'_>) -> Result<Request, DecodeError> {
             Request::Repair { partition: rp.one().then_some(rp.partition()) }
         }
         fb::RequestBody::MerkleRootsRequest => Request::MerkleRoots,
+        fb::RequestBody::PurgeRequest => {
+            let g = r.body_as_purge_request().ok_or(DecodeError::Missing("purge"))?;
+            Request::Purge { key: bytes(g.key()), object: bytes(g.object()) }
+        }
         other => return Err(DecodeError::UnknownMessage(other.0)),
     })
 }
@@ -723,6 +735,10 @@ fn decode_reply(r: &fb::Response<'_>) -> Result<Reply, DecodeError> {
             Reply::Topology { state: bytes(t.state()), replicas: t.replicas() }
         }
         fb::ResultBody::ReplicaWriteResult => Reply::ReplicaWrite,
+        fb::ResultBody::PurgeResult => {
+            let g = r.result_as_purge_result().ok_or(DecodeError::Missing("purge result"))?;
+            Reply::Purge { purged: g.purged() }
+        }
         fb::ResultBody::ReplicaReadResult => {
             let g = r.result_as_replica_read_result().ok_or(DecodeError::Missing("replica read result"))?;
             Reply::ReplicaRead { found: g.found(), object: bytes(g.object()) }
@@ -998,6 +1014,11 @@ fn encode_request(fbb: &mut Fbb, r: &RequestFrame) -> Union {
             let t = fb::MerkleRootsRequest::create(fbb, &fb::MerkleRootsRequestArgs {});
             (fb::RequestBody::MerkleRootsRequest, t.as_union_value())
         }
+        Request::Purge { key, object } => {
+            let (key, object) = (fbb.create_vector(key), fbb.create_vector(object));
+            let t = fb::PurgeRequest::create(fbb, &fb::PurgeRequestArgs { key: Some(key), object: Some(object) });
+            (fb::RequestBody::PurgeRequest, t.as_union_value())
+        }
     };
     fb::Request::create(
         fbb,
@@ -1126,6 +1147,10 @@ fn encode_reply(fbb: &mut Fbb, reply: &Reply) -> (fb::ResultBody, Union) {
         Reply::ReplicaWrite => {
             let t = fb::ReplicaWriteResult::create(fbb, &fb::ReplicaWriteResultArgs {});
             (fb::ResultBody::ReplicaWriteResult, t.as_union_value())
+        }
+        Reply::Purge { purged } => {
+            let t = fb::PurgeResult::create(fbb, &fb::PurgeResultArgs { purged: *purged });
+            (fb::ResultBody::PurgeResult, t.as_union_value())
         }
         Reply::ReplicaRead { found, object } => {
             let object = fbb.create_vector(object);
@@ -1305,6 +1330,13 @@ mod tests {
                 ring_version: 2,
                 result: Ok(Reply::Keys { keys: vec![(b"k".to_vec(), 7)] }),
             }),
+            Message::Request(RequestFrame {
+                id: 16,
+                timeout_ms: 0,
+                hops: 0,
+                body: Request::Purge { key: b"gone".to_vec(), object: vec![1, 2, 3] },
+            }),
+            Message::Response(Response { id: 16, ring_version: 2, result: Ok(Reply::Purge { purged: true }) }),
             Message::Response(Response {
                 id: 11,
                 ring_version: 9,

@@ -279,3 +279,64 @@ fn control_run_the_checker_reports_stale_reads_at_r1_w1_across_a_partition() {
     println!("control run: the strict checker found {} stale reads", strict.stale_reads.len());
     assert!(!strict.stale_reads.is_empty(), "reads at r=1 from the cut-off node must be reported stale");
 }
+
+/// Tombstones held by each of the given nodes: (node index, count).
+fn tombstones(c: &Cluster, which: &[usize]) -> Vec<(usize, u64)> {
+    which
+        .iter()
+        .map(|&i| (i, c.node(i).client().node_info().unwrap().shards.iter().map(|s| s.tombstones).sum()))
+        .collect()
+}
+
+#[test]
+fn tombstones_are_not_purged_while_a_replica_still_holds_the_old_value() {
+    // The danger a purge must avoid: a replica that missed the delete still
+    // has the value, and anti-entropy would hand it back to replicas that
+    // forgot the tombstone.
+    let dir = tempfile::tempdir().unwrap();
+    let grace_s = 3;
+    let extra = ["--request-timeout-ms", "2000", "--anti-entropy-interval-s", "1", "--tombstone-grace-s", "3"];
+    let mut c = Cluster::start(dir.path(), 3, 1, &extra);
+    let keys: Vec<Vec<u8>> = (0..20).map(|i| format!("purge/{i}").into_bytes()).collect();
+    let all = WriteOptions { w: Level::All, ..Default::default() };
+    let mut client = c.node(0).client();
+    for k in &keys {
+        client.put(k, b"old", &all).unwrap();
+    }
+    // Killed, not paused: a paused node would still find the deletes
+    // queued in its sockets when it wakes.
+    c.nodes[2].kill();
+    let quorum = |context| WriteOptions { context, w: Level::Count(2), ..Default::default() };
+    for k in &keys {
+        let context = client.get(k, Level::Count(2)).unwrap().context;
+        client.delete(k, &quorum(context)).unwrap();
+    }
+    // Well past the grace period, with node 3 still holding the old values.
+    std::thread::sleep(Duration::from_secs(grace_s + 5));
+    for (node, held) in tombstones(&c, &[0, 1]) {
+        assert_eq!(held, keys.len() as u64, "node {node} kept every tombstone while a replica was unreachable");
+    }
+    c.nodes[2].restart();
+    let old = keys.iter().filter(|k| !local_values(c.node(2), k).is_empty()).count();
+    assert!(old > 0, "node 3 came back with the old values");
+    // Anti-entropy carries the tombstones to node 3, then the purge runs.
+    let took = eventually(Duration::from_secs(90), "tombstones purged on every replica", || {
+        tombstones(&c, &[0, 1, 2]).iter().all(|&(_, n)| n == 0)
+    });
+    println!("tombstones purged on all replicas {:.1}s after the replica came back", took.as_secs_f64());
+    c.wait_converged(3, Duration::from_secs(30));
+    for (k, values) in c.read_all(1, &keys) {
+        assert!(values.is_empty(), "{k:?} came back after the purge: {values:?}");
+    }
+    // Replay honours the purge: a restarted node does not resurrect the
+    // values still lying in its older segments.
+    c.nodes[2].stop();
+    c.nodes[2].restart();
+    c.wait_converged(3, Duration::from_secs(30));
+    for node in 0..3 {
+        for (k, values) in c.read_all(node, &keys) {
+            assert!(values.is_empty(), "{k:?} came back on restart: {values:?}");
+        }
+    }
+    assert!(tombstones(&c, &[0, 1, 2]).iter().all(|&(_, n)| n == 0));
+}

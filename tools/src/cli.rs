@@ -122,6 +122,9 @@ pub struct ServerArgs {
     /// Seconds between hinted-handoff attempts [default: 3].
     #[arg(long)]
     pub handoff_interval_s: Option<u64>,
+    /// Seconds a tombstone is kept after every replica has it [default: 3600].
+    #[arg(long)]
+    pub tombstone_grace_s: Option<u64>,
     /// Hints a shard holds at most for unreachable replicas [default: 1000000].
     #[arg(long)]
     pub max_hints_per_shard: Option<u64>,

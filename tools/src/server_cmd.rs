@@ -64,6 +64,9 @@ pub fn resolve(args: &ServerArgs) -> Result<NodeConfig, String> {
     if let Some(v) = a.handoff_interval_s {
         c.handoff_interval_s = v;
     }
+    if let Some(v) = a.tombstone_grace_s {
+        c.tombstone_grace_s = v;
+    }
     if let Some(v) = a.max_hints_per_shard {
         c.max_hints_per_shard = v;
     }

@@ -268,6 +268,14 @@ impl Object {
         self.siblings.iter().all(Sibling::is_tombstone)
     }
 
+    /// Whether this is a tombstone every sibling of which is at least
+    /// `grace_ms` old at `now_ms`: old enough to purge once every replica
+    /// holds it. (Only the age is judged here; who holds it is not.)
+    pub fn purgeable(&self, now_ms: u64, grace_ms: u64) -> bool {
+        !self.siblings.is_empty()
+            && self.siblings.iter().all(|s| s.is_tombstone() && s.ts_ms.saturating_add(grace_ms) <= now_ms)
+    }
+
     /// Bytes of value payload across siblings (used for accounting).
     pub fn value_bytes(&self) -> usize {
         self.siblings.iter().map(|s| s.value.as_ref().map_or(0, Vec::len)).sum()
@@ -479,6 +487,27 @@ mod tests {
 
     fn values(o: &Object) -> Vec<String> {
         o.values().map(|v| String::from_utf8(v.to_vec()).unwrap()).collect()
+    }
+
+    #[test]
+    fn only_an_old_enough_pure_tombstone_is_purgeable() {
+        let none = VersionVector::new();
+        let v = put(None, &none, actor(1), "v");
+        assert!(!v.purgeable(u64::MAX, 0), "a live value never is");
+        let del = |local: &Object, who, ts| {
+            let dot = Object::next_dot(Some(local), local.context(), who);
+            Object::apply_write(Some(local), local.context(), dot, ts, None)
+        };
+        let gone = del(&v, actor(1), 1_000);
+        assert!(!gone.purgeable(1_999, 1_000), "inside the grace period");
+        assert!(gone.purgeable(2_000, 1_000));
+        // A concurrent write beside the tombstone keeps the key alive.
+        let beside = gone.merge(&put(Some(&v), v.context(), actor(2), "w"));
+        assert!(!beside.purgeable(u64::MAX, 0));
+        // Two concurrent deletes: the younger one decides.
+        let two = gone.merge(&del(&v, actor(2), 5_000));
+        assert!(!two.purgeable(5_999, 1_000) && two.purgeable(6_000, 1_000));
+        assert!(!Object::default().purgeable(u64::MAX, 0), "nothing to purge in an empty object");
     }
 
     #[test]

@@ -25,7 +25,7 @@ use std::time::Duration;
 const BATCH: usize = 128;
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-async fn call(shard: &Shard, addr: SocketAddr, req: Request) -> Result<Reply, String> {
+pub(crate) async fn call(shard: &Shard, addr: SocketAddr, req: Request) -> Result<Reply, String> {
     let resp = shard.peers.call(addr, req, 0, CALL_TIMEOUT).await.map_err(|e| e.to_string())?;
     resp.result.map_err(|e| e.to_string())
 }
@@ -183,6 +183,16 @@ pub async fn run(shard: Rc<Shard>, interval: Duration) {
             }
             if ok {
                 shard.synced(p);
+            }
+            // Every other replica sorts after this one and just answered:
+            // this is the replica that decides on purging tombstones.
+            if ok && peers.len() + 1 == view.primaries(p).len() {
+                let grace = Duration::from_secs(shard.node.cfg.tombstone_grace_s);
+                match crate::purge::purge_partition(&shard, p, grace).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(partition = p, purged = n, "purged tombstones"),
+                    Err(e) => tracing::debug!(partition = p, error = e, "tombstone purge failed"),
+                }
             }
         }
     }

@@ -50,6 +50,10 @@ pub struct NodeConfig {
     pub anti_entropy_interval_s: u64,
     /// Seconds between hinted-handoff attempts.
     pub handoff_interval_s: u64,
+    /// A tombstone is purged once every replica holds it and it is this
+    /// old: longer than hints and partitions are expected to last, so no
+    /// older version of the key is still on its way.
+    pub tombstone_grace_s: u64,
     /// Seconds between compaction passes.
     pub compaction_interval_s: u64,
     /// A sealed segment is rewritten once this share of its bytes is garbage.
@@ -81,6 +85,7 @@ impl Default for NodeConfig {
             max_in_flight_per_connection: 1024,
             max_hints_per_shard: 1_000_000,
             anti_entropy_interval_s: 60,
+            tombstone_grace_s: 3600,
             handoff_interval_s: 3,
             compaction_interval_s: 10,
             compaction_garbage_ratio: 0.5,

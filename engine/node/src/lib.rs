@@ -14,6 +14,7 @@ pub mod datadir;
 pub mod handoff;
 pub mod hints;
 pub mod peer;
+pub mod purge;
 pub mod server;
 pub mod service;
 pub mod shard;

@@ -120,6 +120,15 @@ async fn execute(shard: &Rc<Shard>, body: Request, hops: u8, timeout: Duration) 
             shard.on_shard(target, op).await?;
             Ok(Reply::ReplicaWrite)
         }
+        Request::Purge { key, object } => {
+            validate_key(&key).map_err(pair_error)?;
+            let object = parse_object(&object)?;
+            let target = shard.local_shard_of(shard.node.partition(&key));
+            match shard.on_shard(target, Op::Purge { key, object }).await? {
+                OpOutput::Reply(r) => Ok(r),
+                _ => Err(internal("purge returned something else")),
+            }
+        }
         Request::Handoff { partition, entries } => {
             let n = entries.len() as u32;
             let mut parsed = Vec::with_capacity(entries.len());

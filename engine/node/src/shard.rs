@@ -118,6 +118,11 @@ pub enum Op {
         partition: Option<u32>,
     },
     Roots,
+    /// Drop `key` for good if this replica still is exactly `object`.
+    Purge {
+        key: Vec<u8>,
+        object: Object,
+    },
     /// Coordinate a client request (this shard holds the key's partition).
     Coordinate(crate::coordinator::ClientOp),
     /// Gossip received by another shard, for the gossip shard.
@@ -326,6 +331,12 @@ impl Shard {
     async fn run_local(self: &Rc<Self>, op: Op) -> OpResult {
         match op {
             Op::Get { key } => self.store.get(&key).await.map(OpOutput::Object).map_err(storage_error),
+            Op::Purge { key, object } => self
+                .store
+                .purge(&key, &object)
+                .await
+                .map(|purged| OpOutput::Reply(Reply::Purge { purged }))
+                .map_err(storage_error),
             Op::Merge { key, object, durable } => {
                 self.store.merge(&key, &object, durable).await.map(|_| OpOutput::Done).map_err(storage_error)
             }

@@ -238,3 +238,60 @@ fn compacting_the_segment_holding_a_partition_drop_alone_does_not_resurrect_the_
         }
     });
 }
+
+#[test]
+fn a_purged_key_stays_gone_across_compaction_and_restarts() {
+    // The old value stays in an early segment that is never compacted here:
+    // only the purge marker keeps replay from bringing it back.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(async move {
+        let s = open(&d).await;
+        set(&s, "doomed", "old-value").await;
+        let value_segment = s.active_segment();
+        churn(&s, 5, "a").await;
+        let live = s.get(b"doomed").await.unwrap().unwrap();
+        assert!(!s.purge(b"doomed", &live).await.unwrap(), "a live value is never purged");
+        s.write(b"doomed", None, &WriteContext::Client(live.context().clone()), true, 1).await.unwrap();
+        let tomb = s.get(b"doomed").await.unwrap().unwrap();
+        assert!(!s.purge(b"doomed", &live).await.unwrap(), "not when the replica holds something else");
+        assert_eq!(s.stats().tombstones, 1);
+        assert!(s.purge(b"doomed", &tomb).await.unwrap());
+        assert!(s.get(b"doomed").await.unwrap().is_none());
+        assert_eq!(s.stats().tombstones, 0);
+        assert!(!s.purge(b"doomed", &tomb).await.unwrap(), "purging twice does nothing");
+        let marker_segment = s.active_segment();
+        churn(&s, 5, "b").await;
+        assert_ne!(s.active_segment(), marker_segment, "the marker's segment is sealed");
+        assert_ne!(value_segment, marker_segment);
+        compact_until(&s, marker_segment, None).await.unwrap().expect("compacted");
+        s.delete_retired(std::time::Duration::ZERO).await;
+        assert!(segment::list_segments(&d).unwrap().contains(&value_segment), "the old value is still on disk");
+        s.close().await.unwrap();
+
+        let s = open(&d).await;
+        assert!(s.get(b"doomed").await.unwrap().is_none(), "back after a restart from hint files");
+        assert_eq!(s.stats().tombstones, 0);
+        s.close().await.unwrap();
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "hint") {
+                std::fs::remove_file(path).unwrap();
+            }
+        }
+        let s = open(&d).await;
+        assert_eq!(s.recovery_report().segments_from_hints, 0, "a full replay");
+        assert!(s.get(b"doomed").await.unwrap().is_none(), "back after a full replay");
+        // Once nothing older remains, the marker can go; the key stays gone,
+        // and it can be written again.
+        s.compact_now(0.0).await.unwrap();
+        s.delete_retired(std::time::Duration::ZERO).await;
+        set(&s, "doomed", "reborn").await;
+        s.close().await.unwrap();
+        let s = open(&d).await;
+        assert_eq!(value(&s, "doomed").await.as_deref(), Some("reborn"));
+        for k in 0..40 {
+            assert!(value(&s, &format!("key{k}")).await.unwrap().starts_with("b-4-"), "key{k} kept its latest value");
+        }
+    });
+}

@@ -96,6 +96,11 @@ pub async fn compact_until(
             // Still meaningful while the hint it retires may be replayed.
             RecordKind::HintDone => parse_loc_body(r.body).is_some_and(|(s, _)| store.log.borrow().file(s).is_some()),
             RecordKind::DropPartition => true,
+            // Still needed while a segment that may hold an older record of
+            // the key exists (one at or before the purged tombstone's).
+            RecordKind::Purge => {
+                parse_loc_body(r.body).is_none_or(|(s, _)| store.log.borrow().holds_segment_up_to(s, segment))
+            }
         };
         if !keep {
             return;
@@ -171,7 +176,7 @@ pub async fn compact_until(
                     Some((target, key)) => ix.relocate_hint(target, key, segment, c.from, *to),
                     None => false,
                 },
-                RecordKind::HintDone | RecordKind::DropPartition => true,
+                RecordKind::HintDone | RecordKind::DropPartition | RecordKind::Purge => true,
             };
             if !moved {
                 result.records_raced += 1;

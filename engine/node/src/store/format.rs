@@ -50,17 +50,29 @@ pub enum RecordKind {
     /// body: the hint record's position ([`loc_body`]), so a newer hint for
     /// the same key is not retired by an older delivery.
     HintDone = 4,
+    /// Forgets a key whose tombstone every replica held past the grace
+    /// period. Key: the key; body: the tombstone's position ([`loc_body`]).
+    /// Replay drops the key's records up to that position, so an older value
+    /// still lying in an earlier segment cannot come back.
+    Purge = 5,
 }
 
 impl RecordKind {
-    fn from_u8(b: u8) -> Option<RecordKind> {
+    pub fn from_u8(b: u8) -> Option<RecordKind> {
         match b {
             1 => Some(RecordKind::Object),
             2 => Some(RecordKind::DropPartition),
             3 => Some(RecordKind::Hint),
             4 => Some(RecordKind::HintDone),
+            5 => Some(RecordKind::Purge),
             _ => None,
         }
+    }
+
+    /// Markers change what other records mean; their body is kept in hint
+    /// files, and no index entry points at them.
+    pub fn is_marker(self) -> bool {
+        matches!(self, RecordKind::DropPartition | RecordKind::HintDone | RecordKind::Purge)
     }
 }
 

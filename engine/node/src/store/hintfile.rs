@@ -38,10 +38,7 @@ pub struct HintEntry {
 
 impl HintEntry {
     pub fn of(r: &RecordRef<'_>, offset: u32) -> HintEntry {
-        let body = match r.kind {
-            RecordKind::Object | RecordKind::Hint => Vec::new(),
-            RecordKind::DropPartition | RecordKind::HintDone => r.body.to_vec(),
-        };
+        let body = if r.kind.is_marker() { r.body.to_vec() } else { Vec::new() };
         HintEntry {
             kind: r.kind,
             flags: r.flags,
@@ -103,13 +100,7 @@ pub fn decode(bytes: &[u8], segment: u32) -> Option<Vec<HintEntry>> {
     let count = r.u32_le().ok()? as usize;
     let mut out = Vec::with_capacity(count.min(data.len() / 24));
     for _ in 0..count {
-        let kind = match r.u8().ok()? {
-            1 => RecordKind::Object,
-            2 => RecordKind::DropPartition,
-            3 => RecordKind::Hint,
-            4 => RecordKind::HintDone,
-            _ => return None,
-        };
+        let kind = RecordKind::from_u8(r.u8().ok()?)?;
         let flags = r.u8().ok()?;
         let key_len = usize::from(r.u16_le().ok()?);
         let offset = r.u32_le().ok()?;

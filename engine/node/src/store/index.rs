@@ -388,6 +388,17 @@ impl Index {
         }
     }
 
+    /// Forgets `key` of partition `p` if its record lies at or before
+    /// (`segment`, `offset`) in log order (a purge marker's replay: a newer
+    /// write of the key stays).
+    pub fn purge_before(&mut self, p: u32, key: &[u8], segment: u32, offset: u32) -> Option<Entry> {
+        let e = self.get(p, key)?;
+        if (e.segment, e.offset) > (segment, offset) {
+            return None;
+        }
+        self.remove(p, key)
+    }
+
     /// Whether `key`'s index entry is the record at (`segment`, `offset`).
     pub fn points_at(&self, p: u32, key: &[u8], segment: u32, offset: u32) -> bool {
         self.get(p, key).is_some_and(|e| (e.segment, e.offset) == (segment, offset))

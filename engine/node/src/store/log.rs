@@ -188,6 +188,12 @@ impl Log {
         self.files.keys().copied()
     }
 
+    /// Whether a segment other than `except` at or before `segment` may
+    /// still be on disk (retired ones count: recovery would replay them).
+    pub fn holds_segment_up_to(&self, segment: u32, except: u32) -> bool {
+        self.files.keys().chain(self.retired.keys()).any(|&s| s <= segment && s != except)
+    }
+
     pub fn active_segment(&self) -> u32 {
         self.active.segment
     }
@@ -321,7 +327,7 @@ impl Log {
         let written = format::encode_record(kind, flags, key, body, &mut self.active.buf);
         debug_assert_eq!(written, len);
         let checksum = format::record_checksum(&self.active.buf[start..]);
-        let marker = matches!(kind, RecordKind::DropPartition | RecordKind::HintDone);
+        let marker = kind.is_marker();
         self.active.entries.push(HintEntry {
             kind,
             flags,

@@ -436,25 +436,78 @@ impl Store {
             let record_key = format::hint_key(target, key);
             let loc = entry.loc();
             let body = format::loc_body(loc.segment, loc.offset);
-            loop {
-                self.log.borrow().check_writable()?;
-                let appended = self.log.borrow_mut().try_append(RecordKind::HintDone, 0, &record_key, &body)?;
-                match appended {
-                    Some((_, lsn, _)) => {
-                        if self.index.borrow_mut().retire_hint(target, key, loc.segment, loc.offset) {
-                            retired += 1;
-                        }
-                        last_lsn = Some(lsn);
-                        break;
-                    }
-                    None => log::rotate(&self.log, format::record_len(record_key.len(), body.len())).await?,
-                }
+            let lsn = self
+                .append_marker(RecordKind::HintDone, &record_key, &body, || {
+                    self.index.borrow_mut().retire_hint(target, key, loc.segment, loc.offset)
+                })
+                .await?;
+            if let Some(lsn) = lsn {
+                retired += 1;
+                last_lsn = Some(lsn);
             }
         }
         if let Some(lsn) = last_lsn {
             self.wait_lsn(lsn).await?;
         }
         Ok(retired)
+    }
+
+    /// Appends a marker record, rotating the log when the active segment is
+    /// full. `apply` runs right after the append with no await in between,
+    /// so it sees exactly the state the record was appended against; it
+    /// says whether the marker still means something (it was appended
+    /// either way: a marker that matches nothing replays as nothing).
+    /// Returns the record's sequence number when `apply` said yes.
+    async fn append_marker(
+        &self,
+        kind: RecordKind,
+        key: &[u8],
+        body: &[u8],
+        apply: impl FnOnce() -> bool,
+    ) -> Result<Option<u64>, StoreError> {
+        loop {
+            self.log.borrow().check_writable()?;
+            let appended = self.log.borrow_mut().try_append(kind, 0, key, body)?;
+            match appended {
+                Some((_, lsn, _)) => return Ok(apply().then_some(lsn)),
+                None => log::rotate(&self.log, format::record_len(key.len(), body.len())).await?,
+            }
+        }
+    }
+
+    /// Forgets `key` for good if this replica still holds exactly
+    /// `expected`, a tombstone. The caller has made sure every replica holds
+    /// it and its grace period has passed: the delete can no longer be
+    /// undone by an older version arriving. Durable when it returns true.
+    pub async fn purge(&self, key: &[u8], expected: &Object) -> Result<bool, StoreError> {
+        let p = self.partition(key);
+        let Some(entry) = self.index.borrow().get(p, key).filter(|e| e.is_deleted() && expected.is_deleted()) else {
+            return Ok(false);
+        };
+        if self.read_object(entry.loc()).await? != *expected {
+            return Ok(false);
+        }
+        // Rotation can await; whatever moved the key meanwhile (a write,
+        // a compaction) makes the marker void and the purge a no-op.
+        let loc = entry.loc();
+        let body = format::loc_body(loc.segment, loc.offset);
+        let lsn = self
+            .append_marker(RecordKind::Purge, key, &body, || {
+                let mut ix = self.index.borrow_mut();
+                ix.get(p, key) == Some(entry) && ix.purge_before(p, key, loc.segment, loc.offset).is_some()
+            })
+            .await?;
+        match lsn {
+            Some(lsn) => self.wait_lsn(lsn).await.map(|()| true),
+            None => Ok(false),
+        }
+    }
+
+    /// Up to `max` tombstoned keys of partition `p`.
+    pub fn tombstones(&self, p: u32, max: usize) -> Vec<Vec<u8>> {
+        let ix = self.index.borrow();
+        let Some(part) = ix.partition(p) else { return Vec::new() };
+        part.iter().filter(|(_, e)| e.is_deleted()).take(max).map(|(k, _)| k.to_vec()).collect()
     }
 
     /// The Merkle tree of partition `p` (empty if this shard holds none of it).

@@ -141,6 +141,11 @@ pub(super) fn apply(index: &mut Index, partitions: u32, r: &Replay<'_>, loc: Loc
                 index.retire_hint(target, key, segment, offset);
             }
         }
+        RecordKind::Purge => {
+            if let Some((segment, offset)) = parse_loc_body(r.body) {
+                index.purge_before(partition_of(r.key, partitions), r.key, segment, offset);
+            }
+        }
     }
 }
 
