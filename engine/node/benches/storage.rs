@@ -216,20 +216,7 @@ fn restart(dir: &Path, keys: u64, value: usize) {
     let loaded = Instant::now();
     executor().run(async move {
         let store = Store::open(config(&load_dir, 8 << 20)).await.unwrap_or_else(|e| fail(&e.to_string()));
-        let writers = 16;
-        let tasks: Vec<_> = (0..writers)
-            .map(|w| {
-                let store = store.clone();
-                glommio::spawn_local(async move {
-                    for i in (w..keys).step_by(writers as usize) {
-                        store.write(&key16(i), Some(vec![i as u8; value]), &BLIND, false, 1).await.expect("write");
-                    }
-                })
-            })
-            .collect();
-        for t in tasks {
-            t.await;
-        }
+        load(&store, keys, value, 0).await;
         store.close().await.expect("close");
     });
     println!("restart: loaded {keys} keys with {value}-byte values in {:.1}s", loaded.elapsed().as_secs_f64());
@@ -281,26 +268,8 @@ fn compaction_latency(dir: &Path, keys: u64, seconds: u64) {
         let store = Store::open(config(&dir, 1 << 20)).await.unwrap_or_else(|e| fail(&e.to_string()));
         // Write every key, then overwrite two thirds of them: the early
         // segments become mostly garbage.
-        for round in 0..2u64 {
-            let limit = if round == 0 { keys } else { keys * 2 / 3 };
-            let tasks: Vec<_> = (0..16u64)
-                .map(|w| {
-                    let store = store.clone();
-                    glommio::spawn_local(async move {
-                        for i in (w..limit).step_by(16) {
-                            let ctx = match store.get(&key16(i)).await.expect("get") {
-                                Some(o) => WriteContext::Client(o.context().clone()),
-                                None => BLIND,
-                            };
-                            store.write(&key16(i), Some(vec![round as u8; 1024]), &ctx, false, 1).await.expect("write");
-                        }
-                    })
-                })
-                .collect();
-            for t in tasks {
-                t.await;
-            }
-        }
+        load(&store, keys, 1024, 0).await;
+        load(&store, keys * 2 / 3, 1024, 1).await;
         store.sync().await.expect("sync");
         store.write_ready_hints().await;
         let garbage = compaction::candidates(&store, 0.5).len();
@@ -316,19 +285,11 @@ fn compaction_latency(dir: &Path, keys: u64, seconds: u64) {
             let (store, running) = (store.clone(), running.clone());
             glommio::spawn_local_into(
                 async move {
-                    // The server's loop (compaction::run), without its sleep
-                    // before the first pass: 64 MiB/s, its default rate.
-                    let rate = 64u64 << 20;
-                    let mut moved = 0;
-                    for s in compaction::candidates(&store, 0.5) {
-                        let Some(done) = compaction::compact(&store, s).await.expect("compaction") else { continue };
-                        store.note_compaction(&done);
-                        moved += done.bytes_in + done.bytes_out;
-                        let pause = (done.bytes_in + done.bytes_out) as f64 / rate as f64;
-                        glommio::timer::sleep(Duration::from_secs_f64(pause)).await;
-                    }
+                    // One pass of the server's compaction loop, at its
+                    // default rate (64 MiB/s).
+                    let done = compaction::pass(&store, 0.5, Some(64 << 20)).await.expect("compaction");
                     running.set(false);
-                    moved
+                    done.iter().map(|c| c.bytes_in + c.bytes_out).sum::<u64>()
                 },
                 busy_queue,
             )
@@ -358,6 +319,30 @@ fn compaction_latency(dir: &Path, keys: u64, seconds: u64) {
         );
         store.close().await.expect("close");
     });
+}
+
+/// Writes keys 0..`keys` from 16 concurrent writers, each value `value`
+/// bytes of `fill`, superseding what the key held (no siblings), without
+/// waiting for fdatasync.
+async fn load(store: &Rc<Store>, keys: u64, value: usize, fill: u8) {
+    const WRITERS: u64 = 16;
+    let tasks: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let store = store.clone();
+            glommio::spawn_local(async move {
+                for i in (w..keys).step_by(WRITERS as usize) {
+                    let ctx = match store.get(&key16(i)).await.expect("get") {
+                        Some(o) => WriteContext::Client(o.context().clone()),
+                        None => BLIND,
+                    };
+                    store.write(&key16(i), Some(vec![fill; value]), &ctx, false, 1).await.expect("write");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await;
+    }
 }
 
 /// Gets of random keys from 4 concurrent readers for `limit`, or until

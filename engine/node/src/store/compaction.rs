@@ -224,6 +224,27 @@ pub struct CompactionConfig {
     pub bytes_per_sec: u64,
 }
 
+/// Compacts every segment worth it now, most garbage first, until the store
+/// closes. With `bytes_per_sec`, pauses after each segment so that reads
+/// plus writes stay under that rate. Stops at the first failure.
+pub async fn pass(store: &Store, garbage_ratio: f64, bytes_per_sec: Option<u64>) -> Result<Vec<Compacted>, StoreError> {
+    let mut out = Vec::new();
+    for s in candidates(store, garbage_ratio) {
+        if store.is_closing() {
+            break;
+        }
+        let Some(done) = compact(store, s).await? else { continue };
+        tracing::debug!(segment = s, ?done, "compacted");
+        store.note_compaction(&done);
+        if let Some(rate) = bytes_per_sec {
+            let moved = done.bytes_in + done.bytes_out;
+            glommio::timer::sleep(Duration::from_secs_f64(moved as f64 / rate.max(1) as f64)).await;
+        }
+        out.push(done);
+    }
+    Ok(out)
+}
+
 /// Compacts segments in the background until the store closes.
 pub async fn run(store: std::rc::Rc<Store>, cfg: CompactionConfig) {
     loop {
@@ -233,24 +254,8 @@ pub async fn run(store: std::rc::Rc<Store>, cfg: CompactionConfig) {
         }
         store.write_ready_hints().await;
         store.delete_retired(RETIRED_GRACE).await;
-        for s in candidates(&store, cfg.garbage_ratio) {
-            if store.is_closing() {
-                return;
-            }
-            match compact(&store, s).await {
-                Ok(Some(done)) => {
-                    tracing::debug!(segment = s, ?done, "compacted");
-                    store.note_compaction(&done);
-                    let moved = done.bytes_in + done.bytes_out;
-                    let pause = Duration::from_secs_f64(moved as f64 / cfg.bytes_per_sec.max(1) as f64);
-                    glommio::timer::sleep(pause).await;
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(segment = s, error = %e, "compaction failed; will retry");
-                    break;
-                }
-            }
+        if let Err(e) = pass(&store, cfg.garbage_ratio, Some(cfg.bytes_per_sec)).await {
+            tracing::warn!(error = %e, "compaction failed; will retry");
         }
     }
 }

@@ -105,8 +105,13 @@ const CHUNK: usize = 64 * 1024;
 const _: () = assert!(ringkv_core::keyspace::MAX_KEY_BYTES < 1 << 15 && ringkv_core::keyspace::MAX_KEY_BYTES < CHUNK);
 
 impl KeyArena {
+    /// Bytes a key takes in the arena: its length prefix and itself.
+    fn stored_len(key: &[u8]) -> usize {
+        key.len() + if key.len() < 0x80 { 1 } else { 2 }
+    }
+
     fn push(&mut self, key: &[u8]) -> u32 {
-        let need = key.len() + if key.len() < 0x80 { 1 } else { 2 };
+        let need = Self::stored_len(key);
         if self.chunks.last().is_none_or(|c| c.len() + need > CHUNK) {
             self.chunks.push(Vec::new());
         }
@@ -247,7 +252,7 @@ impl PartitionIndex {
         let keys = &self.keys;
         let found = self.table.find_entry(self.hasher.hash_one(key), |s| keys.get(s.key) == key).ok()?;
         let (slot, _) = found.remove();
-        self.keys.garbage += key.len() + if key.len() < 0x80 { 1 } else { 2 };
+        self.keys.garbage += KeyArena::stored_len(key);
         self.count(&slot.entry, -1);
         self.tree.remove(key_hash(key), slot.entry.digest);
         if self.keys.garbage > CHUNK && self.keys.garbage * 2 > self.keys.bytes() {
@@ -303,12 +308,43 @@ impl Hints {
     }
 }
 
+/// Bytes of records the index points to, per segment: what compaction
+/// weighs garbage by. Every record the index starts pointing to is added,
+/// every one it stops pointing to is released.
+#[derive(Default)]
+struct LiveBytes(HashMap<u32, u64>);
+
+impl LiveBytes {
+    fn add(&mut self, loc: Loc) {
+        *self.0.entry(loc.segment).or_default() += u64::from(loc.len);
+    }
+
+    fn release(&mut self, loc: Loc) {
+        let live = self.0.get_mut(&loc.segment).expect("a replaced record's segment is accounted");
+        *live = live.checked_sub(u64::from(loc.len)).expect("live bytes never go negative");
+    }
+
+    /// Points `entry` at `to` if it still is the record at (`segment`,
+    /// `offset`), moving its bytes along; says whether it did.
+    fn relocate(&mut self, entry: &mut Entry, segment: u32, offset: u32, to: Loc) -> bool {
+        if (entry.segment, entry.offset) != (segment, offset) {
+            return false;
+        }
+        let old = entry.loc();
+        entry.segment = to.segment;
+        entry.offset = to.offset;
+        self.release(old);
+        self.add(Loc { len: old.len, ..to });
+        true
+    }
+}
+
 /// All partitions' indexes of one shard, the hints it holds for others, and
 /// per-segment live-byte counts (what compaction needs to find garbage).
 pub struct Index {
     partitions: Vec<Option<PartitionIndex>>,
     hasher: KeyHasher,
-    live_bytes: HashMap<u32, u64>,
+    live_bytes: LiveBytes,
     pub hints: Hints,
 }
 
@@ -317,18 +353,18 @@ impl Index {
         Index {
             partitions: (0..partitions).map(|_| None).collect(),
             hasher,
-            live_bytes: HashMap::new(),
+            live_bytes: LiveBytes::default(),
             hints: Hints::default(),
         }
     }
 
     /// Records a hint for `target`; returns the hint it replaced.
     pub fn insert_hint(&mut self, target: &str, key: &[u8], entry: Entry) -> Option<Entry> {
-        *self.live_bytes.entry(entry.loc().segment).or_default() += u64::from(entry.loc().len);
+        self.live_bytes.add(entry.loc());
         let map = self.hints.by_target.entry(target.to_string()).or_default();
         let old = map.insert(key.into(), entry);
         match old {
-            Some(o) => self.release(o.loc()),
+            Some(o) => self.live_bytes.release(o.loc()),
             None => self.hints.count += 1,
         }
         old
@@ -346,7 +382,7 @@ impl Index {
             self.hints.by_target.remove(target);
         }
         self.hints.count -= 1;
-        self.release(loc);
+        self.live_bytes.release(loc);
         true
     }
 
@@ -363,9 +399,9 @@ impl Index {
         let hasher = self.hasher.clone();
         let part = self.partitions[p as usize].get_or_insert_with(|| PartitionIndex::new(hasher));
         let old = part.insert(key, entry);
-        *self.live_bytes.entry(entry.loc().segment).or_default() += u64::from(entry.loc().len);
+        self.live_bytes.add(entry.loc());
         if let Some(o) = old {
-            self.release(o.loc());
+            self.live_bytes.release(o.loc());
         }
         old
     }
@@ -373,7 +409,7 @@ impl Index {
     pub fn remove(&mut self, p: u32, key: &[u8]) -> Option<Entry> {
         let old = self.partitions.get_mut(p as usize)?.as_mut()?.remove(key);
         if let Some(o) = old {
-            self.release(o.loc());
+            self.live_bytes.release(o.loc());
         }
         old
     }
@@ -383,8 +419,7 @@ impl Index {
     pub fn drop_partition_before(&mut self, p: u32, segment: u32, offset: u32) {
         let Some(part) = self.partitions.get_mut(p as usize).and_then(Option::as_mut) else { return };
         for old in part.remove_where(|e| (e.segment, e.offset) < (segment, offset)) {
-            let loc = old.loc();
-            *self.live_bytes.get_mut(&loc.segment).expect("accounted") -= u64::from(loc.len);
+            self.live_bytes.release(old.loc());
         }
     }
 
@@ -409,53 +444,32 @@ impl Index {
     /// key was written again meanwhile.
     pub fn relocate(&mut self, p: u32, key: &[u8], segment: u32, offset: u32, to: Loc) -> bool {
         let Some(part) = self.partitions.get_mut(p as usize).and_then(Option::as_mut) else { return false };
-        let Some(e) = part.find_mut(key).map(|s| &mut s.entry) else { return false };
-        if (e.segment, e.offset) != (segment, offset) {
-            return false;
-        }
-        let old = e.loc();
-        e.segment = to.segment;
-        e.offset = to.offset;
-        *self.live_bytes.get_mut(&old.segment).expect("accounted") -= u64::from(old.len);
-        *self.live_bytes.entry(to.segment).or_default() += u64::from(old.len);
-        true
+        let Some(slot) = part.find_mut(key) else { return false };
+        self.live_bytes.relocate(&mut slot.entry, segment, offset, to)
     }
 
     /// [`Index::relocate`] for a hint.
     pub fn relocate_hint(&mut self, target: &str, key: &[u8], segment: u32, offset: u32, to: Loc) -> bool {
         let Some(e) = self.hints.by_target.get_mut(target).and_then(|m| m.get_mut(key)) else { return false };
-        if (e.segment, e.offset) != (segment, offset) {
-            return false;
-        }
-        let old = e.loc();
-        e.segment = to.segment;
-        e.offset = to.offset;
-        *self.live_bytes.get_mut(&old.segment).expect("accounted") -= u64::from(old.len);
-        *self.live_bytes.entry(to.segment).or_default() += u64::from(old.len);
-        true
+        self.live_bytes.relocate(e, segment, offset, to)
     }
 
     /// Forgets every key of partition `p`.
     pub fn drop_partition(&mut self, p: u32) {
         let Some(part) = self.partitions.get_mut(p as usize).and_then(Option::take) else { return };
         for s in part.table {
-            self.release(s.entry.loc());
+            self.live_bytes.release(s.entry.loc());
         }
-    }
-
-    fn release(&mut self, loc: Loc) {
-        let live = self.live_bytes.get_mut(&loc.segment).expect("a replaced record's segment is accounted");
-        *live = live.checked_sub(u64::from(loc.len)).expect("live bytes never go negative");
     }
 
     /// Bytes of records the index still points to in `segment`.
     pub fn live_bytes(&self, segment: u32) -> u64 {
-        self.live_bytes.get(&segment).copied().unwrap_or(0)
+        self.live_bytes.0.get(&segment).copied().unwrap_or(0)
     }
 
     /// Forgets the accounting of a segment that no longer exists.
     pub fn forget_segment(&mut self, segment: u32) {
-        self.live_bytes.remove(&segment);
+        self.live_bytes.0.remove(&segment);
     }
 
     pub fn counts(&self) -> PartitionCounts {

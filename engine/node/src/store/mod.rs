@@ -506,7 +506,9 @@ impl Store {
     /// Up to `max` tombstoned keys of partition `p`.
     pub fn tombstones(&self, p: u32, max: usize) -> Vec<Vec<u8>> {
         let ix = self.index.borrow();
-        let Some(part) = ix.partition(p) else { return Vec::new() };
+        // The counts are kept anyway; they spare a walk over every key of a
+        // partition that has nothing to purge (most of them, most passes).
+        let Some(part) = ix.partition(p).filter(|part| part.counts().deleted > 0) else { return Vec::new() };
         part.iter().filter(|(_, e)| e.is_deleted()).take(max).map(|(k, _)| k.to_vec()).collect()
     }
 
@@ -620,13 +622,7 @@ impl Store {
 
     /// Compacts everything worth it now (tests and `ringkv compact`).
     pub async fn compact_now(&self, garbage_ratio: f64) -> Result<Vec<compaction::Compacted>, StoreError> {
-        let mut out = Vec::new();
-        for s in compaction::candidates(self, garbage_ratio) {
-            if let Some(c) = compaction::compact(self, s).await? {
-                self.note_compaction(&c);
-                out.push(c);
-            }
-        }
+        let out = compaction::pass(self, garbage_ratio, None).await?;
         self.write_ready_hints().await;
         Ok(out)
     }
