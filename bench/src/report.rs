@@ -98,10 +98,39 @@ pub struct RunReport {
     /// The worker threads' own share of it (getrusage RUSAGE_THREAD).
     #[serde(default)]
     pub client_worker_cpu_us_per_op: f64,
-    /// CPU time of the local server process(es) per operation, sampled from
-    /// /proc over the measured window (absent for remote servers).
+    /// CPU time of the local server processes per operation, summed over
+    /// `server_pids` from /proc over the measured window (absent for remote
+    /// servers).
     #[serde(default)]
     pub server_cpu_us_per_op: Option<f64>,
+    /// The local processes counted as the server: every process listening
+    /// on one of the target's addresses (every node and shard of a ringkv
+    /// cluster, masters and replicas of a Redis Cluster), and their
+    /// descendants.
+    #[serde(default)]
+    pub server_pids: Vec<u32>,
+    /// `--server-cpus`: the CPUs the servers were placed on.
+    #[serde(default)]
+    pub server_cpus: Vec<usize>,
+    /// Busy share (0 to 1) of `server_cpus` over the measured window: time
+    /// neither idle nor in iowait (steal included), over all their time;
+    /// the window's length less the idle and iowait time in /proc/stat
+    /// (precise on a tickless kernel, where the busy columns are sampled at
+    /// the tick and miss short bursts). Everything that ran on those CPUs
+    /// counts: the servers, the kernel's work for them (softirqs of
+    /// loopback traffic included), but also anything else placed there, the
+    /// client too when `client_cpus` overlap them.
+    #[serde(default)]
+    pub server_cores_busy_share: Option<f64>,
+    /// The busy time of `server_cpus` per operation (us): the whole-core
+    /// cost of an operation when only the servers run there (see
+    /// `server_cores_busy_share` for what else may be counted).
+    #[serde(default)]
+    pub server_cores_busy_us_per_op: Option<f64>,
+    /// Things a reader of the figures must know, such as the server
+    /// processes accounting for much less than their cores' busy time.
+    #[serde(default)]
+    pub warnings: Vec<String>,
     pub wire_requests: u64,
     pub client_cpus: Vec<usize>,
     pub client_placement: String,
@@ -136,10 +165,45 @@ impl RunReport {
         self.send_lag_us = Quantiles::of(&s.send_lag.hist);
     }
 
+    /// The servers' processes should account for (nearly) all the busy
+    /// time of the server CPUs; much less means a process was missed or
+    /// something else ran there. Adds a warning when they disagree.
+    pub fn check_server_cpu(&mut self) {
+        let (Some(procs), Some(cores)) = (self.server_cpu_us_per_op, self.server_cores_busy_us_per_op) else {
+            return;
+        };
+        if cores <= 0.0 || procs >= SERVER_CPU_AGREEMENT * cores {
+            return;
+        }
+        let client_there = self.client_cpus.iter().any(|c| self.server_cpus.contains(c));
+        self.warnings.push(format!(
+            "the {} server process(es) used {procs:.2} us/op but the server CPUs {} were busy {cores:.2} us/op \
+             ({:.0}%): a server process may be missing from the count, or something else ran on those CPUs{}",
+            self.server_pids.len(),
+            crate::cpu::format_cpu_list(&self.server_cpus),
+            100.0 * procs / cores,
+            if client_there { " (the client did: it shares them)" } else { "" }
+        ));
+    }
+
     pub fn load(path: &Path) -> Result<RunReport> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
     }
+}
+
+/// Below this share of their cores' busy time the server processes are
+/// said to disagree with it (kernel work done on their behalf in softirq
+/// context is charged to whichever task was interrupted, so the two never
+/// agree exactly).
+pub const SERVER_CPU_AGREEMENT: f64 = 0.8;
+
+fn opt_us(v: Option<f64>) -> String {
+    v.map(|c| format!("{c:.2}")).unwrap_or_else(|| "-".into())
+}
+
+fn opt_pct(v: Option<f64>) -> String {
+    v.map(|c| format!("{:.0}%", 100.0 * c)).unwrap_or_else(|| "-".into())
 }
 
 /// The text summary printed at the end of a run.
@@ -162,7 +226,8 @@ pub fn summary(r: &RunReport) -> String {
     );
     let _ = writeln!(s, "routing: {}", r.routing);
     let _ = writeln!(s, "client: {} | io_uring {}", r.client_placement, r.io_uring);
-    let _ = writeln!(s, "server: {}", r.server_placement);
+    let pids: Vec<String> = r.server_pids.iter().map(u32::to_string).collect();
+    let _ = writeln!(s, "server: {} process(es) [{}]: {}", r.server_pids.len(), pids.join(" "), r.server_placement);
     let _ = writeln!(
         s,
         "{:<8} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
@@ -188,6 +253,19 @@ pub fn summary(r: &RunReport) -> String {
         r.server_cpu_us_per_op.map(|c| format!("{c:.2} us/op")).unwrap_or_else(|| "unknown".into()),
         r.wire_requests
     );
+    if let Some(share) = r.server_cores_busy_share {
+        let _ = writeln!(
+            s,
+            "server CPUs {}: {:.1}% busy, {} us/op of core time (processes: {} us/op)",
+            crate::cpu::format_cpu_list(&r.server_cpus),
+            100.0 * share,
+            opt_us(r.server_cores_busy_us_per_op),
+            opt_us(r.server_cpu_us_per_op)
+        );
+    }
+    for w in &r.warnings {
+        let _ = writeln!(s, "WARNING: {w}");
+    }
     if r.rate.is_some() {
         let _ = writeln!(
             s,
@@ -229,14 +307,15 @@ pub fn comparison(reports: &[RunReport]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| run | workload | ops/s | p50 us | p90 us | p99 us | p99.9 us | max us | errors | client CPU us/op | server CPU us/op |"
+        "| run | workload | ops/s | p50 us | p90 us | p99 us | p99.9 us | max us | errors | client CPU us/op | \
+         server CPU us/op | server pids | server cores busy | cores busy us/op |"
     );
-    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in reports {
         let a = &r.all;
         let _ = writeln!(
             s,
-            "| {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {:.2} | {} |",
+            "| {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {:.2} | {} | {} | {} | {} |",
             r.label,
             r.workload,
             r.ops_per_sec,
@@ -247,7 +326,10 @@ pub fn comparison(reports: &[RunReport]) -> String {
             a.max_us,
             r.errors,
             r.client_cpu_us_per_op,
-            r.server_cpu_us_per_op.map(|c| format!("{c:.2}")).unwrap_or_else(|| "-".into())
+            opt_us(r.server_cpu_us_per_op),
+            r.server_pids.len(),
+            opt_pct(r.server_cores_busy_share),
+            opt_us(r.server_cores_busy_us_per_op)
         );
     }
     s
@@ -285,5 +367,39 @@ mod tests {
         assert_eq!(back.ops["read"].count, 1000);
         assert!(summary(&back).contains("update"));
         assert!(comparison(&[back]).contains("| a |"));
+    }
+
+    #[test]
+    fn a_missed_server_process_shows_as_a_warning() {
+        let mut r = RunReport {
+            server_pids: vec![11],
+            server_cpus: vec![1],
+            client_cpus: vec![0],
+            server_cpu_us_per_op: Some(20.0),
+            server_cores_busy_share: Some(1.0),
+            server_cores_busy_us_per_op: Some(60.0),
+            ..Default::default()
+        };
+        r.check_server_cpu();
+        assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+        assert!(r.warnings[0].contains("33%") && !r.warnings[0].contains("client"), "{}", r.warnings[0]);
+        let text = summary(&r);
+        assert!(text.contains("1 process(es) [11]") && text.contains("100.0% busy"), "{text}");
+        assert!(text.contains("WARNING"), "{text}");
+
+        // Agreeing within the margin: no warning. The client on the same
+        // CPUs is named when they disagree.
+        r.warnings.clear();
+        r.server_cpu_us_per_op = Some(55.0);
+        r.check_server_cpu();
+        assert!(r.warnings.is_empty());
+        r.server_cpu_us_per_op = Some(10.0);
+        r.client_cpus = vec![1];
+        r.check_server_cpu();
+        assert!(r.warnings[0].contains("the client did"), "{}", r.warnings[0]);
+        // Unknown cores: nothing to compare.
+        let mut r = RunReport { server_cpu_us_per_op: Some(1.0), ..Default::default() };
+        r.check_server_cpu();
+        assert!(r.warnings.is_empty());
     }
 }

@@ -164,6 +164,21 @@ pub struct RunArgs {
     /// echo://local: busy-poll echo server.
     #[arg(long)]
     pub echo_busy_poll: bool,
+    /// The CPUs the servers run on: their busy share over the measured
+    /// window (from /proc/stat) is reported beside the servers' processes'
+    /// CPU time, as a check that no server process was missed.
+    #[arg(long)]
+    pub server_cpus: Option<cpu::CpuList>,
+    /// More local addresses whose listening processes count as the server
+    /// (comma-separated), e.g. the echo server behind a relay.
+    #[arg(long, value_delimiter = ',')]
+    pub server_endpoints: Vec<SocketAddr>,
+    /// When the measured window starts, write its start and end here as
+    /// CLOCK_MONOTONIC seconds ("START END"), so a profiler started by a
+    /// script can follow the window (bench/profile.sh). Each phase of a
+    /// sweep writes it again.
+    #[arg(long)]
+    pub window_file: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -233,6 +248,8 @@ struct Ctx<'a> {
     /// Local server processes whose CPU time is sampled over the measured
     /// window.
     servers: Vec<u32>,
+    /// `--server-cpus`, whose busy time is sampled over the window.
+    server_cpus: Option<Vec<usize>>,
     /// The echo server runs in this process (echo://local).
     echo_in_process: bool,
     /// ringkv: the last context seen per record, merged from the workers
@@ -240,14 +257,44 @@ struct Ctx<'a> {
     contexts: std::sync::Mutex<Vec<Vec<u8>>>,
 }
 
+/// CPU counters at one instant.
+#[derive(Debug, Clone, Copy)]
+struct CpuSample {
+    client_ns: u64,
+    server_ns: u64,
+    cores: Option<placement::CoreSample>,
+}
+
+/// What a window cost: the difference of two samples.
+#[derive(Debug, Clone, Copy)]
+struct CpuUsed {
+    client_ns: u64,
+    server_ns: u64,
+    cores: Option<placement::CoreTimes>,
+}
+
+impl CpuSample {
+    fn since(self, earlier: CpuSample) -> CpuUsed {
+        CpuUsed {
+            client_ns: self.client_ns.saturating_sub(earlier.client_ns),
+            server_ns: self.server_ns.saturating_sub(earlier.server_ns),
+            cores: self.cores.zip(earlier.cores).map(|(a, b)| a.since(b)),
+        }
+    }
+}
+
 impl Ctx<'_> {
-    /// (client, server) CPU time so far. The client is this whole process
-    /// (workers, io_uring helper threads, progress display) less an
-    /// in-process echo server.
-    fn cpu_ns(&self) -> (u64, u64) {
+    /// CPU counters now. The client is this whole process (workers,
+    /// io_uring helper threads, progress display) less an in-process echo
+    /// server; the server is the sum over its local processes.
+    fn cpu_sample(&self) -> CpuSample {
         let echo = if self.echo_in_process { crate::echo_server::in_process_cpu_ns() } else { 0 };
         let servers: u64 = self.servers.iter().map(|&pid| placement::process_cpu_ns(pid)).sum();
-        (cpu::process_cpu_ns().saturating_sub(echo), servers + echo)
+        CpuSample {
+            client_ns: cpu::process_cpu_ns().saturating_sub(echo),
+            server_ns: servers + echo,
+            cores: self.server_cpus.as_deref().and_then(placement::core_sample),
+        }
     }
 
     fn knows_server_cpu(&self) -> bool {
@@ -264,6 +311,8 @@ struct PhaseResult {
     server_cpu_ns: Option<u64>,
     /// CPU time this process (the client) used in the measured window.
     client_cpu_ns: u64,
+    /// Busy and total time of `--server-cpus` in the measured window.
+    server_cores: Option<placement::CoreTimes>,
 }
 
 pub fn run(args: &RunArgs) -> Result<RunReport> {
@@ -295,6 +344,7 @@ pub fn run(args: &RunArgs) -> Result<RunReport> {
         make_codec,
         connect,
         servers: local_servers(&resolved, args),
+        server_cpus: args.server_cpus.as_ref().map(|c| c.0.clone()),
         echo_in_process: args.target.addr.is_none(),
         contexts: std::sync::Mutex::new(if resolved.kind == Kind::Ringkv && !args.blind_writes {
             vec![Vec::new(); usize::try_from(args.records).context("--records too large")?]
@@ -307,7 +357,12 @@ pub fn run(args: &RunArgs) -> Result<RunReport> {
         Some(a) => format!("{}://{a}", resolved.kind.name()),
         None => format!("echo://{} (in-process)", resolved.endpoints[0]),
     };
-    let server_placement = server_placement(&resolved, args);
+    let server_placement = server_placement(&ctx.servers, args);
+    if let Some(c) = &args.server_cpus {
+        if placement::core_sample(&c.0).is_none() {
+            bail!("--server-cpus {}: not every one of these CPUs is in /proc/stat", cpu::format_cpu_list(&c.0));
+        }
+    }
     eprintln!("target {target_name}: {}", resolved.routing);
     eprintln!(
         "machine: {} online CPUs; client threads: {}",
@@ -317,7 +372,7 @@ pub fn run(args: &RunArgs) -> Result<RunReport> {
             None => format!("unpinned (allowed CPUs {})", cpu::format_cpu_list(&cpu::allowed_cpus())),
         }
     );
-    eprintln!("server: {server_placement}");
+    eprintln!("server: {} process(es): {server_placement}", ctx.servers.len());
 
     if !args.no_load {
         load(&ctx)?;
@@ -348,6 +403,8 @@ pub fn run(args: &RunArgs) -> Result<RunReport> {
         distribution: args.distribution().name().into(),
         zipf_theta: args.zipf_theta,
         server_placement,
+        server_pids: ctx.servers.clone(),
+        server_cpus: args.server_cpus.as_ref().map(|c| c.0.clone()).unwrap_or_default(),
         ..Default::default()
     };
 
@@ -374,7 +431,15 @@ pub fn run(args: &RunArgs) -> Result<RunReport> {
     report.client_worker_cpu_us_per_op = report.client_cpu_us_per_op;
     report.client_cpu_us_per_op = per_op(last.client_cpu_ns);
     report.server_cpu_us_per_op = last.server_cpu_ns.map(per_op);
+    if let Some(cores) = last.server_cores {
+        report.server_cores_busy_share = cores.busy_share();
+        report.server_cores_busy_us_per_op = Some(per_op(cores.busy_ns));
+    }
     report.client_cpus = last.workers.iter().filter_map(|w| w.cpu).collect();
+    report.check_server_cpu();
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
     report.client_placement = client_placement(&last.workers);
     report.io_uring = last.workers.first().map(|w| w.ring_flags.to_string()).unwrap_or_default();
     if let Some(path) = &args.json {
@@ -396,7 +461,7 @@ pub fn run(args: &RunArgs) -> Result<RunReport> {
     Ok(report)
 }
 
-fn server_placement(resolved: &Resolved, args: &RunArgs) -> String {
+fn server_placement(servers: &[u32], args: &RunArgs) -> String {
     if args.target.addr.is_none() {
         return format!(
             "echo server in this process ({}), CPUs {}",
@@ -404,17 +469,7 @@ fn server_placement(resolved: &Resolved, args: &RunArgs) -> String {
             args.echo_cpus.as_ref().map(|c| cpu::format_cpu_list(&c.0)).unwrap_or_else(|| "unpinned".into())
         );
     }
-    let mut seen = Vec::new();
-    for e in &resolved.endpoints {
-        if !e.ip().is_loopback() {
-            continue;
-        }
-        if let Some(d) = placement::describe_listener(e.port()) {
-            if !seen.contains(&d) {
-                seen.push(d);
-            }
-        }
-    }
+    let seen: Vec<String> = servers.iter().filter_map(|&pid| placement::describe_process(pid)).collect();
     if seen.is_empty() {
         "placement unknown (not a local process this user can inspect)".into()
     } else {
@@ -422,19 +477,16 @@ fn server_placement(resolved: &Resolved, args: &RunArgs) -> String {
     }
 }
 
+/// Every local process behind the target's endpoints and `--server-endpoints`
+/// (not this process: an in-process echo server is accounted apart).
 fn local_servers(resolved: &Resolved, args: &RunArgs) -> Vec<u32> {
-    let mut pids = Vec::new();
     if args.target.addr.is_none() {
-        return pids;
+        return Vec::new();
     }
-    for e in resolved.endpoints.iter().filter(|e| e.ip().is_loopback()) {
-        if let Some(pid) = placement::listener_pid(e.port()) {
-            if pid != std::process::id() && !pids.contains(&pid) {
-                pids.push(pid);
-            }
-        }
-    }
-    pids
+    let mut endpoints = resolved.server_endpoints.clone();
+    endpoints.extend(resolved.endpoints.iter().copied());
+    endpoints.extend(args.server_endpoints.iter().copied());
+    placement::server_processes(&endpoints, std::process::id())
 }
 
 fn client_placement(workers: &[WorkerResult]) -> String {
@@ -563,7 +615,8 @@ fn phase(
     let mut contexts = std::mem::take(&mut *ctx.contexts.lock().map_err(|_| anyhow!("poisoned"))?);
     let mut context_copies: Vec<Vec<Vec<u8>>> = (1..threads).map(|_| contexts.clone()).collect();
     let show = !a.no_progress && name != "load";
-    let (results, (client_cpu, server_cpu)): (Vec<Result<WorkerResult>>, (u64, u64)) = crossbeam::thread::scope(|s| {
+    let window_file = if name == "load" { None } else { a.window_file.as_deref() };
+    let (results, cpu): (Vec<Result<WorkerResult>>, CpuUsed) = crossbeam::thread::scope(|s| {
         let mut handles = Vec::new();
         for (i, &g) in groups.iter().enumerate() {
             let spec = WorkerSpec {
@@ -606,7 +659,14 @@ fn phase(
         };
         let _ = timing.set(t);
         go.wait();
-        let cpu = progress_loop(&rx, show, name, t, pace, &|| ctx.cpu_ns());
+        let on_window = || {
+            if let Some(path) = window_file {
+                if let Err(e) = write_window_file(path, &t) {
+                    eprintln!("warning: cannot write {}: {e}", path.display());
+                }
+            }
+        };
+        let cpu = progress_loop(&rx, show, name, t, pace, &|| ctx.cpu_sample(), &on_window);
         let results: Vec<_> =
             handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("a worker panicked")))).collect();
         (results, cpu)
@@ -621,8 +681,42 @@ fn phase(
         workers.push(w);
     }
     *ctx.contexts.lock().map_err(|_| anyhow!("poisoned"))? = contexts;
-    let server_cpu_ns = ctx.knows_server_cpu().then_some(server_cpu);
-    Ok(PhaseResult { stats, workers, seconds: duration.as_secs_f64(), server_cpu_ns, client_cpu_ns: client_cpu })
+    let server_cpu_ns = ctx.knows_server_cpu().then_some(cpu.server_ns);
+    Ok(PhaseResult {
+        stats,
+        workers,
+        seconds: duration.as_secs_f64(),
+        server_cpu_ns,
+        client_cpu_ns: cpu.client_ns,
+        server_cores: cpu.cores,
+    })
+}
+
+/// CLOCK_MONOTONIC now, in seconds (the clock `perf record -k mono` stamps
+/// samples with, and the one `Instant` reads on Linux).
+fn monotonic_s() -> f64 {
+    // SAFETY: clock_gettime writes into the timespec we pass.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer, valid clock id.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
+/// "START END" of the measured window in CLOCK_MONOTONIC seconds, written
+/// whole (to a temporary name, then renamed) so a reader polling for the
+/// file never sees half of it.
+fn write_window_file(path: &std::path::Path, t: &Timing) -> std::io::Result<()> {
+    let (now, mono) = (Instant::now(), monotonic_s());
+    let at = |i: Instant| {
+        if i >= now {
+            mono + (i - now).as_secs_f64()
+        } else {
+            mono - (now - i).as_secs_f64()
+        }
+    };
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{:.6} {:.6}\n", at(t.measure_from), at(t.end)))?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Keeps, per record, a context some worker saw (any is good enough: a
@@ -640,16 +734,17 @@ fn merge_contexts(into: &mut Vec<Vec<u8>>, from: Vec<Vec<u8>>) {
 }
 
 /// Shows ops/s and p99 of the last second until the workers hang up, and
-/// samples the client's and server's CPU time at the start and end of the
-/// measured window (returns the differences).
+/// samples the CPU counters at the start and end of the measured window
+/// (returns the difference); calls `on_window` as the window starts.
 fn progress_loop(
     rx: &crossbeam::channel::Receiver<Interval>,
     show: bool,
     name: &str,
     t: Timing,
     pace: Pace,
-    cpu: &dyn Fn() -> (u64, u64),
-) -> (u64, u64) {
+    cpu: &dyn Fn() -> CpuSample,
+    on_window: &dyn Fn(),
+) -> CpuUsed {
     let total = t.end.saturating_duration_since(t.start).as_secs_f64().ceil().max(1.0) as u64;
     let bar = if show {
         let b = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr_with_hz(2));
@@ -671,6 +766,7 @@ fn progress_loop(
         let now = Instant::now();
         if cpu_from.is_none() && now >= t.measure_from {
             cpu_from = Some(cpu());
+            on_window();
         }
         if cpu_to.is_none() && now >= t.end {
             cpu_to = Some(cpu());
@@ -730,7 +826,7 @@ fn progress_loop(
     }
     let from = cpu_from.unwrap_or_else(cpu);
     let to = cpu_to.unwrap_or_else(cpu);
-    (to.0.saturating_sub(from.0), to.1.saturating_sub(from.1))
+    to.since(from)
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! Redis Cluster routing: key slots (CRC16/XMODEM with hash tags), the slot
-//! map from CLUSTER SLOTS, and MOVED/ASK redirections.
+//! map from CLUSTER SLOTS, MOVED/ASK redirections, and every node of the
+//! cluster from CLUSTER NODES (to count their CPU time).
 
 use crate::resp::Resp;
 use std::net::{IpAddr, SocketAddr};
@@ -87,6 +88,30 @@ pub fn parse_cluster_slots(reply: &Resp<'_>, seed: SocketAddr) -> Result<SlotMap
     Ok(SlotMap { masters, owner })
 }
 
+/// Every node a CLUSTER NODES reply lists, masters and replicas: the
+/// replicas are never asked, but replicating is part of the cluster's cost.
+/// CLUSTER SLOTS is no help there: it lists a replica only once every node
+/// has heard of it, seconds after the cluster is up. Lines are
+/// `id ip:port@cport[,hostname] flags ...`; `seed` stands in for an empty
+/// ip (a node that does not know its own address yet).
+pub fn parse_cluster_nodes(text: &str, seed: SocketAddr) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some(addr) = line.split_whitespace().nth(1) else { continue };
+        let addr = addr.split(['@', ',']).next().unwrap_or_default();
+        let Some((ip, port)) = addr.rsplit_once(':') else { continue };
+        let Ok(port) = port.parse::<u16>() else { continue };
+        let ip = if ip.is_empty() { Ok(seed.ip()) } else { ip.trim_matches(['[', ']']).parse::<IpAddr>() };
+        if let Ok(ip) = ip {
+            let a = SocketAddr::new(ip, port);
+            if port != 0 && !out.contains(&a) {
+                out.push(a);
+            }
+        }
+    }
+    out
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Redirect {
     /// The slot has moved for good: update the map and retry there.
@@ -160,6 +185,20 @@ mod tests {
 
         let (partial, _) = parse(b"*1\r\n*3\r\n:0\r\n:100\r\n*2\r\n$9\r\n127.0.0.1\r\n:7000\r\n").unwrap().unwrap();
         assert!(parse_cluster_slots(&partial, seed).unwrap_err().contains("slot 101"));
+    }
+
+    #[test]
+    fn cluster_nodes_lists_masters_and_replicas() {
+        let text = "\
+1d5c 127.0.0.1:7001@17001 master - 0 1796128598000 2 connected 5461-10922
+9775 127.0.0.1:7004@17004,host4 slave dbab 0 1796128596000 1 connected
+dbab :7000@17000 myself,master - 0 0 1 connected 0-5460
+0520 [::1]:7003@17003 slave 5c88 0 1796128599000 3 connected
+garbage
+";
+        let seed: SocketAddr = "127.0.0.9:7000".parse().unwrap();
+        let got: Vec<String> = parse_cluster_nodes(text, seed).iter().map(ToString::to_string).collect();
+        assert_eq!(got, vec!["127.0.0.1:7001", "127.0.0.1:7004", "127.0.0.9:7000", "[::1]:7003"]);
     }
 
     #[test]

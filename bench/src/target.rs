@@ -5,7 +5,7 @@
 use crate::echo_server::{self, EchoConfig};
 use crate::resp::{self, Resp};
 use crate::router::{Router, ShardAwareNode, SingleEndpoint, SlotRouter, TopologyRouter};
-use crate::slots::parse_cluster_slots;
+use crate::slots::{parse_cluster_nodes, parse_cluster_slots};
 use anyhow::{anyhow, bail, Context, Result};
 use ringkv_net::frame::FrameDecoder;
 use ringkv_net::proto::{decode, DecodeLimits, Encoder, Hello, HelloAck, Message};
@@ -69,6 +69,11 @@ pub struct Resolved {
     pub router: Box<dyn Router>,
     /// How requests are routed, for the report.
     pub routing: String,
+    /// Every address the target's servers listen on, asked or not (all
+    /// nodes and shard ports of a ringkv cluster, the replicas of a Redis
+    /// Cluster): the harness counts the CPU time of every local process
+    /// behind them.
+    pub server_endpoints: Vec<SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -106,15 +111,24 @@ pub fn resolve(url: &TargetUrl, opts: &ResolveOptions) -> Result<Resolved> {
             endpoints: vec![addr],
             router: Box::new(SingleEndpoint),
             routing: "single endpoint".into(),
+            server_endpoints: vec![addr],
         }),
         Kind::Redis if opts.redis_cluster => {
             let map = cluster_slots(addr)?;
             let routing = format!("redis cluster: {} masters by key slot, following MOVED/ASK", map.masters.len());
+            let mut server_endpoints = map.masters.clone();
+            // Best effort: without the node list only the masters count.
+            for n in cluster_nodes(addr).unwrap_or_default() {
+                if !server_endpoints.contains(&n) {
+                    server_endpoints.push(n);
+                }
+            }
             Ok(Resolved {
                 kind: Kind::Redis,
                 endpoints: map.masters.clone(),
                 router: Box::new(SlotRouter::new(&map)),
                 routing,
+                server_endpoints,
             })
         }
         Kind::Redis => Ok(Resolved {
@@ -122,6 +136,7 @@ pub fn resolve(url: &TargetUrl, opts: &ResolveOptions) -> Result<Resolved> {
             endpoints: vec![addr],
             router: Box::new(SingleEndpoint),
             routing: "single endpoint".into(),
+            server_endpoints: vec![addr],
         }),
         Kind::Ringkv => resolve_ringkv(addr, opts),
     }
@@ -134,37 +149,57 @@ fn resolve_ringkv(addr: SocketAddr, opts: &ResolveOptions) -> Result<Resolved> {
     let mut c = Client::connect(addr, &cfg).with_context(|| format!("connecting to ringkv at {addr}"))?;
     let shards = c.server().shards.max(1);
     let node = c.server().node_id.clone();
+    let base = SocketAddr::new(addr.ip(), addr.port() - c.server().shard);
+    // The cluster's layout (absent on an older node, or one still joining).
+    let topology = match c.call(ringkv_net::Request::Topology) {
+        Ok(ringkv_net::Reply::Topology { state, replicas }) => ringkv_net::Topology::decode(&state, replicas).ok(),
+        _ => None,
+    };
+    let server_endpoints = match &topology {
+        Some(t) => every_shard(t),
+        None => ShardAwareNode::endpoints(base, shards),
+    };
     if !opts.shard_aware {
         return Ok(Resolved {
             kind: Kind::Ringkv,
             endpoints: vec![addr],
             router: Box::new(SingleEndpoint),
             routing: format!("single endpoint (node {node}, {shards} shards; the node forwards between shards)"),
+            server_endpoints,
         });
     }
-    // The cluster's layout: every request goes straight to the owning shard
-    // of its key's first replica, on whichever node that is.
-    if let Ok(ringkv_net::Reply::Topology { state, replicas }) = c.call(ringkv_net::Request::Topology) {
-        if let Ok(topology) = ringkv_net::Topology::decode(&state, replicas) {
-            let (router, endpoints) = TopologyRouter::new(&topology);
-            let routing = format!(
-                "topology-aware: {} members, ring v{}, {} (node, shard) endpoints; each key to its first replica's shard",
-                topology.cluster().members.len(),
-                topology.version(),
-                endpoints.len()
-            );
-            return Ok(Resolved { kind: Kind::Ringkv, endpoints, router: Box::new(router), routing });
-        }
+    // Every request goes straight to the owning shard of its key's first
+    // replica, on whichever node that is.
+    if let Some(topology) = topology {
+        let (router, endpoints) = TopologyRouter::new(&topology);
+        let routing = format!(
+            "topology-aware: {} members, ring v{}, {} (node, shard) endpoints; each key to its first replica's shard",
+            topology.cluster().members.len(),
+            topology.version(),
+            endpoints.len()
+        );
+        return Ok(Resolved { kind: Kind::Ringkv, endpoints, router: Box::new(router), routing, server_endpoints });
     }
     // An older node without topology: route by its shard count.
     let partitions = c.node_info().context("asking the node for its partition count")?.partitions.max(1);
-    let base = SocketAddr::new(addr.ip(), addr.port() - c.server().shard);
     Ok(Resolved {
         kind: Kind::Ringkv,
         endpoints: ShardAwareNode::endpoints(base, shards),
         router: Box::new(ShardAwareNode { partitions, shards }),
         routing: format!("shard-aware: node {node}, {shards} shard port(s) from {base}, {partitions} partitions"),
+        server_endpoints,
     })
+}
+
+/// Every shard address of every member: shard i of a node listens on its
+/// address's port + i.
+fn every_shard(t: &ringkv_net::Topology) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for m in t.cluster().members.values() {
+        let Ok(base) = m.addr.parse::<SocketAddr>() else { continue };
+        out.extend(ShardAwareNode::endpoints(base, m.shards.max(1)));
+    }
+    out
 }
 
 fn read_resp(s: &mut TcpStream, mut keep: impl FnMut(&Resp<'_>) -> Result<()>) -> Result<()> {
@@ -198,6 +233,25 @@ fn cluster_slots(addr: SocketAddr) -> Result<crate::slots::SlotMap> {
         Ok(())
     })?;
     map.ok_or_else(|| anyhow!("no CLUSTER SLOTS reply"))
+}
+
+/// Every node of the Redis Cluster `addr` belongs to (CLUSTER NODES).
+fn cluster_nodes(addr: SocketAddr) -> Result<Vec<SocketAddr>> {
+    let mut s =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5)).with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut out = Vec::new();
+    resp::encode_command(&mut out, &[b"CLUSTER", b"NODES"]);
+    s.write_all(&out)?;
+    let mut nodes = Vec::new();
+    read_resp(&mut s, |r| {
+        match r {
+            Resp::Bulk(Some(text)) => nodes = parse_cluster_nodes(&String::from_utf8_lossy(text), addr),
+            other => bail!("CLUSTER NODES answered {other:?}"),
+        }
+        Ok(())
+    })?;
+    Ok(nodes)
 }
 
 /// Opens one connection to `addr` and completes the protocol's handshake.

@@ -1,9 +1,10 @@
 //! End-to-end runs of the built `ringkv-bench` binary: against its own echo
-//! server, and against a real single ringkv node. Every spawned process is
-//! killed by a guard when the test ends (or panics), and every run is bounded
-//! in time.
+//! server, directly and behind one and two relays, against a real single
+//! ringkv node, and against a local 3-node cluster (where the harness must
+//! count all three server processes). Every spawned process is killed by a
+//! guard when the test ends (or panics), and every run is bounded in time.
 
-use ringkv_net::{Client, ClientConfig};
+use ringkv_net::{Client, ClientConfig, Level, WriteOptions};
 use serde_json::Value;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
@@ -15,6 +16,12 @@ const BENCH: &str = env!("CARGO_BIN_EXE_ringkv-bench");
 
 /// Kills the child when dropped.
 struct Guard(Child);
+
+impl Guard {
+    fn pid(&self) -> u64 {
+        u64::from(self.0.id())
+    }
+}
 
 impl Drop for Guard {
     fn drop(&mut self) {
@@ -169,7 +176,11 @@ fn echo_runs_closed_open_and_sweep_and_plots_them() {
     let svg = dir.path().join("both.svg");
     ok(&bench(&["plot", c, open.to_str().unwrap(), "--out", svg.to_str().unwrap()], limit));
     let text = std::fs::read_to_string(&svg).unwrap();
-    assert!(text.contains("closed (c") && text.contains("open (a"), "both runs in the legend");
+    assert!(text.contains("\nclosed\n") && text.contains("\nopen\n"), "both runs in the legend");
+    assert!(
+        text.contains("workload c, closed loop") && text.contains("workload a, open loop at 2000 ops/s"),
+        "a panel per workload and load"
+    );
     let table = ok(&bench(&["compare", c, open.to_str().unwrap()], limit));
     assert!(table.contains("| closed |") && table.contains("| open |"), "{table}");
 }
@@ -272,4 +283,136 @@ fn workload_a_against_a_real_node() {
     let v = read_json(&json);
     assert_result(&v, &["read", "rmw"]);
     assert_eq!(v["errors"], 0, "{v}");
+}
+
+fn pids_of(v: &Value) -> Vec<u64> {
+    let mut pids: Vec<u64> =
+        v["server_pids"].as_array().expect("server_pids").iter().map(|p| p.as_u64().unwrap()).collect();
+    pids.sort_unstable();
+    pids
+}
+
+fn sorted(mut v: Vec<u64>) -> Vec<u64> {
+    v.sort_unstable();
+    v
+}
+
+#[test]
+fn echo_behind_one_and_two_relays_answers_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = |args: &[String]| -> (Guard, SocketAddr) {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut cmd = Command::new(BENCH);
+        cmd.args(args).args(["--listen", &addr.to_string()]).stdout(Stdio::null()).stderr(Stdio::null());
+        let mut g = spawn(cmd);
+        wait_listening(addr, &mut g);
+        (g, addr)
+    };
+    let (echo, echo_addr) = start(&["echo-server".into()]);
+    let (hop1, hop1_addr) = start(&["relay-server".into(), "--upstream".into(), echo_addr.to_string()]);
+    let (hop2, hop2_addr) = start(&["relay-server".into(), "--upstream".into(), hop1_addr.to_string()]);
+    let cpus = format!("0-{}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) - 1);
+
+    let cases = [
+        ("relay1", hop1_addr, vec![echo_addr], vec![echo.pid(), hop1.pid()]),
+        ("relay2", hop2_addr, vec![echo_addr, hop1_addr], vec![echo.pid(), hop1.pid(), hop2.pid()]),
+    ];
+    for (name, target, behind, want_pids) in cases {
+        let json = dir.path().join(format!("{name}.json"));
+        let behind: Vec<String> = behind.iter().map(ToString::to_string).collect();
+        let target = format!("echo://{target}");
+        let out = bench(
+            &["run", "--target", &target, "--workload", "a", "--records", "200", "--duration", "1s"]
+                .into_iter()
+                .chain(["--warmup", "200ms", "--concurrency", "4", "--pipeline", "4", "--no-progress"])
+                .chain(["--server-endpoints", &behind.join(","), "--server-cpus", &cpus])
+                .chain(["--label", name, "--json", json.to_str().unwrap()])
+                .collect::<Vec<_>>(),
+            Duration::from_secs(60),
+        );
+        let text = ok(&out);
+        let v = read_json(&json);
+        assert_result(&v, &["read", "update"]);
+        assert_eq!(v["errors"], 0, "every reply came back through the relays: {text}");
+        assert_eq!(pids_of(&v), sorted(want_pids), "the relays and the echo server are the server: {text}");
+        let share = v["server_cores_busy_share"].as_f64().expect("busy share of the server CPUs");
+        assert!((0.0..=1.0).contains(&share) && share > 0.0, "{v}");
+        assert!(v["server_cores_busy_us_per_op"].as_f64().unwrap() > 0.0, "{v}");
+        assert!(text.contains("% busy"), "the summary gives the busy share: {text}");
+    }
+}
+
+/// A port free on 127.0.0.1, .2 and .3 alike.
+fn port_free_on_three_addresses() -> u16 {
+    for _ in 0..100 {
+        let port = free_port();
+        if (2..=3).all(|i| TcpListener::bind(format!("127.0.0.{i}:{port}")).is_ok()) {
+            return port;
+        }
+    }
+    panic!("no port free on 127.0.0.1-3");
+}
+
+/// The harness used to find the server by listening port alone, so of three
+/// local nodes on one port (127.0.0.1, .2, .3) it counted the first and the
+/// server CPU per operation came out a third of the truth. Each node must be
+/// found by its own address.
+#[test]
+fn a_three_node_cluster_run_counts_every_server_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = port_free_on_three_addresses();
+    let addrs: Vec<SocketAddr> = (1..=3).map(|i| format!("127.0.0.{i}:{port}").parse().unwrap()).collect();
+    let bin = ringkv_bin();
+    let mut nodes: Vec<Guard> = Vec::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        let seeds: Vec<String> = addrs.iter().filter(|a| *a != addr).map(ToString::to_string).collect();
+        let mut cmd = Command::new(&bin);
+        cmd.arg("server")
+            .args(["--node-id", &format!("n{}", i + 1), "--listen", &addr.to_string()])
+            .arg("--data-dir")
+            .arg(dir.path().join(format!("n{}", i + 1)))
+            .args(["--seeds", &seeds.join(","), "--shards", "1", "--replicas", "3", "--no-pin"])
+            .env("RINGKV_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        nodes.push(spawn(cmd));
+    }
+    for (addr, node) in addrs.iter().zip(nodes.iter_mut()) {
+        wait_listening(*addr, node);
+    }
+    // Formed once every node sees all three up and takes a write.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let cfg = ClientConfig { timeout: Duration::from_secs(2), ..Default::default() };
+    let opts = WriteOptions { context: Vec::new(), w: Level::Default, durable: Some(false) };
+    let serving = |addr: SocketAddr| {
+        let Ok(mut c) = Client::connect(addr, &cfg) else { return false };
+        let up = c.node_info().is_ok_and(|n| n.members.iter().filter(|m| m.status == "up" && m.alive).count() == 3);
+        up && c.put(b"probe", b"ok", &opts).is_ok()
+    };
+    while !addrs.iter().all(|&a| serving(a)) {
+        for n in nodes.iter_mut() {
+            assert!(n.0.try_wait().unwrap().is_none(), "a node exited during start-up");
+        }
+        assert!(Instant::now() < deadline, "the cluster did not form in time");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let json = dir.path().join("c.json");
+    let out = bench(
+        &["run", "--target", &format!("ringkv://{}", addrs[0]), "--workload", "c", "--records", "300"]
+            .into_iter()
+            .chain(["--duration", "1s", "--warmup", "300ms", "--concurrency", "2", "--no-progress"])
+            .chain(["--server-cpus", "0", "--json", json.to_str().unwrap()])
+            .collect::<Vec<_>>(),
+        Duration::from_secs(90),
+    );
+    let text = ok(&out);
+    let v = read_json(&json);
+    assert_result(&v, &["read"]);
+    assert_eq!(v["errors"], 0, "{v}");
+    let want = sorted(nodes.iter().map(Guard::pid).collect());
+    assert_eq!(pids_of(&v), want, "all three nodes are counted: {text}");
+    assert!(text.contains("3 process(es)"), "the summary says how many: {text}");
+    assert!(v["server_cpu_us_per_op"].as_f64().unwrap() > 0.0, "{v}");
 }
