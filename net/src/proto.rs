@@ -8,7 +8,6 @@
 use crate::frame;
 use crate::generated as fb;
 use flatbuffers::{FlatBufferBuilder, VerifierOptions, WIPOffset};
-use std::fmt;
 use thiserror::Error;
 
 /// "RKV1" read as a little-endian u32.
@@ -143,92 +142,9 @@ impl WireError {
     }
 }
 
-/// A read or write quorum as requested by a client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Level {
-    /// The server's default (quorum).
-    #[default]
-    Default,
-    Quorum,
-    All,
-    /// An explicit number of replicas, 1..=N; `Count(1)` is "one".
-    Count(u8),
-}
-
-impl Level {
-    const QUORUM: u8 = 254;
-    const ALL: u8 = 255;
-
-    pub fn to_byte(self) -> u8 {
-        match self {
-            Level::Default => 0,
-            Level::Quorum => Self::QUORUM,
-            Level::All => Self::ALL,
-            Level::Count(n) => {
-                assert!(n > 0 && n < Self::QUORUM, "explicit quorum {n} out of range");
-                n
-            }
-        }
-    }
-
-    pub fn from_byte(b: u8) -> Level {
-        match b {
-            0 => Level::Default,
-            Self::QUORUM => Level::Quorum,
-            Self::ALL => Level::All,
-            n => Level::Count(n),
-        }
-    }
-
-    /// Resolves the level against the replication factor `n`; `None` when an
-    /// explicit count is not in 1..=n.
-    pub fn resolve(self, n: usize) -> Option<usize> {
-        match self {
-            Level::Default | Level::Quorum => Some(n / 2 + 1),
-            Level::All => Some(n),
-            Level::Count(c) => (1..=n).contains(&(c as usize)).then_some(c as usize),
-        }
-    }
-
-    /// Acknowledgements needed when only `replicas` (<= n) distinct replicas
-    /// of a key exist, as in a cluster smaller than N: named levels apply to
-    /// the replicas that exist, an explicit count stays as asked. `Err` when
-    /// the count is not in 1..=n.
-    pub fn required(self, n: usize, replicas: usize) -> Result<usize, String> {
-        let replicas = replicas.min(n);
-        match self {
-            Level::Count(_) => self.resolve(n).ok_or_else(|| format!("{self} is not between 1 and N={n}")),
-            _ => Ok(self.resolve(replicas.max(1)).expect("named levels always resolve")),
-        }
-    }
-}
-
-impl std::str::FromStr for Level {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Level, String> {
-        match s {
-            "one" => Ok(Level::Count(1)),
-            "quorum" => Ok(Level::Quorum),
-            "all" => Ok(Level::All),
-            _ => match s.parse::<u8>() {
-                Ok(n) if n > 0 && n < Level::QUORUM => Ok(Level::Count(n)),
-                _ => Err(format!("'{s}' is not one, quorum, all or a replica count 1..=253")),
-            },
-        }
-    }
-}
-
-impl fmt::Display for Level {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Level::Default => write!(f, "default"),
-            Level::Quorum => write!(f, "quorum"),
-            Level::All => write!(f, "all"),
-            Level::Count(n) => write!(f, "{n}"),
-        }
-    }
-}
+/// A read or write quorum as requested by a client (defined by the core,
+/// which decides what each level needs).
+pub use ringkv_core::quorum::Level;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
@@ -298,31 +214,9 @@ pub enum Request {
     },
 }
 
-/// What one anti-entropy run compared and moved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct RepairReport {
-    pub partitions: u32,
-    pub exchanges: u32,
-    pub in_sync: u32,
-    pub leaves_differing: u32,
-    pub keys_differing: u64,
-    pub keys_pulled: u64,
-    pub keys_pushed: u64,
-    pub errors: u32,
-}
-
-impl RepairReport {
-    pub fn add(&mut self, o: &RepairReport) {
-        self.partitions += o.partitions;
-        self.exchanges += o.exchanges;
-        self.in_sync += o.in_sync;
-        self.leaves_differing += o.leaves_differing;
-        self.keys_differing += o.keys_differing;
-        self.keys_pulled += o.keys_pulled;
-        self.keys_pushed += o.keys_pushed;
-        self.errors += o.errors;
-    }
-}
+/// What one anti-entropy run compared and moved (defined by the core's
+/// repair machine).
+pub use ringkv_core::antientropy::RepairReport;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PartitionRoot {

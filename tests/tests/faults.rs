@@ -193,16 +193,18 @@ fn concurrent_writers_on_both_sides_of_a_partition_become_siblings() {
         .collect();
     assert_eq!(keys.len(), 12);
     let cut = Partition::new(&[&ips(&[0, 1, 2]), &ips(&[3, 4])], c.ports());
-    // Wait until each side sees the other as down (sloppy quorum on both).
+    // Wait until every node sees every node of the other side as down
+    // (sloppy quorum on both): a coordinator that still believes a cut-off
+    // replica alive waits for it until its deadline.
     let left = ClientConfig { bind: Some(IpAddr::V4(node_ip(0))), ..Default::default() };
     let right = ClientConfig { bind: Some(IpAddr::V4(node_ip(3))), ..Default::default() };
     eventually(Duration::from_secs(30), "both sides to notice the partition", || {
-        let seen = |addr: SocketAddr, cfg: &ClientConfig| {
-            ringkv_net::Client::connect(addr, cfg)
+        let seen = |node: usize, cfg: &ClientConfig, down: usize| {
+            ringkv_net::Client::connect(c.node(node).addr(), cfg)
                 .and_then(|mut x| x.node_info())
-                .is_ok_and(|i| i.members.iter().filter(|m| !m.alive).count() >= 2)
+                .is_ok_and(|i| i.members.iter().filter(|m| !m.alive).count() == down)
         };
-        seen(c.node(0).addr(), &left) && seen(c.node(3).addr(), &right)
+        (0..3).all(|n| seen(n, &left, 2)) && (3..5).all(|n| seen(n, &right, 3))
     });
     let mut a = ringkv_net::Client::connect(c.node(0).addr(), &left).unwrap();
     let mut b = ringkv_net::Client::connect(c.node(3).addr(), &right).unwrap();

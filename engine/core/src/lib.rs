@@ -8,13 +8,19 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod antientropy;
 pub mod codec;
+pub mod coordinator;
+pub mod effects;
 pub mod failure;
+pub mod handoff;
+pub mod hints;
 pub mod keyspace;
 pub mod membership;
 pub mod merkle;
 pub mod quorum;
 pub mod ring;
+pub mod topology;
 pub mod version;
 
 pub use keyspace::{key_hash, partition_of, PairError};

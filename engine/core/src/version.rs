@@ -354,6 +354,14 @@ impl Object {
         out
     }
 
+    /// The object with only its newest sibling (highest dot): the data loss
+    /// a broken merge would cause. Only the simulator's known-bad variants
+    /// use it, to show that the checker notices.
+    pub(crate) fn keeping_newest_sibling(&self) -> Object {
+        let siblings = self.siblings.iter().max_by_key(|s| s.dot).cloned().into_iter().collect();
+        Object { vv: self.vv.clone(), siblings }
+    }
+
     /// True when `other` holds nothing that `self` lacks: merging it in would
     /// change nothing. Used to decide whether a replica needs repair.
     pub fn descends(&self, other: &Object) -> bool {

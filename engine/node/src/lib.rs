@@ -4,17 +4,13 @@
 //! - [`shard`]: the per-core runtime that owns a store and serves connections;
 //! - [`server`]: starts the shards, checks the data directory, handles signals.
 
-pub mod antientropy;
 pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod conn;
-pub mod coordinator;
 pub mod datadir;
-pub mod handoff;
-pub mod hints;
+pub mod driver;
 pub mod peer;
-pub mod purge;
 pub mod server;
 pub mod service;
 pub mod shard;

@@ -60,7 +60,30 @@ impl fmt::Display for PeerError {
     }
 }
 
-type Waiter = oneshot::Sender<Result<Response, PeerError>>;
+/// Who gets a response: a task awaiting it, or a protocol machine's
+/// callback (which keeps its own deadline, so no timer runs per request).
+enum Waiter {
+    Task(oneshot::Sender<Result<Response, PeerError>>),
+    Callback(Box<dyn FnOnce(Result<Response, PeerError>)>),
+}
+
+impl Waiter {
+    fn answer(self, r: Result<Response, PeerError>) {
+        match self {
+            Waiter::Task(tx) => {
+                let _ = tx.send(r);
+            }
+            Waiter::Callback(f) => f(r),
+        }
+    }
+}
+
+/// How long an answer is waited for at most: a callback whose peer never
+/// answers is dropped, with a timeout, after this (the longest timeout a
+/// request may carry).
+const MAX_WAIT: Duration = Duration::from_secs(60);
+/// How much longer than the timeout it passes on a call waits.
+const ANSWER_MARGIN: Duration = Duration::from_millis(250);
 
 /// The last connect failures to one address.
 struct Failure {
@@ -79,7 +102,7 @@ struct Conn {
     out: RefCell<Vec<u8>>,
     encoder: RefCell<Encoder>,
     kick: RefCell<Option<oneshot::Sender<()>>>,
-    pending: RefCell<HashMap<u64, Waiter>>,
+    pending: RefCell<HashMap<u64, (Instant, Waiter)>>,
     next_id: Cell<u64>,
     broken: Cell<bool>,
 }
@@ -94,10 +117,43 @@ impl Conn {
     /// Fails every waiting request and marks the connection unusable.
     fn break_with(&self, e: PeerError) {
         self.broken.set(true);
-        for (_, w) in self.pending.borrow_mut().drain() {
-            let _ = w.send(Err(e.clone()));
+        let waiting: Vec<(u64, (Instant, Waiter))> = self.pending.borrow_mut().drain().collect();
+        for (_, (_, w)) in waiting {
+            w.answer(Err(e.clone()));
         }
         self.wake();
+    }
+
+    /// Makes room for one more request: drops the ones that waited longer
+    /// than [`MAX_WAIT`] (their peer will not answer), failing them.
+    fn admit(&self) -> Result<(), PeerError> {
+        if self.pending.borrow().len() < MAX_PENDING {
+            return Ok(());
+        }
+        let expired: Vec<u64> =
+            self.pending.borrow().iter().filter(|(_, (at, _))| at.elapsed() > MAX_WAIT).map(|(id, _)| *id).collect();
+        for id in expired {
+            let w = self.pending.borrow_mut().remove(&id);
+            if let Some((_, w)) = w {
+                w.answer(Err(PeerError::Timeout));
+            }
+        }
+        if self.pending.borrow().len() >= MAX_PENDING {
+            return Err(PeerError::Overloaded);
+        }
+        Ok(())
+    }
+
+    /// Queues `body` as request `id` behind whatever is already buffered.
+    fn enqueue(&self, waiter: Waiter, body: Request, hops: u8, timeout: Duration) -> u64 {
+        let id = self.next_id.get();
+        self.next_id.set(id + 1);
+        self.pending.borrow_mut().insert(id, (Instant::now(), waiter));
+        let timeout_ms = timeout.as_millis().min(u128::from(u32::MAX)) as u32;
+        let msg = Message::Request(RequestFrame { id, timeout_ms, body, hops });
+        self.encoder.borrow_mut().encode(&msg, &mut self.out.borrow_mut());
+        self.wake();
+        id
     }
 }
 
@@ -123,7 +179,8 @@ impl PeerPool {
         PeerPool { local_ip, hello, conns: RefCell::new(HashMap::new()), failed_at: Rc::default() }
     }
 
-    /// Sends `body` to `addr` and waits for the response, at most `timeout`.
+    /// Sends `body` to `addr` and waits for the response: the peer has
+    /// `timeout` to answer.
     pub async fn call(
         &self,
         addr: SocketAddr,
@@ -132,18 +189,13 @@ impl PeerPool {
         timeout: Duration,
     ) -> Result<Response, PeerError> {
         let conn = self.connection(addr)?;
-        if conn.pending.borrow().len() >= MAX_PENDING {
-            return Err(PeerError::Overloaded);
-        }
-        let id = conn.next_id.get();
-        conn.next_id.set(id + 1);
+        conn.admit()?;
         let (tx, rx) = oneshot::channel();
-        conn.pending.borrow_mut().insert(id, tx);
-        let timeout_ms = timeout.as_millis().min(u128::from(u32::MAX)) as u32;
-        let msg = Message::Request(RequestFrame { id, timeout_ms, body, hops });
-        conn.encoder.borrow_mut().encode(&msg, &mut conn.out.borrow_mut());
-        conn.wake();
-        let answer = glommio::timer::timeout(timeout, async {
+        let id = conn.enqueue(Waiter::Task(tx), body, hops, timeout);
+        // The peer is told `timeout` and answers by then, with its reason
+        // when it gave up (a coordinator's Timeout names the replicas that
+        // failed it); a little longer here, so that answer is not lost.
+        let answer = glommio::timer::timeout(timeout + ANSWER_MARGIN, async {
             Ok(rx.await.unwrap_or_else(|_| Err(PeerError::Lost("connection closed".into()))))
         })
         .await;
@@ -154,6 +206,24 @@ impl PeerPool {
                 Err(PeerError::Timeout)
             }
         }
+    }
+
+    /// Sends `body` to `addr`; `on_answer` runs with the response, or with
+    /// the error that ended the wait, exactly once (at once when the
+    /// request cannot be sent). The caller keeps its own deadline:
+    /// `timeout` only tells the peer how long the answer is worth.
+    pub fn send(
+        &self,
+        addr: SocketAddr,
+        body: Request,
+        timeout: Duration,
+        on_answer: Box<dyn FnOnce(Result<Response, PeerError>)>,
+    ) {
+        let conn = match self.connection(addr).and_then(|c| c.admit().map(|()| c)) {
+            Ok(c) => c,
+            Err(e) => return on_answer(Err(e)),
+        };
+        conn.enqueue(Waiter::Callback(on_answer), body, 0, timeout);
     }
 
     /// The open connection to `addr`, or a new one being opened.
@@ -191,12 +261,16 @@ impl PeerPool {
                     read_loop(c, rd).await;
                 }
                 Err(e) => {
-                    let mut f = failures.borrow_mut();
-                    let streak = f.get(&addr).map_or(1, |x| x.streak + 1);
-                    if streak == 1 {
-                        tracing::warn!(peer = %addr, error = e, "cannot connect to a peer");
+                    {
+                        let mut f = failures.borrow_mut();
+                        let streak = f.get(&addr).map_or(1, |x| x.streak + 1);
+                        if streak == 1 {
+                            tracing::warn!(peer = %addr, error = e, "cannot connect to a peer");
+                        }
+                        f.insert(addr, Failure { at: Instant::now(), why: e.clone(), streak });
                     }
-                    f.insert(addr, Failure { at: Instant::now(), why: e.clone(), streak });
+                    // Callbacks run from here may send again (to this very
+                    // address): no borrow of the pool may be held.
                     c.break_with(PeerError::Unreachable(e));
                 }
             }
@@ -256,8 +330,9 @@ async fn read_loop(conn: Rc<Conn>, mut rd: ReadHalf<TcpStream>) {
             match msg {
                 Ok(Message::HelloAck(_)) if !greeted => greeted = true,
                 Ok(Message::Response(r)) if greeted => {
-                    if let Some(w) = conn.pending.borrow_mut().remove(&r.id) {
-                        let _ = w.send(Ok(r));
+                    let waiter = conn.pending.borrow_mut().remove(&r.id);
+                    if let Some((_, w)) = waiter {
+                        w.answer(Ok(r));
                     }
                 }
                 Ok(Message::Error(e)) => return conn.break_with(PeerError::Refused(e)),

@@ -11,7 +11,7 @@ use crate::datadir::{self, DataDir};
 use crate::shard::{NodeContext, RequestMesh, ResponseMesh, Shard, MESH_CHANNEL_SIZE};
 use crate::store::{Store, StoreConfig};
 use crate::view::ClusterView;
-use crate::{antientropy, clock, conn, handoff, hints};
+use crate::{clock, conn};
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{LocalExecutorBuilder, Placement};
 use ringkv_core::membership::{Gossip, GossipConfig, Load, Member};
@@ -170,12 +170,8 @@ pub fn start(cfg: NodeConfig) -> Result<Running, String> {
     Ok(running)
 }
 
-/// A shard's background loop, boxed so the different ones fit in one list.
-type BackgroundTask = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
-
-/// How long between gossip rounds, and between handoff scans.
+/// How long between gossip rounds.
 const GOSSIP_INTERVAL: Duration = Duration::from_secs(1);
-const HANDOFF_INTERVAL: Duration = Duration::from_secs(3);
 
 /// This node's membership at start-up: its own record (a new generation),
 /// what it saved before stopping, and a first tick, so that a node without
@@ -245,15 +241,13 @@ async fn run_shard(
         garbage_ratio: cfg.compaction_garbage_ratio,
         bytes_per_sec: cfg.compaction_mb_per_s << 20,
     };
-    let tasks: [(&str, BackgroundTask); 4] = [
-        ("compaction", Box::pin(crate::store::compaction::run(shard.store.clone(), compaction))),
-        ("ownership handoff", Box::pin(handoff::run(shard.clone(), HANDOFF_INTERVAL))),
-        ("hinted handoff", Box::pin(hints::run(shard.clone(), Duration::from_secs(cfg.handoff_interval_s)))),
-        ("anti-entropy", Box::pin(antientropy::run(shard.clone(), Duration::from_secs(cfg.anti_entropy_interval_s)))),
-    ];
-    for (name, task) in tasks {
-        glommio::spawn_local_into(task, background).map_err(|e| format!("cannot start the {name} task: {e}"))?.detach();
-    }
+    // Hinted handoff, ownership handoff and anti-entropy are machines of
+    // the driver; their store work runs in the background queue.
+    shard.driver.set_background_queue(background);
+    glommio::spawn_local(shard.driver.clone().run_timers(shard.clone())).detach();
+    glommio::spawn_local_into(crate::store::compaction::run(shard.store.clone(), compaction), background)
+        .map_err(|e| format!("cannot start the compaction task: {e}"))?
+        .detach();
     let addr = node.cfg.shard_addr(id);
     let listener = listen(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let _ = events.send(ShardEvent::Ready);

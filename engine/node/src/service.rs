@@ -7,7 +7,7 @@
 //! coordinated on the local shard that holds the key's partition. Peer
 //! requests (replica reads and writes, handoff) go straight to that shard.
 
-use crate::coordinator::ClientOp;
+use crate::driver::ClientOp;
 use crate::shard::{internal, Op, OpOutput, Shard};
 use crate::store::WriteContext;
 use ringkv_core::keyspace::{validate_key, validate_pair, PairError};
@@ -29,6 +29,12 @@ pub async fn handle(shard: &Rc<Shard>, role: Role, req: RequestFrame) -> Respons
     let kind = req.body.kind();
     let result = if role == Role::Client && req.body.is_peer_only() {
         Err(bad_request(format!("{kind} is a node-to-node request")))
+    } else if matches!(req.body, Request::Get { .. } | Request::Put { .. } | Request::Delete { .. }) {
+        // The coordinator keeps the deadline itself (forwarding keeps the
+        // peer call's): no timer per request here. A replica that has not
+        // answered within the node's request timeout has failed, whatever
+        // longer wait the client allows.
+        execute(shard, req.body, req.hops, timeout.min(shard.node.timeout())).await
     } else {
         let work = execute(shard, req.body, req.hops, timeout);
         match glommio::timer::timeout(timeout, async { Ok(work.await) }).await {
@@ -213,7 +219,7 @@ async fn coordinate(
     if hops == 0 && !view.is_primary(p, shard.me()) {
         return forward(shard, p, req, timeout).await;
     }
-    reply(shard.on_shard(shard.local_shard_of(p), Op::Coordinate(op)).await?)
+    reply(shard.on_shard(shard.local_shard_of(p), Op::Coordinate(op, timeout)).await?)
 }
 
 /// Sends a client request to the first reachable live replica of `p`.

@@ -4,7 +4,8 @@
 //! Ownership is strict: only shard `s` touches the store of shard `s`. A
 //! request for a partition pinned elsewhere travels to its owner as a
 //! message on a bounded channel mesh and the result comes back the same way;
-//! no lock is shared on the request path. Requests and responses use two
+//! no lock is shared on the request path. At most [`MESH_IN_FLIGHT`] such
+//! operations run on a shard at once. Requests and responses use two
 //! separate meshes, so a shard blocked sending a response can never hold up
 //! the requests that would drain it.
 //!
@@ -123,8 +124,9 @@ pub enum Op {
         key: Vec<u8>,
         object: Object,
     },
-    /// Coordinate a client request (this shard holds the key's partition).
-    Coordinate(crate::coordinator::ClientOp),
+    /// Coordinate a client request (this shard holds the key's partition),
+    /// answering within the timeout.
+    Coordinate(crate::driver::ClientOp, Duration),
     /// Gossip received by another shard, for the gossip shard.
     Gossip(Vec<u8>),
     InstallView(Arc<ClusterView>),
@@ -157,6 +159,8 @@ pub type RequestMesh = MeshBuilder<MeshRequest, Full>;
 pub type ResponseMesh = MeshBuilder<MeshResponse, Full>;
 
 pub const MESH_CHANNEL_SIZE: usize = 1024;
+/// Operations from other shards one shard runs at once.
+pub const MESH_IN_FLIGHT: usize = 4096;
 
 pub fn storage_error(e: StoreError) -> WireError {
     WireError::new(ErrorCode::Storage, e.to_string())
@@ -179,8 +183,8 @@ pub struct Shard {
     view: RefCell<Arc<ClusterView>>,
     /// The gossip agent; set on the gossip shard (shard 0) only.
     pub agent: RefCell<Option<Rc<ClusterAgent>>>,
-    /// When each partition of this shard last completed anti-entropy.
-    last_sync: RefCell<HashMap<u32, u64>>,
+    /// The shard's protocol machines and the shell that runs them.
+    pub driver: Rc<crate::driver::Driver>,
 }
 
 /// Removes a forwarded request's pending entry if its caller gives up.
@@ -229,7 +233,6 @@ impl Shard {
         let peers = PeerPool::new(node.cfg.listen.ip(), &node.node_id, &node.cfg.cluster);
         let shard = Rc::new(Shard {
             id,
-            node,
             store,
             peers,
             requests,
@@ -239,17 +242,24 @@ impl Shard {
             connections: Cell::new(0),
             view: RefCell::new(view),
             agent: RefCell::new(None),
-            last_sync: RefCell::new(HashMap::new()),
+            driver: Rc::new(crate::driver::Driver::new(&node.cfg, id as u16)),
+            node,
         });
+        // At most MESH_IN_FLIGHT operations from other shards run at once;
+        // beyond, this shard stops taking them off the (bounded) meshes and
+        // their senders wait.
+        let permits = Rc::new(glommio::sync::Semaphore::new(MESH_IN_FLIGHT as u64));
         for (_, rx) in request_rx.streams() {
-            let shard = shard.clone();
+            let (shard, permits) = (shard.clone(), permits.clone());
             glommio::spawn_local(async move {
                 while let Some(m) = rx.recv().await {
+                    let Ok(permit) = permits.acquire_static_permit(1).await else { return };
                     let shard = shard.clone();
                     glommio::spawn_local(async move {
                         let result = shard.run_local(m.op).await;
                         // The origin may be gone (shutdown); nothing to do then.
                         let _ = shard.responses.send_to(m.from, MeshResponse { seq: m.seq, result }).await;
+                        drop(permit);
                     })
                     .detach();
                 }
@@ -283,11 +293,6 @@ impl Shard {
         self.view().local_shard(p).min(self.node.shards - 1)
     }
 
-    /// Notes that partition `p` just completed an anti-entropy round.
-    pub fn synced(&self, p: u32) {
-        self.last_sync.borrow_mut().insert(p, crate::clock::now_ms());
-    }
-
     /// Roots of the partitions this node replicates that live on this shard.
     fn roots(&self) -> Vec<PartitionRoot> {
         let view = self.view();
@@ -299,7 +304,7 @@ impl Shard {
                     partition: p,
                     root: self.store.merkle(p).root(),
                     keys: counts.live + counts.deleted,
-                    last_sync_ms: self.last_sync.borrow().get(&p).copied().unwrap_or(0),
+                    last_sync_ms: self.driver.last_sync_ms(p),
                 }
             })
             .collect()
@@ -361,7 +366,7 @@ impl Shard {
                     if segments.iter().any(|&s| s as usize >= ringkv_core::merkle::SEGMENTS) {
                         return Err(WireError::new(ErrorCode::BadRequest, "no such merkle segment"));
                     }
-                    let leaves = crate::antientropy::segment_leaves(&tree, &segments);
+                    let leaves = crate::driver::segment_leaves(&tree, &segments);
                     Reply::Merkle { root: tree.root(), segments: vec![], leaves }
                 };
                 Ok(OpOutput::Reply(reply))
@@ -380,9 +385,9 @@ impl Shard {
                 }
                 Ok(OpOutput::Reply(Reply::ReadBatch { entries }))
             }
-            Op::Repair { partition } => Ok(OpOutput::Repair(crate::antientropy::repair(self, partition).await)),
+            Op::Repair { partition } => self.driver.clone().repair(self, partition).await.map(OpOutput::Repair),
             Op::Roots => Ok(OpOutput::Roots(self.roots())),
-            Op::Coordinate(op) => crate::coordinator::run(self, op).await.map(OpOutput::Reply),
+            Op::Coordinate(op, timeout) => crate::driver::coordinate_local(self, op, timeout).await,
             Op::Gossip(state) => {
                 let agent = self.agent.borrow().clone();
                 match agent {

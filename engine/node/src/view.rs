@@ -8,6 +8,7 @@
 
 use ringkv_core::membership::{ClusterState, Status};
 use ringkv_core::ring::Ring;
+use ringkv_core::topology::{MemberId, Topology};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 
@@ -36,6 +37,10 @@ pub struct ClusterView {
     /// This node's shard count (pins missing from the view fall back to
     /// `partition % shards`).
     shards: u16,
+    /// The same snapshot as the protocol machines see it.
+    pub topo: Topology,
+    /// Member names by id, to reach a member a machine names.
+    names: HashMap<MemberId, String>,
 }
 
 impl ClusterView {
@@ -65,6 +70,13 @@ impl ClusterView {
             Some(r) => (0..r.partitions()).map(|p| r.walk(p).into_iter().map(str::to_string).collect()).collect(),
             None => Vec::new(),
         };
+        let topo = Topology::new(me, shards, replicas, state, &alive).unwrap_or_else(|e| {
+            // Two member names with one id: refuse to route rather than
+            // send a replica's data to the wrong node.
+            tracing::error!(error = %e, "cannot build the routing snapshot");
+            Topology::default()
+        });
+        let names = topo.members().map(|(id, n)| (id, n.to_string())).collect();
         ClusterView {
             me: me.to_string(),
             replicas,
@@ -74,7 +86,19 @@ impl ClusterView {
             walks,
             state: state.encode(),
             shards,
+            topo,
+            names,
         }
+    }
+
+    /// Where member `m` serves partition `p` (see [`ClusterView::address`]).
+    pub fn address_of(&self, m: MemberId, p: u32) -> Option<SocketAddr> {
+        self.address(self.names.get(&m)?, p)
+    }
+
+    /// A member's name, if this view knows it.
+    pub fn name_of(&self, m: MemberId) -> Option<&str> {
+        self.names.get(&m).map(String::as_str)
     }
 
     pub fn ring_version(&self) -> u64 {

@@ -175,7 +175,7 @@ fn a_dropped_partition_stays_dropped_across_compaction_and_later_writes_stay() {
         let dropped: Vec<String> = (0..40).map(|k| format!("key{k}")).filter(|k| in_p(k)).collect();
         let kept: Vec<String> = (0..40).map(|k| format!("key{k}")).filter(|k| !in_p(k)).collect();
         assert!(!dropped.is_empty() && !kept.is_empty());
-        let snapshot = s.partition_entries(p);
+        let snapshot = s.partition_snapshot(p);
         assert!(s.drop_partition(p, &snapshot).await.unwrap());
         // A key of the partition written after the drop must survive it.
         let newcomer = (0..).map(|i| format!("new{i}")).find(|k| in_p(k)).unwrap();
@@ -220,7 +220,7 @@ fn compacting_the_segment_holding_a_partition_drop_alone_does_not_resurrect_the_
         let in_p = |k: &str| partition_of(k.as_bytes(), 16) == p;
         let dropped: Vec<String> = (0..40).map(|k| format!("key{k}")).filter(|k| in_p(k)).collect();
         let drop_segment = s.active_segment();
-        assert!(s.drop_partition(p, &s.partition_entries(p)).await.unwrap());
+        assert!(s.drop_partition(p, &s.partition_snapshot(p)).await.unwrap());
         // Move on to later segments without touching the partition.
         let pad = "z".repeat(900);
         for round in 0..5 {

@@ -264,3 +264,30 @@ fn a_damaged_record_behind_a_hint_file_is_reported_when_read_never_served() {
         assert_eq!(values(&s, "k3").await, ["value-3"], "undamaged records are fine");
     });
 }
+
+/// Regression, found by the simulator (`ringkv-sim`, seeds 0..20 before the
+/// fix): a replica asked to merge durably an object it already held from an
+/// earlier, not yet synced merge (a duplicate delivery, a read repair that
+/// arrived first) answered at once, because the merge added nothing. The
+/// coordinator then counted a durable copy that was only in the page cache;
+/// a crash of that replica lost it. A durable merge must wait for the disk
+/// whether or not it writes anything.
+#[test]
+fn a_durable_merge_of_what_a_replica_already_holds_waits_for_its_fsync() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(async move {
+        let s = open(&d, 1 << 20).await;
+        let obj = s.write(b"origin", Some(b"v".to_vec()), &BLIND, true, 1).await.unwrap();
+        s.merge(b"copy", &obj, false).await.unwrap();
+        assert!(!s.all_durable(), "the first merge is not synced yet (nothing awaited since)");
+        s.merge(b"copy", &obj, true).await.unwrap();
+        assert!(s.all_durable(), "a durable merge returned before its data was on disk");
+        // The same for a hint held for another node.
+        s.put_hint("n9", b"hinted", &obj, false).await.unwrap();
+        assert!(!s.all_durable());
+        s.put_hint("n9", b"hinted", &obj, true).await.unwrap();
+        assert!(s.all_durable(), "a durable hint returned before its data was on disk");
+        s.close().await.unwrap();
+    });
+}

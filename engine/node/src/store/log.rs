@@ -296,6 +296,11 @@ impl Log {
         self.flushes
     }
 
+    /// Everything up to here is on disk.
+    pub fn durable_lsn(&self) -> u64 {
+        self.durable
+    }
+
     pub fn appended_lsn(&self) -> u64 {
         self.appended
     }

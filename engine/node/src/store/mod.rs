@@ -27,6 +27,8 @@ use self::format::{decode_record, RecordKind, FLAG_DELETED};
 use self::index::{Entry, Index, KeyHasher, Loc};
 use self::log::{Log, LogConfig};
 use self::recovery::RecoveryReport;
+use ringkv_core::effects::RecordId;
+pub use ringkv_core::effects::WriteContext;
 use ringkv_core::keyspace::partition_of;
 use ringkv_core::version::{reusable_actor, Actor, Object, VersionVector};
 use std::cell::{Cell, RefCell};
@@ -79,15 +81,6 @@ pub struct StoreConfig {
     pub hash_seed: u64,
     /// Hints this shard holds at most (for all other nodes together).
     pub max_hints: u64,
-}
-
-/// The causal context a write applies on top of.
-#[derive(Debug, Clone)]
-pub enum WriteContext {
-    /// The context a client read returned (empty: a blind write).
-    Client(VersionVector),
-    /// Whatever this replica holds now: "delete what is there".
-    Local,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -229,7 +222,17 @@ impl Store {
                 None => None,
             };
             let merged = match &local {
-                Some(l) if l.descends(remote) => return Ok(local.expect("matched Some")),
+                Some(l) if l.descends(remote) => {
+                    // Nothing to add, but the record that already holds it
+                    // may not be on disk yet: a durable merge must not answer
+                    // before it is (found by the simulator: a duplicate or a
+                    // read repair that got here first made a replica
+                    // acknowledge a durable write from its page cache).
+                    if durable {
+                        self.sync().await?;
+                    }
+                    return Ok(local.expect("matched Some"));
+                }
                 Some(l) => l.merge(remote),
                 None => remote.clone(),
             };
@@ -320,6 +323,12 @@ impl Store {
         rx.await.unwrap_or(Err(StoreError::Closed))
     }
 
+    /// Whether everything appended so far is on disk.
+    pub fn all_durable(&self) -> bool {
+        let log = self.log.borrow();
+        log.durable_lsn() >= log.appended_lsn()
+    }
+
     /// Waits until everything appended so far is on disk.
     pub async fn sync(&self) -> Result<(), StoreError> {
         let lsn = self.log.borrow().appended_lsn();
@@ -378,7 +387,13 @@ impl Store {
                 None => None,
             };
             let merged = match &local {
-                Some(l) if l.descends(remote) => return Ok(()),
+                Some(l) if l.descends(remote) => {
+                    // As in `merge`: what we hold must be durable first.
+                    if durable {
+                        self.sync().await?;
+                    }
+                    return Ok(());
+                }
                 Some(l) => l.merge(remote),
                 None => remote.clone(),
             };
@@ -414,23 +429,25 @@ impl Store {
         self.index.borrow().hints.count()
     }
 
-    /// Up to `max` hints for `target`: key, record location and the object.
-    pub async fn hint_batch(&self, target: &str, max: usize) -> Result<Vec<(Vec<u8>, Entry, Object)>, StoreError> {
+    /// Up to `max` hints for `target`: key, the record holding it, and the
+    /// object.
+    pub async fn hint_batch(&self, target: &str, max: usize) -> Result<Vec<(Vec<u8>, RecordId, Object)>, StoreError> {
         let batch = self.index.borrow().hints.batch(target, max);
         let mut out = Vec::with_capacity(batch.len());
         for (key, entry) in batch {
-            out.push((key, entry, self.read_object(entry.loc()).await?));
+            out.push((key, record_id(entry.loc()), self.read_object(entry.loc()).await?));
         }
         Ok(out)
     }
 
     /// Retires hints their owner now has durably. A hint replaced by a newer
-    /// one since `entry` was read stays, for the next delivery.
-    pub async fn hints_delivered(&self, target: &str, delivered: &[(Vec<u8>, Entry)]) -> Result<usize, StoreError> {
+    /// one since its record was read stays, for the next delivery.
+    pub async fn hints_delivered(&self, target: &str, delivered: &[(Vec<u8>, RecordId)]) -> Result<usize, StoreError> {
         let mut retired = 0;
         let mut last_lsn = None;
-        for (key, entry) in delivered {
-            if self.index.borrow().hints.get(target, key) != Some(*entry) {
+        for (key, id) in delivered {
+            let Some(entry) = self.index.borrow().hints.get(target, key) else { continue };
+            if record_id(entry.loc()) != *id {
                 continue;
             }
             let record_key = format::hint_key(target, key);
@@ -532,20 +549,25 @@ impl Store {
         self.index.borrow().partitions().filter(|(_, ix)| !ix.is_empty()).map(|(p, _)| p).collect()
     }
 
-    /// A snapshot of partition `p`'s keys and where they are.
-    pub fn partition_entries(&self, p: u32) -> Vec<(Vec<u8>, Entry)> {
-        self.index.borrow().partition(p).map(|ix| ix.iter().map(|(k, e)| (k.to_vec(), e)).collect()).unwrap_or_default()
+    /// A snapshot of partition `p`'s keys and the records holding them.
+    pub fn partition_snapshot(&self, p: u32) -> Vec<(Vec<u8>, RecordId)> {
+        self.index
+            .borrow()
+            .partition(p)
+            .map(|ix| ix.iter().map(|(k, e)| (k.to_vec(), record_id(e.loc()))).collect())
+            .unwrap_or_default()
     }
 
     /// Forgets partition `p` durably, but only if its keys are still exactly
     /// `snapshot` (what the caller handed off): returns false, dropping
     /// nothing, when a write arrived meanwhile.
-    pub async fn drop_partition(&self, p: u32, snapshot: &[(Vec<u8>, Entry)]) -> Result<bool, StoreError> {
+    pub async fn drop_partition(&self, p: u32, snapshot: &[(Vec<u8>, RecordId)]) -> Result<bool, StoreError> {
         let unchanged = || {
             let ix = self.index.borrow();
             let part = ix.partition(p);
             let len = part.map_or(0, |x| x.len());
-            len == snapshot.len() && snapshot.iter().all(|(k, e)| part.and_then(|x| x.get(k)) == Some(*e))
+            len == snapshot.len()
+                && snapshot.iter().all(|(k, id)| part.and_then(|x| x.get(k)).map(|e| record_id(e.loc())) == Some(*id))
         };
         let key = format::drop_partition_key(p);
         loop {
@@ -664,3 +686,9 @@ impl Store {
 }
 
 static EMPTY_VV: VersionVector = VersionVector::new_const();
+
+/// A record's position as the protocol machines name it: unique while the
+/// store runs (a record never moves; compaction writes a new one).
+pub fn record_id(loc: Loc) -> RecordId {
+    RecordId(u64::from(loc.segment) << 32 | u64::from(loc.offset))
+}
