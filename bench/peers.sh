@@ -10,6 +10,8 @@
 #   ringkv          local 3-node cluster (N=3), writes --durable no
 #   ringkv-durable  the same, writes --durable yes (fsync before the ack)
 #   ringkv-r1       the same as ringkv, reads at --r one (meant for workload c)
+#   ringkv-base*    with --baseline BIN: the ringkv rows again, with that binary
+#                   (an earlier build), so before and after share one run
 # Every server runs on --server-cpus, the client on --client-cpus, and every
 # run reports the server CPUs' busy share beside the CPU time of the server
 # processes it found. Writes one JSON/.hgrm/SVG set per row, a comparison
@@ -20,7 +22,7 @@
 #                  [--duration 10s] [--warmup 2s] [--concurrency C] [--pipeline P]
 #                  [--rate OPS] [--client-cpus 0] [--server-cpus 1]
 #                  [--targets ROW,..|all] [--skip ROW,..] [--ringkv-durable yes|no|both]
-#                  [--half] [--half-of ROW] [--no-build]
+#                  [--half] [--half-of ROW] [--no-build] [--baseline BIN]
 # --targets: the rows to run [default: all but ringkv-r1; `all`: every row].
 # --skip: rows to leave out of those. --ringkv-durable yes|no keeps only
 #   ringkv-durable or only ringkv (the older single-row form) [default: both].
@@ -31,6 +33,8 @@
 #   (processes and whole cores), and the ratios of each ringkv row to the
 #   floors (echo, relay1, relay2) and to the Redis rows (needs python3).
 # --no-build: use target/release as it is.
+# --baseline BIN: adds ringkv-base and ringkv-base-durable (and ringkv-base-r1
+#   when ringkv-r1 runs) with the ringkv binary BIN.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -45,10 +49,11 @@ PIPELINE=1
 RATE=
 CLIENT_CPUS=0
 SERVER_CPUS=1
-ALL_ROWS=echo,relay1,relay2,redis,redis-durable,redis-cluster,ringkv,ringkv-durable,ringkv-r1
+ALL_ROWS=echo,relay1,relay2,redis,redis-durable,redis-cluster,ringkv,ringkv-durable,ringkv-r1,ringkv-base,ringkv-base-durable,ringkv-base-r1
 TARGETS=echo,relay1,relay2,redis,redis-durable,redis-cluster,ringkv,ringkv-durable
 SKIP=
 RINGKV_DURABLE=both
+BASELINE=
 HALF=0
 HALF_OF=
 BUILD=1
@@ -71,6 +76,7 @@ while [ $# -gt 0 ]; do
     --targets) TARGETS=$2; shift 2 ;;
     --skip) SKIP=$2; shift 2 ;;
     --ringkv-durable) RINGKV_DURABLE=$2; shift 2 ;;
+    --baseline) BASELINE=$2; shift 2 ;;
     --half) HALF=1; shift ;;
     --half-of) HALF_OF=$2; shift 2 ;;
     --no-build) BUILD=0; shift ;;
@@ -80,6 +86,14 @@ while [ $# -gt 0 ]; do
 done
 
 [ "$TARGETS" = all ] && TARGETS=$ALL_ROWS
+if [ -n "$BASELINE" ]; then
+  [ -x "$BASELINE" ] || { echo "--baseline $BASELINE is not an executable" >&2; exit 2; }
+  for row in ringkv ringkv-durable ringkv-r1; do
+    [[ ",$TARGETS," == *",$row,"* ]] && TARGETS="$TARGETS,${row/ringkv/ringkv-base}"
+  done
+else
+  SKIP="$SKIP,ringkv-base,ringkv-base-durable,ringkv-base-r1"
+fi
 case "$RINGKV_DURABLE" in
   yes) SKIP="$SKIP,ringkv" ;;
   no) SKIP="$SKIP,ringkv-durable" ;;
@@ -256,8 +270,8 @@ run_targets() {
 
   # A fresh cluster per ringkv row: reloading records into a cluster that
   # holds them would add a sibling to every one.
-  ringkv_row() { # name [extra run args...]
-    local name=$1; shift
+  ringkv_row() { # name binary [extra run args...]
+    local name=$1 RINGKV=$2; shift 2
     rm -rf "$WORK/ringkv"
     if grep -qE '^ +cluster ' <<<"$("$RINGKV" --help)"; then
       # On the server CPUs, like the Redis processes; the OS places the shards.
@@ -283,9 +297,12 @@ run_targets() {
     bench "$name" ringkv://127.0.0.1:7070 "$@"
     stop "$pid"
   }
-  selected ringkv && ringkv_row ringkv --durable no
-  selected ringkv-durable && ringkv_row ringkv-durable --durable yes
-  selected ringkv-r1 && ringkv_row ringkv-r1 --durable no --r one
+  selected ringkv && ringkv_row ringkv "$RINGKV" --durable no
+  selected ringkv-durable && ringkv_row ringkv-durable "$RINGKV" --durable yes
+  selected ringkv-r1 && ringkv_row ringkv-r1 "$RINGKV" --durable no --r one
+  selected ringkv-base && ringkv_row ringkv-base "$BASELINE" --durable no
+  selected ringkv-base-durable && ringkv_row ringkv-base-durable "$BASELINE" --durable yes
+  selected ringkv-base-r1 && ringkv_row ringkv-base-r1 "$BASELINE" --durable no --r one
   return 0
 }
 
@@ -380,6 +397,7 @@ fi
   echo "rows: ${ROWS[*]}. Client pinned to CPUs $CLIENT_CPUS; every server under taskset on CPUs $SERVER_CPUS."
   echo "redis: appendfsync everysec; redis-durable: appendfsync always; redis-cluster: everysec."
   echo "ringkv: --durable no; ringkv-durable: --durable yes; ringkv-r1: --durable no --r one."
+  [ -n "$BASELINE" ] && echo "ringkv-base*: the same rows with the baseline binary $BASELINE."
   [ -n "${NOTE:-}" ] && echo "ringkv: $NOTE."
   echo
   "$BENCH" compare "${RESULTS[@]}"

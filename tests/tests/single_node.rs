@@ -211,6 +211,21 @@ fn malformed_frames_get_an_error_and_only_that_connection_closes() {
     assert!(matches!(read_frame(&mut s), Some(Message::Error(_)) | None));
     assert!(closed(&mut s));
 
+    // A hello of a protocol version this node does not speak: refused with
+    // the versions named, not misread.
+    let mut s = TcpStream::connect(n.addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let future = Hello { protocol_version: ringkv_net::proto::PROTOCOL_VERSION + 1, ..Hello::client("ringkv") };
+    s.write_all(&Encoder::new().to_vec(&Message::Hello(future))).unwrap();
+    match read_frame(&mut s) {
+        Some(Message::Error(e)) => {
+            assert_eq!(e.code, ErrorCode::ProtocolMismatch);
+            assert_eq!(e.message, "protocol version 2 is not supported (this node speaks 1)");
+        }
+        other => panic!("expected an error frame, got {other:?}"),
+    }
+    assert!(closed(&mut s));
+
     // A hello for another cluster.
     let mut s = TcpStream::connect(n.addr()).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

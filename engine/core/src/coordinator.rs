@@ -50,6 +50,11 @@ pub struct CoordinatorConfig {
     pub max_repairs: usize,
     /// How long a read repair's requests are waited for.
     pub repair_timeout_us: u64,
+    /// A write's replica that has not answered within this long (or half
+    /// the request's timeout, if shorter) is stood in for by a fallback
+    /// holding a hint, as if it had failed: a silent replica (partitioned,
+    /// paused) must not keep a write from its quorum until the deadline.
+    pub stall_after_us: u64,
     #[cfg(feature = "bugs")]
     pub bugs: Bugs,
 }
@@ -62,6 +67,7 @@ impl Default for CoordinatorConfig {
             max_ops: 65_536,
             max_repairs: 4_096,
             repair_timeout_us: 2_000_000,
+            stall_after_us: 1_000_000,
             #[cfg(feature = "bugs")]
             bugs: Bugs::default(),
         }
@@ -135,6 +141,7 @@ pub struct CoordinatorStats {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
     Hedge,
+    Stall,
     Deadline,
 }
 
@@ -219,6 +226,7 @@ struct WriteOp {
     obj: Option<Rc<Object>>,
     answered: bool,
     failures: Vec<String>,
+    stall_at: Option<u64>,
     deadline: u64,
 }
 
@@ -436,8 +444,10 @@ impl Coordinator {
             quorum = quorum.counting_duplicates(self.cfg.bugs.count_duplicate_acks);
         }
         let deadline = now_us + timeout_us;
+        let stall_at = now_us + self.cfg.stall_after_us.min(timeout_us / 2);
         self.out.push(Self::tag(id, APPLY), topo.me(), p, Request::Apply { key: key.clone(), value, ctx });
         self.timers.arm(deadline, id, Timer::Deadline);
+        self.timers.arm(stall_at, id, Timer::Stall);
         self.client_ops += 1;
         let op = WriteOp {
             token,
@@ -450,6 +460,7 @@ impl Coordinator {
             obj: None,
             answered: false,
             failures: Vec::new(),
+            stall_at: Some(stall_at),
             deadline,
         };
         self.ops.insert(id, Op::Write(op));
@@ -661,15 +672,31 @@ impl Coordinator {
         i: usize,
         why: String,
     ) {
-        let slot = &op.slots[i];
-        let replaceable = slot.hint_for.is_none() && slot.node != topo.me() && slot.attempt < u8::MAX;
-        let fallback = if replaceable { op.spare.pop_front() } else { None };
-        let (Some(fallback), Some(obj)) = (fallback, op.obj.clone()) else {
-            op.failures.push(format!("{}: {why}", topo.name(slot.owner())));
-            op.slots[i].state = SlotState::Failed;
-            op.quorum.fail(op.slots[i].owner());
+        if Self::retarget(out, stats, topo, id, op, i) {
             return;
-        };
+        }
+        let owner = op.slots[i].owner();
+        op.failures.push(format!("{}: {why}", topo.name(owner)));
+        op.slots[i].state = SlotState::Failed;
+        op.quorum.fail(owner);
+    }
+
+    /// Moves slot `i`, a remote replica's, to the next spare fallback as a
+    /// hint for it; false when it is not such a slot or no spare is left.
+    fn retarget(
+        out: &mut Outbox,
+        stats: &mut CoordinatorStats,
+        topo: &Topology,
+        id: u64,
+        op: &mut WriteOp,
+        i: usize,
+    ) -> bool {
+        let slot = &op.slots[i];
+        if slot.hint_for.is_some() || slot.node == topo.me() || slot.attempt == u8::MAX {
+            return false;
+        }
+        let Some(obj) = op.obj.clone() else { return false };
+        let Some(fallback) = op.spare.pop_front() else { return false };
         let owner = slot.node;
         let slot = &mut op.slots[i];
         slot.node = fallback;
@@ -679,11 +706,11 @@ impl Coordinator {
         let tag = Self::tag(id, Slot::idx(i, slot.attempt));
         let req = Request::Write { key: op.key.clone(), obj, durable: op.durable, hint_for: Some(owner) };
         out.push(tag, fallback, op.p, req);
+        true
     }
 
     /// Deadlines that passed: hedges and timeouts.
     pub fn handle_timeout(&mut self, now_us: u64, topo: &Topology) {
-        let _ = topo;
         while let Some((id, kind)) = self.timers.pop_due(now_us) {
             let Some(op) = self.ops.get_mut(&id) else { continue };
             match (kind, op) {
@@ -714,7 +741,17 @@ impl Coordinator {
                     }
                     self.finish(now_us, id);
                 }
-                (Timer::Hedge, _) => {}
+                (Timer::Stall, Op::Write(w)) => {
+                    // Replicas silent this long are stood in for by hints;
+                    // a late answer of theirs is ignored (the hint carries it).
+                    w.stall_at = None;
+                    for i in 0..w.slots.len() {
+                        if w.slots[i].state == SlotState::Waiting {
+                            Self::retarget(&mut self.out, &mut self.stats, topo, id, w, i);
+                        }
+                    }
+                }
+                (Timer::Hedge | Timer::Stall, _) => {}
             }
         }
     }
@@ -735,6 +772,9 @@ impl Coordinator {
             Op::Write(w) => {
                 self.client_ops -= 1;
                 self.timers.cancel(w.deadline, id, Timer::Deadline);
+                if let Some(at) = w.stall_at {
+                    self.timers.cancel(at, id, Timer::Stall);
+                }
             }
             Op::Repair(r) => {
                 self.repairs -= 1;
@@ -934,6 +974,28 @@ mod tests {
         assert!(c.poll_answer().is_none());
         c.handle_response(4, &t, hint[0].tag, Ok(Response::Done));
         assert!(matches!(c.poll_answer(), Some((1, Ok(_)))));
+        assert_eq!(c.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_silent_replica_is_stood_in_for_by_a_hint_after_the_stall_time() {
+        let t = topo("a", &[]);
+        let mut c = Coordinator::new(CoordinatorConfig::default());
+        let ctx = WriteContext::Client(VersionVector::new());
+        c.write(0, &t, 1, b"k".to_vec(), Some(b"v".to_vec()), ctx, Level::All, false, 10 * T);
+        let apply = drain(&mut c);
+        c.handle_response(1, &t, apply[0].tag, Ok(Response::Applied { obj: obj("v", 1), lsn: 1 }));
+        let sent = drain(&mut c);
+        c.handle_response(2, &t, sent[0].tag, Ok(Response::Done));
+        // c never answers: after the stall time its copy goes to d as a hint.
+        assert_eq!(c.next_deadline(), Some(T));
+        c.handle_timeout(T, &t);
+        let hint = drain(&mut c);
+        assert_eq!(hint.len(), 1);
+        assert!(matches!(hint[0].req, Request::Write { hint_for: Some(h), .. } if h == m("c")));
+        assert_eq!(hint[0].to, m("d"));
+        c.handle_response(T + 1, &t, hint[0].tag, Ok(Response::Done));
+        assert!(matches!(c.poll_answer(), Some((1, Ok(_)))), "w=all reached with the hint");
         assert_eq!(c.in_flight(), 0);
     }
 

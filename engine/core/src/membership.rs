@@ -232,7 +232,7 @@ impl ClusterState {
     pub fn decode(bytes: &[u8]) -> Result<ClusterState, DecodeError> {
         let mut r = Reader::new(bytes);
         if r.u8()? != STATE_FORMAT {
-            return err("unknown cluster state format");
+            return err("cluster state format is not supported (this build reads format 1)");
         }
         let cluster = get_str(&mut r)?;
         let partitions = u32::try_from(r.varint()?).map_err(|_| DecodeError { what: "partitions over u32" })?;

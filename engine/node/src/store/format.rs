@@ -20,7 +20,16 @@ pub const SEGMENT_MAGIC: [u8; 8] = *b"RKVSEG\0\x01";
 /// after its input, so it replays in the input's place, before anything
 /// written later.
 pub const SEGMENT_ID_STEP: u32 = 1024;
-pub const FORMAT_VERSION: u32 = 1;
+/// The segment format this build writes. Version 1 held object records
+/// only; version 2 added drop-partition, hint, hint-retired and purge
+/// records (kinds 2 to 5) and hint files beside sealed segments. A reader
+/// of version 1 alone refuses a version-2 segment with a clear error
+/// instead of taking its new records for a torn tail.
+pub const FORMAT_VERSION: u32 = 2;
+/// Every segment format this build reads. (Builds between the first
+/// version-2 record kinds and this bump wrote them under version 1; they
+/// read as version 2 content, which is a superset.)
+pub const READABLE_FORMATS: std::ops::RangeInclusive<u32> = 1..=FORMAT_VERSION;
 
 pub const RECORD_HEADER_BYTES: usize = 16;
 /// A record may hold an object with many siblings (repair paths carry
@@ -120,7 +129,12 @@ pub fn parse_drop_partition_key(key: &[u8]) -> Option<u32> {
 pub enum FormatError {
     #[error("not a ringkv segment (bad magic)")]
     BadMagic,
-    #[error("segment format version {0} is not supported (this build reads {FORMAT_VERSION})")]
+    #[error(
+        "segment format version {0} is not supported (this build reads versions {first} to {last}); \
+         the data was written by a newer ringkv",
+        first = READABLE_FORMATS.start(),
+        last = READABLE_FORMATS.end()
+    )]
     UnsupportedVersion(u32),
     #[error("segment header checksum mismatch")]
     HeaderChecksum,
@@ -177,7 +191,7 @@ impl SegmentHeader {
             u64::from_le_bytes(a)
         };
         let version = u32_at(8);
-        if version != FORMAT_VERSION {
+        if !READABLE_FORMATS.contains(&version) {
             return Err(FormatError::UnsupportedVersion(version));
         }
         if u64_at(40) != xxh3_64(&b[..Self::CHECKED_BYTES]) {
