@@ -1,9 +1,11 @@
 //! One client connection on one shard: handshake, framing, pipelining.
 //!
-//! The reader decodes frames and runs each request as its own task, so a slow
-//! request never holds up the ones behind it; responses are encoded into a
-//! shared buffer that one writer task drains, batching whatever completed
-//! while the previous write was in flight.
+//! The reader decodes frames and starts each request at once: most are
+//! answered without a task of their own (see `service::try_fast`), the rest
+//! run as their own task, so a slow request never holds up the ones behind
+//! it. Responses are encoded into a shared buffer that one writer task
+//! drains, batching whatever completed while the previous write was in
+//! flight.
 //!
 //! Limits: a frame over `max_frame_bytes` is refused before it is buffered,
 //! at most `max_in_flight_per_connection` requests run at once (the reader
@@ -16,7 +18,7 @@ use crate::shard::Shard;
 use futures::channel::oneshot;
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use glommio::net::TcpStream;
-use glommio::sync::Semaphore;
+use glommio::sync::{Semaphore, StaticPermit};
 use ringkv_net::frame::{FrameDecoder, FrameError};
 use ringkv_net::proto::{
     decode, DecodeError, DecodeLimits, Encoder, ErrorCode, Hello, HelloAck, Message, Response, Role, WireError, MAGIC,
@@ -201,19 +203,29 @@ async fn read_loop(shard: &Rc<Shard>, mut rd: ReadHalf<TcpStream>, out: &Rc<Outp
             };
             let Ok(permit) = permits.acquire_static_permit(1).await else { return };
             out.in_flight.set(out.in_flight.get() + 1);
-            let (shard, out) = (shard.clone(), out.clone());
-            glommio::spawn_local(async move {
-                let resp = service::handle(&shard, role, req).await;
-                out.in_flight.set(out.in_flight.get() - 1);
-                out.send(&Message::Response(resp));
-                drop(permit);
-            })
-            .detach();
+            let respond = responder(shard, out, req.id, permit);
+            // Most requests are answered without a task of their own.
+            if let Err((req, respond)) = service::try_fast(shard, role, req, respond) {
+                let shard = shard.clone();
+                glommio::spawn_local(async move { respond(service::handle(&shard, role, req).await) }).detach();
+            }
         }
         if out.closing.get() || !fill(&mut rd, &mut dec).await {
             return;
         }
     }
+}
+
+/// Where request `id`'s answer goes: encoded into the connection's output
+/// (which the writer sends, batched with whatever else is ready), then the
+/// request's in-flight permit is given back.
+fn responder(shard: &Rc<Shard>, out: &Rc<Output>, id: u64, permit: StaticPermit) -> service::Respond {
+    let (shard, out) = (shard.clone(), out.clone());
+    Box::new(move |result| {
+        out.in_flight.set(out.in_flight.get() - 1);
+        out.send(&Message::Response(Response { id, result, ring_version: shard.view().ring_version() }));
+        drop(permit);
+    })
 }
 
 fn check_hello(shard: &Shard, h: &Hello) -> Result<(), WireError> {

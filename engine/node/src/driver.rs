@@ -22,7 +22,7 @@ use crate::peer::PeerError;
 use crate::shard::{Op, OpOutput, Shard};
 use futures::channel::oneshot;
 use ringkv_core::antientropy::{RepairConfig, RepairReport, Repairer};
-use ringkv_core::coordinator::{ClientResult, CoordError, Coordinator, CoordinatorConfig, Outcome};
+use ringkv_core::coordinator::{CoordError, Coordinator, CoordinatorConfig, Outcome};
 use ringkv_core::effects::{Answer, Failure, Machine, Outgoing, Request, Response, Tag, WriteContext};
 use ringkv_core::handoff::{Handoff, HandoffConfig};
 use ringkv_core::hints::{HintConfig, HintDelivery};
@@ -73,6 +73,10 @@ pub fn reply(outcome: Outcome, deleting: bool) -> Reply {
     }
 }
 
+/// Where a client operation's reply goes (a connection's output, or a task
+/// awaiting it).
+pub type ClientSink = Box<dyn FnOnce(Result<Reply, WireError>)>;
+
 /// Wakes the timer task early.
 #[derive(Default)]
 struct Notify {
@@ -105,7 +109,9 @@ pub struct Driver {
     hints: RefCell<HintDelivery>,
     handoff: RefCell<Handoff>,
     repair: RefCell<Repairer>,
-    waiting: RefCell<HashMap<u64, oneshot::Sender<ClientResult>>>,
+    /// Client operations in the coordinator, by token: whether each is a
+    /// delete (its reply says so), and where the reply goes.
+    waiting: RefCell<HashMap<u64, (bool, ClientSink)>>,
     repairs: RefCell<HashMap<u64, oneshot::Sender<Result<RepairReport, String>>>>,
     next_token: Cell<u64>,
     inbox: RefCell<VecDeque<(Tag, Answer)>>,
@@ -177,13 +183,19 @@ impl Driver {
 
     /// Coordinates a client operation; resolves with the client's answer.
     pub async fn coordinate(&self, shard: &Rc<Shard>, op: ClientOp, timeout: Duration) -> Result<Reply, WireError> {
-        let token = self.token();
         let (tx, rx) = oneshot::channel();
-        self.waiting.borrow_mut().insert(token, tx);
+        self.start(shard, op, timeout, Box::new(move |r| drop(tx.send(r))));
+        rx.await.unwrap_or_else(|_| Err(WireError::new(ErrorCode::Internal, "the coordinator dropped a request")))
+    }
+
+    /// Starts a client operation; `sink` gets the reply exactly once.
+    pub fn start(&self, shard: &Rc<Shard>, op: ClientOp, timeout: Duration, sink: ClientSink) {
+        let token = self.token();
+        let deleting = matches!(op, ClientOp::Write { value: None, .. });
+        self.waiting.borrow_mut().insert(token, (deleting, sink));
         let view = shard.view();
         let timeout_us = timeout.as_micros() as u64;
         let now = clock::now_us();
-        let deleting = matches!(op, ClientOp::Write { value: None, .. });
         match op {
             ClientOp::Get { key, r } => self.coord.borrow_mut().get(now, &view.topo, token, key, r, timeout_us),
             ClientOp::Write { key, value, ctx, w, durable } => {
@@ -191,11 +203,6 @@ impl Driver {
             }
         }
         self.drain(shard);
-        match rx.await {
-            Ok(Ok(outcome)) => Ok(reply(outcome, deleting)),
-            Ok(Err(e)) => Err(coord_error(e)),
-            Err(_) => Err(WireError::new(ErrorCode::Internal, "the coordinator dropped a request")),
-        }
     }
 
     /// Anti-entropy of this shard's partitions (`only` one) with every
@@ -277,8 +284,9 @@ impl Driver {
             let next = self.coord.borrow_mut().poll_answer();
             let Some((token, result)) = next else { break };
             any = true;
-            if let Some(tx) = self.waiting.borrow_mut().remove(&token) {
-                let _ = tx.send(result);
+            let waiting = self.waiting.borrow_mut().remove(&token);
+            if let Some((deleting, sink)) = waiting {
+                sink(result.map(|o| reply(o, deleting)).map_err(coord_error));
             }
         }
         loop {
@@ -418,6 +426,10 @@ impl Driver {
             return self.inbox.borrow_mut().push_back((tag, answer));
         }
         let target = shard.local_shard_of(p);
+        // The store answers most of the coordinator's requests from memory:
+        // no task then, and durability waits are callbacks.
+        let req = if target == shard.id { self.local_now(shard, tag, req) } else { Some(req) };
+        let Some(req) = req else { return };
         let owner = match &req {
             Request::HintBatch { owner, .. } | Request::RetireHints { owner, .. } => self.name(shard, *owner),
             _ => None,
@@ -442,6 +454,47 @@ impl Driver {
                 glommio::spawn_local(work).detach();
             }
         }
+    }
+}
+
+impl Driver {
+    /// Answers `req` from the store's synchronous paths if it can; gives
+    /// it back when it needs a task (a disk read, a rotation, a backlog).
+    fn local_now(&self, shard: &Rc<Shard>, tag: Tag, req: Request) -> Option<Request> {
+        let store = &shard.store;
+        let answer = match req {
+            Request::Read { key } => match store.get_now(&key) {
+                Some(r) => r.map(Response::Object).map_err(failed),
+                None => return Some(Request::Read { key }),
+            },
+            Request::Apply { key, value, ctx } => match store.write_now(&key, value, &ctx, clock::now_ms()) {
+                Ok(r) => r.map(|(obj, lsn)| Response::Applied { obj, lsn }).map_err(failed),
+                Err(value) => return Some(Request::Apply { key, value, ctx }),
+            },
+            Request::WaitDurable { lsn } => {
+                self.answer_when_durable(shard, tag, lsn);
+                return None;
+            }
+            Request::Write { key, obj, durable, hint_for: None } => match store.merge_now(&key, &obj) {
+                Some(Ok((_, lsn))) if durable => {
+                    self.answer_when_durable(shard, tag, lsn);
+                    return None;
+                }
+                Some(r) => r.map(|_| Response::Done).map_err(failed),
+                None => return Some(Request::Write { key, obj, durable, hint_for: None }),
+            },
+            other => return Some(other),
+        };
+        self.inbox.borrow_mut().push_back((tag, answer));
+        None
+    }
+
+    fn answer_when_durable(&self, shard: &Rc<Shard>, tag: Tag, lsn: u64) {
+        let (s, me) = (shard.clone(), shard.driver.clone());
+        let done = Box::new(move |r: Result<(), crate::store::StoreError>| {
+            me.answer(&s, tag, r.map(|()| Response::Done).map_err(failed));
+        });
+        shard.store.on_durable(lsn, done);
     }
 }
 

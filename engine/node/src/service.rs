@@ -8,12 +8,12 @@
 //! requests (replica reads and writes, handoff) go straight to that shard.
 
 use crate::driver::ClientOp;
-use crate::shard::{internal, Op, OpOutput, Shard};
+use crate::shard::{internal, storage_error, Op, OpOutput, Shard};
 use crate::store::WriteContext;
 use ringkv_core::keyspace::{validate_key, validate_pair, PairError};
 use ringkv_core::version::{Object, VersionVector};
 use ringkv_net::proto::{
-    ErrorCode, MemberInfo, NodeInfo, RepairReport, Reply, Request, RequestFrame, Response, Role, ShardStats, WireError,
+    ErrorCode, MemberInfo, NodeInfo, RepairReport, Reply, Request, RequestFrame, Role, ShardStats, WireError,
 };
 use std::rc::Rc;
 use std::time::Duration;
@@ -21,28 +21,31 @@ use std::time::Duration;
 /// Longest timeout a client may ask for.
 const MAX_TIMEOUT: Duration = Duration::from_secs(60);
 
-pub async fn handle(shard: &Rc<Shard>, role: Role, req: RequestFrame) -> Response {
-    let timeout = match req.timeout_ms {
+/// The timeout a request asks for, bounded; the node's default for none.
+fn requested_timeout(shard: &Shard, timeout_ms: u32) -> Duration {
+    match timeout_ms {
         0 => shard.node.timeout(),
         ms => Duration::from_millis(u64::from(ms)).min(MAX_TIMEOUT),
-    };
+    }
+}
+
+/// Serves one request (the general path, in a task of its own).
+pub async fn handle(shard: &Rc<Shard>, role: Role, req: RequestFrame) -> Result<Reply, WireError> {
+    let timeout = requested_timeout(shard, req.timeout_ms);
     let kind = req.body.kind();
-    let result = if role == Role::Client && req.body.is_peer_only() {
-        Err(bad_request(format!("{kind} is a node-to-node request")))
-    } else if matches!(req.body, Request::Get { .. } | Request::Put { .. } | Request::Delete { .. }) {
+    if role == Role::Client && req.body.is_peer_only() {
+        return Err(bad_request(format!("{kind} is a node-to-node request")));
+    }
+    if client_key(&req.body).is_some() {
         // The coordinator keeps the deadline itself (forwarding keeps the
-        // peer call's): no timer per request here. A replica that has not
-        // answered within the node's request timeout has failed, whatever
-        // longer wait the client allows.
-        execute(shard, req.body, req.hops, timeout.min(shard.node.timeout())).await
-    } else {
-        let work = execute(shard, req.body, req.hops, timeout);
-        match glommio::timer::timeout(timeout, async { Ok(work.await) }).await {
-            Ok(r) => r,
-            Err(_) => Err(WireError::new(ErrorCode::Timeout, format!("{kind} did not complete within {timeout:?}"))),
-        }
-    };
-    Response { id: req.id, result, ring_version: shard.view().ring_version() }
+        // peer call's): no timer per request here.
+        return execute(shard, req.body, req.hops, timeout).await;
+    }
+    let work = execute(shard, req.body, req.hops, timeout);
+    match glommio::timer::timeout(timeout, async { Ok(work.await) }).await {
+        Ok(r) => r,
+        Err(_) => Err(WireError::new(ErrorCode::Timeout, format!("{kind} did not complete within {timeout:?}"))),
+    }
 }
 
 fn bad_request(msg: impl Into<String>) -> WireError {
@@ -74,28 +77,8 @@ fn reply(out: OpOutput) -> Result<Reply, WireError> {
 
 async fn execute(shard: &Rc<Shard>, body: Request, hops: u8, timeout: Duration) -> Result<Reply, WireError> {
     match body {
-        Request::Get { key, r } => {
-            validate_key(&key).map_err(pair_error)?;
-            let req = Request::Get { key: key.clone(), r };
-            coordinate(shard, &key, req, hops, timeout, ClientOp::Get { key: key.clone(), r }).await
-        }
-        Request::Put { key, value, context, w, durable } => {
-            validate_pair(&key, &value, shard.node.cfg.max_pair_bytes).map_err(pair_error)?;
-            let ctx = WriteContext::Client(parse_context(&context)?);
-            let durable = durable.unwrap_or(true);
-            let req = Request::Put { key: key.clone(), value: value.clone(), context, w, durable: Some(durable) };
-            let op = ClientOp::Write { key: key.clone(), value: Some(value), ctx, w, durable };
-            coordinate(shard, &key, req, hops, timeout, op).await
-        }
-        Request::Delete { key, context, w, durable } => {
-            validate_key(&key).map_err(pair_error)?;
-            // Without a context a delete removes what the coordinator holds.
-            let ctx =
-                if context.is_empty() { WriteContext::Local } else { WriteContext::Client(parse_context(&context)?) };
-            let durable = durable.unwrap_or(true);
-            let req = Request::Delete { key: key.clone(), context, w, durable: Some(durable) };
-            let op = ClientOp::Write { key: key.clone(), value: None, ctx, w, durable };
-            coordinate(shard, &key, req, hops, timeout, op).await
+        body @ (Request::Get { .. } | Request::Put { .. } | Request::Delete { .. }) => {
+            coordinate(shard, body, hops, timeout).await
         }
         Request::Ping { payload } => Ok(Reply::Pong { payload }),
         Request::NodeInfo => node_info(shard).await.map(Reply::NodeInfo),
@@ -107,9 +90,7 @@ async fn execute(shard: &Rc<Shard>, body: Request, hops: u8, timeout: Duration) 
             validate_key(&key).map_err(pair_error)?;
             let target = shard.local_shard_of(shard.node.partition(&key));
             match shard.on_shard(target, Op::Get { key }).await? {
-                OpOutput::Object(o) => {
-                    Ok(Reply::ReplicaRead { found: o.is_some(), object: o.map(|o| o.to_bytes()).unwrap_or_default() })
-                }
+                OpOutput::Object(o) => Ok(replica_read(o)),
                 _ => Err(internal("replica read returned something else")),
             }
         }
@@ -200,26 +181,164 @@ fn check_partition(shard: &Shard, p: u32) -> Result<u32, WireError> {
     Ok(p)
 }
 
-/// Runs a client request where it belongs: forwarded to a replica if this
-/// node is not one (and nobody forwarded it yet), else coordinated on the
-/// local shard that holds the key.
-async fn coordinate(
-    shard: &Rc<Shard>,
-    key: &[u8],
-    req: Request,
-    hops: u8,
-    timeout: Duration,
-    op: ClientOp,
-) -> Result<Reply, WireError> {
+/// The key of a client read or write.
+fn client_key(body: &Request) -> Option<&[u8]> {
+    match body {
+        Request::Get { key, .. } | Request::Put { key, .. } | Request::Delete { key, .. } => Some(key),
+        _ => None,
+    }
+}
+
+/// Checks a client read or write (key, pair size, context) and turns it
+/// into the coordinator's operation.
+fn client_op(shard: &Shard, body: Request) -> Result<ClientOp, WireError> {
+    match body {
+        Request::Get { key, r } => {
+            validate_key(&key).map_err(pair_error)?;
+            Ok(ClientOp::Get { key, r })
+        }
+        Request::Put { key, value, context, w, durable } => {
+            validate_pair(&key, &value, shard.node.cfg.max_pair_bytes).map_err(pair_error)?;
+            let ctx = WriteContext::Client(parse_context(&context)?);
+            Ok(ClientOp::Write { key, value: Some(value), ctx, w, durable: durable.unwrap_or(true) })
+        }
+        Request::Delete { key, context, w, durable } => {
+            validate_key(&key).map_err(pair_error)?;
+            // Without a context a delete removes what the coordinator holds.
+            let ctx =
+                if context.is_empty() { WriteContext::Local } else { WriteContext::Client(parse_context(&context)?) };
+            Ok(ClientOp::Write { key, value: None, ctx, w, durable: durable.unwrap_or(true) })
+        }
+        other => Err(internal(format!("{} is not a client read or write", other.kind()))),
+    }
+}
+
+/// Where a client request runs: forwarded to a replica if this node is
+/// not one (and nobody forwarded it yet), else coordinated on the local
+/// shard that holds the key.
+enum Placement {
+    Forward(u32),
+    Shard(usize),
+}
+
+fn placement(shard: &Shard, key: &[u8], hops: u8) -> Result<Placement, WireError> {
     let p = shard.node.partition(key);
     let view = shard.view();
     if !view.has_ring() {
         return Err(WireError::new(ErrorCode::Unavailable, "this node is still joining the cluster"));
     }
     if hops == 0 && !view.is_primary(p, shard.me()) {
-        return forward(shard, p, req, timeout).await;
+        return Ok(Placement::Forward(p));
     }
-    reply(shard.on_shard(shard.local_shard_of(p), Op::Coordinate(op, timeout)).await?)
+    Ok(Placement::Shard(shard.local_shard_of(p)))
+}
+
+/// A replica that has not answered within the node's request timeout has
+/// failed, whatever longer wait the client allows.
+fn coordination_timeout(shard: &Shard, asked: Duration) -> Duration {
+    asked.min(shard.node.timeout())
+}
+
+async fn coordinate(shard: &Rc<Shard>, body: Request, hops: u8, timeout: Duration) -> Result<Reply, WireError> {
+    let key = client_key(&body).ok_or_else(|| internal("not a client request"))?;
+    validate_key(key).map_err(pair_error)?;
+    match placement(shard, key, hops)? {
+        Placement::Forward(p) => {
+            // Checked here too: a request that cannot succeed is refused
+            // without a hop.
+            client_op(shard, body.clone())?;
+            forward(shard, p, body, timeout).await
+        }
+        Placement::Shard(s) => {
+            let op = client_op(shard, body)?;
+            reply(shard.on_shard(s, Op::Coordinate(op, coordination_timeout(shard, timeout))).await?)
+        }
+    }
+}
+
+/// Where a response goes.
+pub type Respond = Box<dyn FnOnce(Result<Reply, WireError>)>;
+
+/// Serves `req` without a task when it can: a client read or write this
+/// shard coordinates itself, or a replica read or write its store answers
+/// from memory. `respond` runs exactly once, now or when the answer is
+/// known. Otherwise the request comes back, for [`handle`] in a task.
+#[allow(clippy::result_large_err)]
+pub fn try_fast(
+    shard: &Rc<Shard>,
+    role: Role,
+    req: RequestFrame,
+    respond: Respond,
+) -> Result<(), (RequestFrame, Respond)> {
+    match (&req.body, role) {
+        (Request::Get { .. } | Request::Put { .. } | Request::Delete { .. }, Role::Client) => {
+            let key = client_key(&req.body).expect("a client request");
+            if validate_key(key).is_err() {
+                return Err((req, respond));
+            }
+            match placement(shard, key, req.hops) {
+                Ok(Placement::Shard(s)) if s == shard.id => {}
+                Ok(_) => return Err((req, respond)),
+                Err(e) => {
+                    respond(Err(e));
+                    return Ok(());
+                }
+            }
+            let timeout = coordination_timeout(shard, requested_timeout(shard, req.timeout_ms));
+            match client_op(shard, req.body) {
+                Ok(op) => shard.driver.start(shard, op, timeout, respond),
+                Err(e) => respond(Err(e)),
+            }
+            Ok(())
+        }
+        (Request::ReplicaRead { key }, Role::Peer) => {
+            if validate_key(key).is_err() || shard.local_shard_of(shard.node.partition(key)) != shard.id {
+                return Err((req, respond));
+            }
+            match shard.store.get_now(key) {
+                None => Err((req, respond)),
+                Some(r) => {
+                    respond(r.map(replica_read).map_err(storage_error));
+                    Ok(())
+                }
+            }
+        }
+        (Request::ReplicaWrite { key, object, durable, hint_for }, Role::Peer) if hint_for.is_empty() => {
+            if validate_key(key).is_err() || shard.local_shard_of(shard.node.partition(key)) != shard.id {
+                return Err((req, respond));
+            }
+            let obj = match parse_object(object) {
+                Ok(o) => o,
+                Err(e) => {
+                    respond(Err(e));
+                    return Ok(());
+                }
+            };
+            match shard.store.merge_now(key, &obj) {
+                None => Err((req, respond)),
+                Some(Err(e)) => {
+                    respond(Err(storage_error(e)));
+                    Ok(())
+                }
+                Some(Ok((_, lsn))) if *durable => {
+                    let done = Box::new(move |r: Result<(), crate::store::StoreError>| {
+                        respond(r.map(|()| Reply::ReplicaWrite).map_err(storage_error))
+                    });
+                    shard.store.on_durable(lsn, done);
+                    Ok(())
+                }
+                Some(Ok(_)) => {
+                    respond(Ok(Reply::ReplicaWrite));
+                    Ok(())
+                }
+            }
+        }
+        _ => Err((req, respond)),
+    }
+}
+
+fn replica_read(o: Option<Object>) -> Reply {
+    Reply::ReplicaRead { found: o.is_some(), object: o.map(|o| o.to_bytes()).unwrap_or_default() }
 }
 
 /// Sends a client request to the first reachable live replica of `p`.

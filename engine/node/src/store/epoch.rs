@@ -95,6 +95,11 @@ impl Epochs {
         self.next >= self.state.leased
     }
 
+    /// The epoch [`Epochs::take`] hands out next.
+    pub fn peek(&self) -> u64 {
+        self.next
+    }
+
     /// Hands out a fresh epoch; the caller extends the lease first when
     /// [`Epochs::exhausted`].
     pub fn take(&mut self) -> u64 {

@@ -73,6 +73,25 @@ struct Spare {
 }
 
 /// Where segments go and how big they are.
+/// Who is told when a sequence number is durable: a task awaiting a
+/// channel, or a callback (no task at all; it runs with no borrow of the
+/// log held).
+pub enum Waiter {
+    Channel(oneshot::Sender<Result<(), StoreError>>),
+    Call(Box<dyn FnOnce(Result<(), StoreError>)>),
+}
+
+impl Waiter {
+    pub fn fire(self, r: Result<(), StoreError>) {
+        match self {
+            Waiter::Channel(tx) => {
+                let _ = tx.send(r);
+            }
+            Waiter::Call(f) => f(r),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct LogConfig {
     pub dir: PathBuf,
@@ -95,7 +114,7 @@ pub struct Log {
     /// Log sequence numbers count appended bytes since start-up.
     appended: u64,
     durable: u64,
-    waiters: VecDeque<(u64, oneshot::Sender<Result<(), StoreError>>)>,
+    waiters: VecDeque<(u64, Waiter)>,
     poisoned: Option<StoreError>,
     wake: Option<oneshot::Sender<()>>,
     /// True while a task is creating a segment (spare or for rotation).
@@ -356,17 +375,24 @@ impl Log {
     /// A future that resolves once everything up to `lsn` is on disk.
     pub fn durable_waiter(&mut self, lsn: u64) -> oneshot::Receiver<Result<(), StoreError>> {
         let (tx, rx) = oneshot::channel();
-        if let Some(e) = &self.poisoned {
-            let _ = tx.send(Err(e.clone()));
-        } else if lsn <= self.durable {
-            let _ = tx.send(Ok(()));
-        } else {
-            // Waiters may register out of lsn order (a task can wait later
-            // than one that appended after it); keep the queue sorted.
-            let at = self.waiters.partition_point(|(l, _)| *l <= lsn);
-            self.waiters.insert(at, (lsn, tx));
+        if let Some(w) = self.wait(lsn, Waiter::Channel(tx)) {
+            w.fire(self.poisoned.clone().map_or(Ok(()), Err));
         }
         rx
+    }
+
+    /// Queues `w` until `lsn` is on disk; gives it back when it need not
+    /// wait (already durable, or the log is poisoned: the caller fires it,
+    /// with no borrow of the log held).
+    pub fn wait(&mut self, lsn: u64, w: Waiter) -> Option<Waiter> {
+        if self.poisoned.is_some() || lsn <= self.durable {
+            return Some(w);
+        }
+        // Waiters may register out of lsn order (a task can wait later
+        // than one that appended after it); keep the queue sorted.
+        let at = self.waiters.partition_point(|(l, _)| *l <= lsn);
+        self.waiters.insert(at, (lsn, w));
+        None
     }
 
     /// Asks the flusher to finish what is appended and exit.
@@ -381,23 +407,22 @@ impl Log {
         }
     }
 
-    fn complete(&mut self, lsn: u64) {
+    /// Everything up to `lsn` is durable: returns the waiters to fire (by
+    /// the caller, once it let go of the log: a callback may append).
+    fn complete(&mut self, lsn: u64) -> Vec<Waiter> {
         assert!(lsn >= self.durable, "durability never moves backwards");
         self.durable = lsn;
         self.flushes += 1;
-        while self.waiters.front().is_some_and(|(l, _)| *l <= lsn) {
-            let (_, tx) = self.waiters.pop_front().expect("front exists");
-            let _ = tx.send(Ok(()));
-        }
+        let ready = self.waiters.partition_point(|(l, _)| *l <= lsn);
+        self.waiters.drain(..ready).map(|(_, w)| w).collect()
     }
 
-    fn poison(&mut self, e: StoreError) {
+    /// A write failed: no more writes; returns the waiters to fail.
+    fn poison(&mut self, e: StoreError) -> (StoreError, Vec<Waiter>) {
         tracing::error!(shard = self.cfg.shard, error = %e, "log write failed; shard is read-only until restart");
         let e = StoreError::Poisoned(e.to_string());
-        for (_, tx) in self.waiters.drain(..) {
-            let _ = tx.send(Err(e.clone()));
-        }
-        self.poisoned = Some(e);
+        self.poisoned = Some(e.clone());
+        (e, self.waiters.drain(..).map(|(_, w)| w).collect())
     }
 }
 
@@ -570,7 +595,10 @@ pub async fn run_flusher(log: Rc<std::cell::RefCell<Log>>) {
             continue;
         }
         if let Err(e) = flush_once(&log).await {
-            log.borrow_mut().poison(e);
+            let (e, waiters) = log.borrow_mut().poison(e);
+            for w in waiters {
+                w.fire(Err(e.clone()));
+            }
             return;
         }
     }
@@ -592,13 +620,18 @@ async fn flush_once(log: &std::cell::RefCell<Log>) -> Result<(), StoreError> {
     }
     let mut job = Job::of(&log.borrow().active);
     job.write().await?;
-    let mut l = log.borrow_mut();
-    if l.active.segment == job.segment {
-        l.active.trim(job.end());
-    } else if let Some(t) = l.sealing.iter_mut().find(|t| t.segment == job.segment) {
-        t.trim(job.end());
+    let ready = {
+        let mut l = log.borrow_mut();
+        if l.active.segment == job.segment {
+            l.active.trim(job.end());
+        } else if let Some(t) = l.sealing.iter_mut().find(|t| t.segment == job.segment) {
+            t.trim(job.end());
+        }
+        l.complete(target)
+    };
+    for w in ready {
+        w.fire(Ok(()));
     }
-    l.complete(target);
     Ok(())
 }
 

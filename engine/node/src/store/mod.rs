@@ -160,6 +160,17 @@ impl Store {
         }
     }
 
+    /// [`Store::get`] when it needs no disk read (the record is in the
+    /// write buffer or the record cache, or the key is unknown); `None`
+    /// when it does.
+    pub fn get_now(&self, key: &[u8]) -> Option<Result<Option<Object>, StoreError>> {
+        let entry = self.index.borrow().get(self.partition(key), key);
+        match entry {
+            None => Some(Ok(None)),
+            Some(e) => self.object_now(e.loc()).map(|r| r.map(Some)),
+        }
+    }
+
     /// Applies a client write (`value: None` deletes) coordinated by this
     /// shard, minting a new dot. Returns the key's new object once durable
     /// (if asked).
@@ -188,77 +199,223 @@ impl Store {
         ctx: &WriteContext,
         now_ms: u64,
     ) -> Result<(Object, u64), StoreError> {
-        let p = self.partition(key);
+        let mut known = None;
         loop {
-            self.log.borrow().check_writable()?;
-            let entry = self.index.borrow().get(p, key);
-            let local = match entry {
-                Some(e) => Some(self.read_object(e.loc()).await?),
-                None => None,
-            };
-            let actor = self.actor_for(local.as_ref()).await?;
-            let ctx = match ctx {
-                WriteContext::Client(vv) => vv,
-                WriteContext::Local => local.as_ref().map_or(&EMPTY_VV, Object::context),
-            };
-            let dot = Object::next_dot(local.as_ref(), ctx, actor);
-            let obj = Object::apply_write(local.as_ref(), ctx, dot, now_ms, value);
-            match self.try_commit(p, key, entry, &obj).await? {
-                Some(lsn) => return Ok((obj, lsn)),
-                None => value = obj.into_sibling(&dot).and_then(|s| s.value),
+            match self.try_write(key, value, ctx, now_ms, known.take()) {
+                Ok(done) => return done,
+                Err((why, v)) => {
+                    value = v;
+                    known = self.unblock(why).await?;
+                }
             }
         }
+    }
+
+    /// [`Store::write_deferred`] when it can finish without waiting (no
+    /// disk read, room in the segment, no backlog, an epoch at hand); gives
+    /// the value back when it cannot.
+    pub fn write_now(
+        &self,
+        key: &[u8],
+        value: Option<Vec<u8>>,
+        ctx: &WriteContext,
+        now_ms: u64,
+    ) -> Result<Written, Option<Vec<u8>>> {
+        self.try_write(key, value, ctx, now_ms, None).map_err(|(_, v)| v)
     }
 
     /// Merges a version from another replica into this one (replication,
     /// read repair, handoff). Nothing is written when it adds nothing.
     pub async fn merge(&self, key: &[u8], remote: &Object, durable: bool) -> Result<Object, StoreError> {
-        let p = self.partition(key);
+        let mut known = None;
         loop {
-            self.log.borrow().check_writable()?;
-            let entry = self.index.borrow().get(p, key);
-            let local = match entry {
-                Some(e) => Some(self.read_object(e.loc()).await?),
-                None => None,
-            };
-            let merged = match &local {
-                Some(l) if l.descends(remote) => {
-                    // Nothing to add, but the record that already holds it
-                    // may not be on disk yet: a durable merge must not answer
-                    // before it is (found by the simulator: a duplicate or a
-                    // read repair that got here first made a replica
-                    // acknowledge a durable write from its page cache).
+            match self.try_merge(key, remote, known.take()) {
+                Ok(done) => {
+                    let (obj, lsn) = done?;
                     if durable {
-                        self.sync().await?;
+                        self.wait_lsn(lsn).await?;
                     }
-                    return Ok(local.expect("matched Some"));
+                    return Ok(obj);
                 }
-                Some(l) => l.merge(remote),
-                None => remote.clone(),
-            };
-            if let Some(lsn) = self.try_commit(p, key, entry, &merged).await? {
-                if durable {
-                    self.wait_lsn(lsn).await?;
-                }
-                return Ok(merged);
+                Err(why) => known = self.unblock(why).await?,
             }
         }
     }
 
-    /// The actor for a coordinated write on top of `local`: one of ours the
-    /// object proves we hold the history of, else a fresh epoch.
-    async fn actor_for(&self, local: Option<&Object>) -> Result<Actor, StoreError> {
-        let floor = self.epochs.borrow().floor();
-        if let Some(a) = reusable_actor(local, self.cfg.incarnation, self.cfg.shard, floor) {
-            return Ok(a);
-        }
-        Ok(Actor::new(self.cfg.incarnation, self.cfg.shard, self.fresh_epoch().await?))
+    /// [`Store::merge`] when it can append without waiting: the merged
+    /// object and the sequence number a durable merge must wait for (the
+    /// new record's; or, when nothing was new, what is appended so far: the
+    /// record that already holds it may not be on disk yet). `None` when it
+    /// would have to wait.
+    pub fn merge_now(&self, key: &[u8], remote: &Object) -> Option<Written> {
+        self.try_merge(key, remote, None).ok()
     }
 
-    async fn fresh_epoch(&self) -> Result<u64, StoreError> {
+    /// Calls `done` once everything up to `lsn` is on disk (at once when it
+    /// is already, or with the error when the log is poisoned).
+    pub fn on_durable(&self, lsn: u64, done: Box<dyn FnOnce(Result<(), StoreError>)>) {
+        let back = self.log.borrow_mut().wait(lsn, log::Waiter::Call(done));
+        if let Some(w) = back {
+            let r = self.log.borrow().check_writable();
+            w.fire(r);
+        }
+    }
+
+    /// Waits out what kept a synchronous attempt from finishing; returns
+    /// the object it read, for the next attempt.
+    async fn unblock(&self, why: Blocked) -> Result<Option<(Entry, Object)>, StoreError> {
+        match why {
+            Blocked::Read(entry) => return Ok(Some((entry, self.read_object(entry.loc()).await?))),
+            Blocked::Epoch => self.extend_epochs().await?,
+            Blocked::Backlog(lsn) => self.wait_lsn(lsn).await?,
+            Blocked::Rotate(len) => {
+                log::rotate(&self.log, len).await?;
+                let spare_log = self.log.clone();
+                glommio::spawn_local(async move { log::prepare_spare(&spare_log).await }).detach();
+            }
+        }
+        Ok(None)
+    }
+
+    /// The key's current entry and object, from memory: the object read by
+    /// the previous attempt if the entry did not move since, the write
+    /// buffer or the cache; else what must be read.
+    fn local_now(&self, p: u32, key: &[u8], known: Option<(Entry, Object)>) -> Result<Local, StoreError> {
+        let entry = self.index.borrow().get(p, key);
+        let Some(e) = entry else { return Ok(Local::Found(None, None)) };
+        if let Some((ke, obj)) = known.filter(|(ke, _)| *ke == e) {
+            return Ok(Local::Found(Some(ke), Some(obj)));
+        }
+        match self.object_now(e.loc()) {
+            Some(obj) => Ok(Local::Found(Some(e), Some(obj?))),
+            None => Ok(Local::Read(e)),
+        }
+    }
+
+    /// Whether the log is too far behind its flusher to take more now.
+    fn backlog(&self) -> Option<u64> {
+        let l = self.log.borrow();
+        (l.unflushed_bytes() > self.cfg.max_unflushed_bytes).then(|| l.appended_lsn())
+    }
+
+    /// One synchronous attempt at a coordinated write.
+    fn try_write(
+        &self,
+        key: &[u8],
+        value: Option<Vec<u8>>,
+        ctx: &WriteContext,
+        now_ms: u64,
+        known: Option<(Entry, Object)>,
+    ) -> Result<Written, (Blocked, Option<Vec<u8>>)> {
+        let p = self.partition(key);
+        if let Err(e) = self.log.borrow().check_writable() {
+            return Ok(Err(e));
+        }
+        if let Some(lsn) = self.backlog() {
+            return Err((Blocked::Backlog(lsn), value));
+        }
+        let (entry, local) = match self.local_now(p, key, known) {
+            Ok(Local::Found(e, o)) => (e, o),
+            Ok(Local::Read(e)) => return Err((Blocked::Read(e), value)),
+            Err(e) => return Ok(Err(e)),
+        };
+        // The actor: one of ours the object proves we hold the history of,
+        // else the next fresh epoch (taken only once the record is in).
+        let floor = self.epochs.borrow().floor();
+        let (actor, fresh) = match reusable_actor(local.as_ref(), self.cfg.incarnation, self.cfg.shard, floor) {
+            Some(a) => (a, None),
+            None if self.epochs.borrow().exhausted() => return Err((Blocked::Epoch, value)),
+            None => {
+                let e = self.epochs.borrow().peek();
+                (Actor::new(self.cfg.incarnation, self.cfg.shard, e), Some(e))
+            }
+        };
+        let ctx = match ctx {
+            WriteContext::Client(vv) => vv,
+            WriteContext::Local => local.as_ref().map_or(&EMPTY_VV, Object::context),
+        };
+        let dot = Object::next_dot(local.as_ref(), ctx, actor);
+        let obj = Object::apply_write(local.as_ref(), ctx, dot, now_ms, value);
+        match self.append_object(p, key, entry, &obj) {
+            Ok(Some(lsn)) => {
+                if let Some(e) = fresh {
+                    assert_eq!(self.epochs.borrow_mut().take(), e, "no await between peek and take");
+                }
+                Ok(Ok((obj, lsn)))
+            }
+            Ok(None) => {
+                let len = format::record_len(key.len(), obj.to_bytes().len());
+                Err((Blocked::Rotate(len), obj.into_sibling(&dot).and_then(|s| s.value)))
+            }
+            Err(e) => Ok(Err(e)),
+        }
+    }
+
+    /// One synchronous attempt at merging a replica's version.
+    fn try_merge(
+        &self,
+        key: &[u8],
+        remote: &Object,
+        known: Option<(Entry, Object)>,
+    ) -> Result<Written, Blocked> {
+        let p = self.partition(key);
+        if let Err(e) = self.log.borrow().check_writable() {
+            return Ok(Err(e));
+        }
+        if let Some(lsn) = self.backlog() {
+            return Err(Blocked::Backlog(lsn));
+        }
+        let (entry, local) = match self.local_now(p, key, known) {
+            Ok(Local::Found(e, o)) => (e, o),
+            Ok(Local::Read(e)) => return Err(Blocked::Read(e)),
+            Err(e) => return Ok(Err(e)),
+        };
+        let merged = match local {
+            // Nothing to add, but the record that already holds it may not
+            // be on disk yet: a durable merge must not answer before it is
+            // (found by the simulator: a duplicate or a read repair that got
+            // here first made a replica acknowledge a durable write from its
+            // page cache).
+            Some(l) if l.descends(remote) => return Ok(Ok((l, self.log.borrow().appended_lsn()))),
+            Some(l) => l.merge(remote),
+            None => remote.clone(),
+        };
+        match self.append_object(p, key, entry, &merged) {
+            Ok(Some(lsn)) => Ok(Ok((merged, lsn))),
+            Ok(None) => Err(Blocked::Rotate(format::record_len(key.len(), merged.to_bytes().len()))),
+            Err(e) => Ok(Err(e)),
+        }
+    }
+
+    /// Appends `obj` as the key's new version, `expected` being the entry it
+    /// was computed from (no await since, so it still is); `Ok(None)` when
+    /// the active segment has no room.
+    fn append_object(
+        &self,
+        p: u32,
+        key: &[u8],
+        expected: Option<Entry>,
+        obj: &Object,
+    ) -> Result<Option<u64>, StoreError> {
+        assert_eq!(self.index.borrow().get(p, key), expected, "the entry moved during a synchronous write");
+        let body = obj.to_bytes();
+        let deleted = obj.is_deleted();
+        let flags = if deleted { FLAG_DELETED } else { 0 };
+        let appended = self.log.borrow_mut().try_append(RecordKind::Object, flags, key, &body)?;
+        let Some((loc, lsn, checksum)) = appended else { return Ok(None) };
+        self.index.borrow_mut().insert(p, key, Entry::new(loc, deleted, checksum as u32));
+        // The next write to this key reads it back; keep it in memory past
+        // the flush instead of paying a disk read.
+        if let Some(bytes) = self.log.borrow().buffered(loc) {
+            self.cache.borrow_mut().insert(loc, Rc::from(bytes));
+        }
+        Ok(Some(lsn))
+    }
+
+    async fn extend_epochs(&self) -> Result<(), StoreError> {
         loop {
             if !self.epochs.borrow().exhausted() {
-                return Ok(self.epochs.borrow_mut().take());
+                return Ok(());
             }
             if self.extending_lease.get() {
                 glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
@@ -271,49 +428,6 @@ impl Store {
             self.extending_lease.set(false);
             let state = written.map_err(|e| StoreError::io("extending the epoch lease".into(), e))?;
             self.epochs.borrow_mut().extended(state);
-        }
-    }
-
-    /// Appends `obj` as the key's new version if the index still points at
-    /// `expected`; `Ok(None)` when another write got there first.
-    async fn try_commit(
-        &self,
-        p: u32,
-        key: &[u8],
-        expected: Option<Entry>,
-        obj: &Object,
-    ) -> Result<Option<u64>, StoreError> {
-        let body = obj.to_bytes();
-        let deleted = obj.is_deleted();
-        let flags = if deleted { FLAG_DELETED } else { 0 };
-        loop {
-            let backlog = {
-                let l = self.log.borrow();
-                (l.unflushed_bytes() > self.cfg.max_unflushed_bytes).then(|| l.appended_lsn())
-            };
-            if let Some(lsn) = backlog {
-                self.wait_lsn(lsn).await?;
-            }
-            if self.index.borrow().get(p, key) != expected {
-                return Ok(None);
-            }
-            let appended = self.log.borrow_mut().try_append(RecordKind::Object, flags, key, &body)?;
-            match appended {
-                Some((loc, lsn, checksum)) => {
-                    self.index.borrow_mut().insert(p, key, Entry::new(loc, deleted, checksum as u32));
-                    // The next write to this key reads it back; keep it in
-                    // memory past the flush instead of paying a disk read.
-                    if let Some(bytes) = self.log.borrow().buffered(loc) {
-                        self.cache.borrow_mut().insert(loc, Rc::from(bytes));
-                    }
-                    return Ok(Some(lsn));
-                }
-                None => {
-                    log::rotate(&self.log, format::record_len(key.len(), body.len())).await?;
-                    let spare_log = self.log.clone();
-                    glommio::spawn_local(async move { log::prepare_spare(&spare_log).await }).detach();
-                }
-            }
         }
     }
 
@@ -335,11 +449,16 @@ impl Store {
         self.wait_lsn(lsn).await
     }
 
-    async fn read_record(&self, loc: Loc) -> Result<Rc<[u8]>, StoreError> {
+    /// The record at `loc` if it is in memory (write buffer or cache).
+    fn record_now(&self, loc: Loc) -> Option<Rc<[u8]>> {
         if let Some(b) = self.log.borrow().buffered(loc) {
-            return Ok(Rc::from(b));
+            return Some(Rc::from(b));
         }
-        if let Some(b) = self.cache.borrow().get(&loc) {
+        self.cache.borrow().get(&loc)
+    }
+
+    async fn read_record(&self, loc: Loc) -> Result<Rc<[u8]>, StoreError> {
+        if let Some(b) = self.record_now(loc) {
             return Ok(b);
         }
         let file = self.log.borrow().file(loc.segment).ok_or_else(|| StoreError::Corrupt {
@@ -360,14 +479,12 @@ impl Store {
     /// invariants are checked again after every read from disk.
     pub async fn read_object(&self, loc: Loc) -> Result<Object, StoreError> {
         let data = self.read_record(loc).await?;
-        let corrupt = |what: String| StoreError::Corrupt { segment: loc.segment, offset: u64::from(loc.offset), what };
-        let rec = decode_record(&data)
-            .map_err(|e| corrupt(e.to_string()))?
-            .ok_or_else(|| corrupt("no record here".into()))?;
-        if rec.len != loc.len as usize {
-            return Err(corrupt(format!("record is {} bytes, the index says {}", rec.len, loc.len)));
-        }
-        Object::decode(rec.body).map_err(|e| corrupt(e.to_string()))
+        decode_object(loc, &data)
+    }
+
+    /// [`Store::read_object`] when the record is in memory.
+    fn object_now(&self, loc: Loc) -> Option<Result<Object, StoreError>> {
+        self.record_now(loc).map(|data| decode_object(loc, &data))
     }
 
     /// Holds `remote` for node `target`, which should have it but cannot be
@@ -686,6 +803,40 @@ impl Store {
 }
 
 static EMPTY_VV: VersionVector = VersionVector::new_const();
+
+/// A write or merge that finished: the key's object and the sequence
+/// number to wait for to have it durable.
+pub type Written = Result<(Object, u64), StoreError>;
+
+/// What kept a synchronous attempt from finishing, to wait out before the
+/// next one.
+enum Blocked {
+    /// The key's record must be read from disk.
+    Read(Entry),
+    /// The epoch lease needs extending (a blocking write).
+    Epoch,
+    /// The flusher must catch up to this lsn first.
+    Backlog(u64),
+    /// The active segment has no room for a record of this length.
+    Rotate(usize),
+}
+
+/// A key's current state, as far as memory knows it.
+enum Local {
+    Found(Option<Entry>, Option<Object>),
+    Read(Entry),
+}
+
+/// Verifies and decodes the record read from `loc`.
+fn decode_object(loc: Loc, data: &[u8]) -> Result<Object, StoreError> {
+    let corrupt = |what: String| StoreError::Corrupt { segment: loc.segment, offset: u64::from(loc.offset), what };
+    let rec =
+        decode_record(data).map_err(|e| corrupt(e.to_string()))?.ok_or_else(|| corrupt("no record here".into()))?;
+    if rec.len != loc.len as usize {
+        return Err(corrupt(format!("record is {} bytes, the index says {}", rec.len, loc.len)));
+    }
+    Object::decode(rec.body).map_err(|e| corrupt(e.to_string()))
+}
 
 /// A record's position as the protocol machines name it: unique while the
 /// store runs (a record never moves; compaction writes a new one).
