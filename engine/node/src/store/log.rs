@@ -1,10 +1,13 @@
 //! The write side of a shard's log: appends, group commit and rotation.
 //!
 //! Appends go to an in-memory tail buffer that starts at a block boundary of
-//! the active segment. One flusher task writes the buffer with O_DIRECT and
-//! fdatasyncs it; every append made while a flush was in flight rides the next
-//! one, so many writers share one write and one fdatasync (group commit).
-//! Waiters are woken in log order once the flush that covers them completes.
+//! the active segment. One flusher task writes the buffer with O_DIRECT into
+//! a segment opened O_DSYNC, so the write completes once it is durable: one
+//! I/O per group commit. Every append made while a flush was in flight rides
+//! the next one, so many writers share one write (group commit). When nobody
+//! waits for the disk (writes acknowledged without an fsync), appends gather
+//! for up to [`LAZY_FLUSH`] first. Waiters are woken in log order once the
+//! flush that covers them completes.
 //!
 //! The partial last block is rewritten by every flush. Its prefix is rewritten
 //! with the same bytes it already held, so a write torn at any sector
@@ -117,6 +120,10 @@ pub struct Log {
     waiters: VecDeque<(u64, Waiter)>,
     poisoned: Option<StoreError>,
     wake: Option<oneshot::Sender<()>>,
+    /// Wakes a flusher that lets appends gather because nobody waits for
+    /// the disk: a durability waiter arrived, the tail grew past
+    /// [`LAZY_FLUSH_BYTES`], or the log is closing.
+    urgent: Option<oneshot::Sender<()>>,
     /// True while a task is creating a segment (spare or for rotation).
     creating: bool,
     /// Set by [`Log::shut_down`]: the flusher drains and exits.
@@ -130,11 +137,29 @@ pub struct Log {
     flushes: u64,
 }
 
+/// How long appends nobody waits on may gather before the flusher writes
+/// them, and how much of them at most: the window in which a write
+/// acknowledged without an fsync is still only in memory.
+pub const LAZY_FLUSH: std::time::Duration = std::time::Duration::from_millis(2);
+pub const LAZY_FLUSH_BYTES: u64 = 256 << 10;
+
 /// Opens a segment file created by [`segment::create_segment`] for DMA.
 pub async fn open_dma(path: &Path) -> Result<Rc<DmaFile>, StoreError> {
+    open_with(path, 0).await
+}
+
+/// Opens a segment the log appends to: O_DSYNC, so a write that completes
+/// is on disk, data and the metadata to find it, and a group commit is one
+/// I/O rather than a write followed by an fdatasync.
+async fn open_for_appends(path: &Path) -> Result<Rc<DmaFile>, StoreError> {
+    open_with(path, libc::O_DSYNC).await
+}
+
+async fn open_with(path: &Path, flags: i32) -> Result<Rc<DmaFile>, StoreError> {
     OpenOptions::new()
         .read(true)
         .write(true)
+        .custom_flags(flags)
         .dma_open(path)
         .await
         .map(Rc::new)
@@ -154,7 +179,7 @@ async fn create(cfg: &LogConfig, id: u32, capacity: u64) -> Result<Rc<DmaFile>, 
         .spawn_blocking(move || segment::create_segment(&dir, &header, capacity))
         .await
         .map_err(|e| StoreError::io(format!("creating segment {id} in {}", cfg.dir.display()), e))?;
-    open_dma(&path).await
+    open_for_appends(&path).await
 }
 
 impl Log {
@@ -191,6 +216,7 @@ impl Log {
             waiters: VecDeque::new(),
             poisoned: None,
             wake: None,
+            urgent: None,
             creating: false,
             closing: false,
             ready_hints: Vec::new(),
@@ -369,6 +395,9 @@ impl Log {
             len: len as u32,
         };
         self.kick();
+        if self.unflushed_bytes() > LAZY_FLUSH_BYTES {
+            self.kick_urgent();
+        }
         Ok(Some((loc, self.appended, checksum)))
     }
 
@@ -392,6 +421,7 @@ impl Log {
         // than one that appended after it); keep the queue sorted.
         let at = self.waiters.partition_point(|(l, _)| *l <= lsn);
         self.waiters.insert(at, (lsn, w));
+        self.kick_urgent();
         None
     }
 
@@ -399,12 +429,25 @@ impl Log {
     pub fn shut_down(&mut self) {
         self.closing = true;
         self.kick();
+        self.kick_urgent();
     }
 
     fn kick(&mut self) {
         if let Some(w) = self.wake.take() {
             let _ = w.send(());
         }
+    }
+
+    fn kick_urgent(&mut self) {
+        if let Some(w) = self.urgent.take() {
+            let _ = w.send(());
+        }
+    }
+
+    /// Whether the flusher may let appends gather: nobody waits for the
+    /// disk and the tail is small.
+    fn may_gather(&self) -> bool {
+        self.waiters.is_empty() && !self.closing && self.unflushed_bytes() <= LAZY_FLUSH_BYTES
     }
 
     /// Everything up to `lsn` is durable: returns the waiters to fire (by
@@ -565,6 +608,8 @@ impl Job {
             if n != size {
                 return Err(StoreError::Io(format!("short write to segment {}: {n} of {size} bytes", self.segment)));
             }
+            // Segments the log appends to are O_DSYNC: the write is durable.
+            return Ok(());
         }
         self.file.fdatasync().await.map_err(|e| StoreError::io(format!("syncing segment {}", self.segment), e.into()))
     }
@@ -593,6 +638,22 @@ pub async fn run_flusher(log: Rc<std::cell::RefCell<Log>>) {
                 return;
             }
             continue;
+        }
+        // Appends nobody waits on (acknowledged without an fsync) gather
+        // for a moment and share one I/O; a durability waiter, a big tail
+        // or shutdown ends the wait at once.
+        let gather = {
+            let mut l = log.borrow_mut();
+            l.may_gather().then(|| {
+                let (tx, rx) = oneshot::channel();
+                l.urgent = Some(tx);
+                rx
+            })
+        };
+        if let Some(rx) = gather {
+            let timer = glommio::timer::Timer::new(LAZY_FLUSH);
+            futures::future::select(Box::pin(timer), rx).await;
+            log.borrow_mut().urgent = None;
         }
         if let Err(e) = flush_once(&log).await {
             let (e, waiters) = log.borrow_mut().poison(e);

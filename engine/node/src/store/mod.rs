@@ -352,12 +352,7 @@ impl Store {
     }
 
     /// One synchronous attempt at merging a replica's version.
-    fn try_merge(
-        &self,
-        key: &[u8],
-        remote: &Object,
-        known: Option<(Entry, Object)>,
-    ) -> Result<Written, Blocked> {
+    fn try_merge(&self, key: &[u8], remote: &Object, known: Option<(Entry, Object)>) -> Result<Written, Blocked> {
         let p = self.partition(key);
         if let Err(e) = self.log.borrow().check_writable() {
             return Ok(Err(e));
