@@ -212,6 +212,53 @@ pub enum Request {
         key: Vec<u8>,
         object: Vec<u8>,
     },
+    /// Stage, show, commit or cancel a ring change, or (from the node that
+    /// commits it) apply one to the node it concerns.
+    RingChange {
+        action: RingAction,
+        change: Option<RingChange>,
+    },
+}
+
+/// A ring change (defined by the core's planner).
+pub use ringkv_core::plan::Change as RingChange;
+
+/// What a ring-change request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RingAction {
+    /// The staged change and its plan, recomputed now.
+    Show,
+    /// Plans the change and keeps it, staged, on the node asked.
+    Stage,
+    /// Makes the staged change.
+    Commit,
+    /// Forgets the staged change.
+    Cancel,
+    /// Makes the change now, on the node it concerns.
+    Apply,
+}
+
+impl RingAction {
+    fn code(self) -> u8 {
+        match self {
+            RingAction::Show => 0,
+            RingAction::Stage => 1,
+            RingAction::Commit => 2,
+            RingAction::Cancel => 3,
+            RingAction::Apply => 4,
+        }
+    }
+
+    fn from_code(c: u8) -> Option<RingAction> {
+        Some(match c {
+            0 => RingAction::Show,
+            1 => RingAction::Stage,
+            2 => RingAction::Commit,
+            3 => RingAction::Cancel,
+            4 => RingAction::Apply,
+            _ => return None,
+        })
+    }
 }
 
 /// What one anti-entropy run compared and moved (defined by the core's
@@ -245,6 +292,7 @@ impl Request {
             Request::Repair { .. } => "repair",
             Request::MerkleRoots => "merkle-roots",
             Request::Purge { .. } => "purge",
+            Request::RingChange { .. } => "ring-change",
         }
     }
 
@@ -302,6 +350,12 @@ pub struct MemberInfo {
     pub partitions_replicated: u32,
     pub hints_pending: u64,
     pub keys: u64,
+    pub ops_per_sec: u64,
+    pub p99_us: u64,
+    pub cpu_permille: u32,
+    pub disk_bytes: u64,
+    pub moving_partitions: u32,
+    pub moving_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -315,26 +369,64 @@ pub struct NodeInfo {
     pub replicas: u8,
     pub ring_version: u64,
     pub members: Vec<MemberInfo>,
+    /// The busiest partitions coordinated here: (partition, ops/s).
+    pub hot_partitions: Vec<(u32, u64)>,
+    pub stream_keys_left: u64,
+    pub stream_keys_total: u64,
+    pub stream_bytes_sent: u64,
+    pub stream_keys_resumed: u64,
+    /// JSON of the staged ring change and its plan; empty when none.
+    pub staged: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
     Get(GetResult),
-    Put { context: Vec<u8> },
+    Put {
+        context: Vec<u8>,
+    },
     Delete,
-    Pong { payload: Vec<u8> },
+    Pong {
+        payload: Vec<u8>,
+    },
     NodeInfo(NodeInfo),
-    Topology { state: Vec<u8>, replicas: u8 },
+    Topology {
+        state: Vec<u8>,
+        replicas: u8,
+    },
     ReplicaWrite,
-    ReplicaRead { found: bool, object: Vec<u8> },
-    Gossip { state: Vec<u8> },
-    Handoff { applied: u32 },
-    Merkle { root: u64, segments: Vec<u64>, leaves: Vec<u64> },
-    Keys { keys: Vec<(Vec<u8>, u32)> },
-    ReadBatch { entries: Vec<(Vec<u8>, Vec<u8>)> },
+    ReplicaRead {
+        found: bool,
+        object: Vec<u8>,
+    },
+    Gossip {
+        state: Vec<u8>,
+    },
+    Handoff {
+        applied: u32,
+    },
+    Merkle {
+        root: u64,
+        segments: Vec<u64>,
+        leaves: Vec<u64>,
+    },
+    Keys {
+        keys: Vec<(Vec<u8>, u32)>,
+    },
+    ReadBatch {
+        entries: Vec<(Vec<u8>, Vec<u8>)>,
+    },
     Repair(RepairReport),
-    MerkleRoots { roots: Vec<PartitionRoot> },
-    Purge { purged: bool },
+    MerkleRoots {
+        roots: Vec<PartitionRoot>,
+    },
+    Purge {
+        purged: bool,
+    },
+    /// JSON: the change, its moves, estimate and warnings (empty: none).
+    RingChange {
+        plan: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -555,6 +647,19 @@ fn decode_request(r: &fb::Request<'_>) -> Result<Request, DecodeError> {
             let g = r.body_as_purge_request().ok_or(DecodeError::Missing("purge"))?;
             Request::Purge { key: bytes(g.key()), object: bytes(g.object()) }
         }
+        fb::RequestBody::RingChangeRequest => {
+            let g = r.body_as_ring_change_request().ok_or(DecodeError::Missing("ring change"))?;
+            let action = RingAction::from_code(g.action()).ok_or(DecodeError::Missing("a known ring-change action"))?;
+            let member = g.member().unwrap_or_default().to_string();
+            let change = match g.kind() {
+                0 => None,
+                1 => Some(RingChange::Leave { member }),
+                2 => Some(RingChange::Remove { member }),
+                3 => Some(RingChange::Weight { member, weight: g.weight() }),
+                _ => return Err(DecodeError::Missing("a known ring-change kind")),
+            };
+            Request::RingChange { action, change }
+        }
         other => return Err(DecodeError::UnknownMessage(other.0)),
     })
 }
@@ -608,6 +713,12 @@ fn decode_reply(r: &fb::Response<'_>) -> Result<Reply, DecodeError> {
                             partitions_replicated: m.partitions_replicated(),
                             hints_pending: m.hints_pending(),
                             keys: m.keys(),
+                            ops_per_sec: m.ops_per_sec(),
+                            p99_us: m.p99_us(),
+                            cpu_permille: m.cpu_permille(),
+                            disk_bytes: m.disk_bytes(),
+                            moving_partitions: m.moving_partitions(),
+                            moving_bytes: m.moving_bytes(),
                         })
                         .collect()
                 })
@@ -622,6 +733,15 @@ fn decode_reply(r: &fb::Response<'_>) -> Result<Reply, DecodeError> {
                 replicas: n.replicas(),
                 ring_version: n.ring_version(),
                 members,
+                hot_partitions: n
+                    .hot_partitions()
+                    .map(|v| v.iter().map(|h| (h.partition(), h.ops_per_sec())).collect())
+                    .unwrap_or_default(),
+                stream_keys_left: n.stream_keys_left(),
+                stream_keys_total: n.stream_keys_total(),
+                stream_bytes_sent: n.stream_bytes_sent(),
+                stream_keys_resumed: n.stream_keys_resumed(),
+                staged: n.staged().unwrap_or_default().to_string(),
             })
         }
         fb::ResultBody::TopologyResult => {
@@ -632,6 +752,10 @@ fn decode_reply(r: &fb::Response<'_>) -> Result<Reply, DecodeError> {
         fb::ResultBody::PurgeResult => {
             let g = r.result_as_purge_result().ok_or(DecodeError::Missing("purge result"))?;
             Reply::Purge { purged: g.purged() }
+        }
+        fb::ResultBody::RingChangeResult => {
+            let g = r.result_as_ring_change_result().ok_or(DecodeError::Missing("ring change result"))?;
+            Reply::RingChange { plan: g.plan().unwrap_or_default().to_string() }
         }
         fb::ResultBody::ReplicaReadResult => {
             let g = r.result_as_replica_read_result().ok_or(DecodeError::Missing("replica read result"))?;
@@ -913,6 +1037,20 @@ fn encode_request(fbb: &mut Fbb, r: &RequestFrame) -> Union {
             let t = fb::PurgeRequest::create(fbb, &fb::PurgeRequestArgs { key: Some(key), object: Some(object) });
             (fb::RequestBody::PurgeRequest, t.as_union_value())
         }
+        Request::RingChange { action, change } => {
+            let (kind, weight) = match change {
+                None => (0, 0),
+                Some(RingChange::Leave { .. }) => (1, 0),
+                Some(RingChange::Remove { .. }) => (2, 0),
+                Some(RingChange::Weight { weight, .. }) => (3, *weight),
+            };
+            let member = change.as_ref().map(|c| fbb.create_string(c.member()));
+            let t = fb::RingChangeRequest::create(
+                fbb,
+                &fb::RingChangeRequestArgs { action: action.code(), kind, member, weight },
+            );
+            (fb::RequestBody::RingChangeRequest, t.as_union_value())
+        }
     };
     fb::Request::create(
         fbb,
@@ -1007,6 +1145,12 @@ fn encode_reply(fbb: &mut Fbb, reply: &Reply) -> (fb::ResultBody, Union) {
                             partitions_replicated: m.partitions_replicated,
                             hints_pending: m.hints_pending,
                             keys: m.keys,
+                            ops_per_sec: m.ops_per_sec,
+                            p99_us: m.p99_us,
+                            cpu_permille: m.cpu_permille,
+                            disk_bytes: m.disk_bytes,
+                            moving_partitions: m.moving_partitions,
+                            moving_bytes: m.moving_bytes,
                         },
                     )
                 })
@@ -1016,6 +1160,15 @@ fn encode_reply(fbb: &mut Fbb, reply: &Reply) -> (fb::ResultBody, Union) {
             let cluster = fbb.create_string(&n.cluster);
             let listen = fbb.create_string(&n.listen);
             let version = fbb.create_string(&n.version);
+            let hot: Vec<_> = n
+                .hot_partitions
+                .iter()
+                .map(|&(partition, ops_per_sec)| {
+                    fb::PartitionLoad::create(fbb, &fb::PartitionLoadArgs { partition, ops_per_sec })
+                })
+                .collect();
+            let hot = fbb.create_vector(&hot);
+            let staged = fbb.create_string(&n.staged);
             let t = fb::NodeInfoResult::create(
                 fbb,
                 &fb::NodeInfoResultArgs {
@@ -1028,6 +1181,12 @@ fn encode_reply(fbb: &mut Fbb, reply: &Reply) -> (fb::ResultBody, Union) {
                     replicas: n.replicas,
                     ring_version: n.ring_version,
                     members: Some(members),
+                    hot_partitions: Some(hot),
+                    stream_keys_left: n.stream_keys_left,
+                    stream_keys_total: n.stream_keys_total,
+                    stream_bytes_sent: n.stream_bytes_sent,
+                    stream_keys_resumed: n.stream_keys_resumed,
+                    staged: Some(staged),
                 },
             );
             (fb::ResultBody::NodeInfoResult, t.as_union_value())
@@ -1045,6 +1204,11 @@ fn encode_reply(fbb: &mut Fbb, reply: &Reply) -> (fb::ResultBody, Union) {
         Reply::Purge { purged } => {
             let t = fb::PurgeResult::create(fbb, &fb::PurgeResultArgs { purged: *purged });
             (fb::ResultBody::PurgeResult, t.as_union_value())
+        }
+        Reply::RingChange { plan } => {
+            let plan = fbb.create_string(plan);
+            let t = fb::RingChangeResult::create(fbb, &fb::RingChangeResultArgs { plan: Some(plan) });
+            (fb::ResultBody::RingChangeResult, t.as_union_value())
         }
         Reply::ReplicaRead { found, object } => {
             let object = fbb.create_vector(object);
@@ -1231,6 +1395,26 @@ mod tests {
                 body: Request::Purge { key: b"gone".to_vec(), object: vec![1, 2, 3] },
             }),
             Message::Response(Response { id: 16, ring_version: 2, result: Ok(Reply::Purge { purged: true }) }),
+            Message::Request(RequestFrame {
+                id: 17,
+                timeout_ms: 0,
+                hops: 0,
+                body: Request::RingChange {
+                    action: RingAction::Stage,
+                    change: Some(RingChange::Weight { member: "n2".into(), weight: 3 }),
+                },
+            }),
+            Message::Request(RequestFrame {
+                id: 18,
+                timeout_ms: 0,
+                hops: 0,
+                body: Request::RingChange { action: RingAction::Commit, change: None },
+            }),
+            Message::Response(Response {
+                id: 17,
+                ring_version: 2,
+                result: Ok(Reply::RingChange { plan: "{\"moves\":[]}".into() }),
+            }),
             Message::Response(Response {
                 id: 11,
                 ring_version: 9,

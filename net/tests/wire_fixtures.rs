@@ -124,7 +124,10 @@ fn messages() -> Vec<(&'static str, Message)> {
                         partitions_replicated: 16,
                         hints_pending: 2,
                         keys: 3,
+                        ..MemberInfo::default()
                     }],
+                    // Fields added since are absent from these frames.
+                    ..NodeInfo::default()
                 }),
             ),
         ),

@@ -30,6 +30,20 @@ pub enum Command {
     /// Verify a stopped node's data directory offline: segments, checksums,
     /// hint files, live and garbage bytes. Exits non-zero on damage.
     Inspect(InspectArgs),
+    /// Stage the decommission of the node at --endpoint: its partitions move
+    /// to their new owners, then it stops. Shows the plan; `commit` applies.
+    Leave(StageArgs),
+    /// Stage the removal of a dead node: survivors make new replicas of its
+    /// partitions. Shows the plan; `commit` applies.
+    Remove(RemoveArgs),
+    /// Stage a new weight (share of the partitions) for a node.
+    Weight(WeightArgs),
+    /// Show the ring change staged on --endpoint, recomputed now.
+    Plan(RingArgs),
+    /// Apply the staged ring change (--wait: until its streams finish).
+    Commit(RingArgs),
+    /// Forget the staged ring change.
+    Cancel(RingArgs),
     /// Manage a local development cluster.
     #[command(subcommand)]
     Cluster(ClusterCmd),
@@ -137,6 +151,9 @@ pub struct ServerArgs {
     /// Compaction I/O budget in MiB/s [default: 64].
     #[arg(long)]
     pub compaction_mb_per_s: Option<u64>,
+    /// Partition stream budget of the node in MiB/s [default: 32].
+    #[arg(long)]
+    pub stream_mb_per_s: Option<u64>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -207,6 +224,47 @@ pub struct InspectArgs {
     /// List every segment, not only a per-shard summary.
     #[arg(long)]
     pub segments: bool,
+}
+
+#[derive(Args)]
+pub struct StageArgs {
+    #[command(flatten)]
+    pub endpoint: Endpoint,
+    /// Print the plan as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct RemoveArgs {
+    /// The dead node's id.
+    pub id: String,
+    #[command(flatten)]
+    pub stage: StageArgs,
+}
+
+#[derive(Args)]
+pub struct WeightArgs {
+    /// The node's id.
+    pub id: String,
+    /// Its new weight (1..=10000; shares are proportional to weights).
+    pub weight: u32,
+    #[command(flatten)]
+    pub stage: StageArgs,
+}
+
+#[derive(Args)]
+pub struct RingArgs {
+    #[command(flatten)]
+    pub endpoint: Endpoint,
+    #[arg(long)]
+    pub json: bool,
+    /// After a commit, wait for the partitions to finish moving, with progress.
+    #[arg(long)]
+    pub wait: bool,
+    /// Give up waiting after this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub wait_s: u64,
 }
 
 #[derive(Args)]

@@ -11,7 +11,7 @@ use serde_json::json;
 use std::io::{IsTerminal, Read, Write};
 use std::time::Duration;
 
-fn connect(e: &Endpoint) -> Result<Client, Failure> {
+pub fn connect(e: &Endpoint) -> Result<Client, Failure> {
     let cfg = ClientConfig { cluster: e.cluster.clone(), timeout: Duration::from_millis(e.timeout_ms), bind: None };
     Client::connect(e.endpoint.as_str(), &cfg).map_err(Failure::from)
 }
@@ -217,7 +217,17 @@ fn status_json(n: &NodeInfo) -> serde_json::Value {
             "share": f64::from(m.partitions_owned) / f64::from(n.partitions.max(1)),
             "partitions_replicated": m.partitions_replicated,
             "hints_pending": m.hints_pending, "keys": m.keys,
+            "ops_per_sec": m.ops_per_sec, "p99_us": m.p99_us,
+            "cpu_busy": f64::from(m.cpu_permille) / 1000.0, "disk_bytes": m.disk_bytes,
+            "moving_partitions": m.moving_partitions, "moving_bytes": m.moving_bytes,
         })).collect::<Vec<_>>(),
+        "hot_partitions": n.hot_partitions.iter()
+            .map(|&(p, ops)| json!({ "partition": p, "ops_per_sec": ops })).collect::<Vec<_>>(),
+        "stream": {
+            "keys_left": n.stream_keys_left, "keys_total": n.stream_keys_total,
+            "bytes_sent": n.stream_bytes_sent, "keys_resumed": n.stream_keys_resumed,
+        },
+        "staged": serde_json::from_str::<serde_json::Value>(&n.staged).unwrap_or(serde_json::Value::Null),
     })
 }
 
@@ -227,13 +237,27 @@ fn status_text(n: &NodeInfo) -> String {
         n.node_id, n.listen, n.cluster, n.partitions, n.replicas, n.ring_version, n.version
     );
     s += &format!(
-        "{:<12} {:<22} {:<8} {:>6} {:>6} {:>7} {:>7} {:>10} {:>10} {:>8}\n",
-        "member", "address", "state", "weight", "shards", "owned", "share", "replicas", "keys", "hints"
+        "{:<12} {:<22} {:<8} {:>6} {:>6} {:>7} {:>7} {:>10} {:>10} {:>8} {:>9} {:>8} {:>5} {:>10} {:>7}\n",
+        "member",
+        "address",
+        "state",
+        "weight",
+        "shards",
+        "owned",
+        "share",
+        "replicas",
+        "keys",
+        "hints",
+        "ops/s",
+        "p99 µs",
+        "cpu",
+        "disk",
+        "moving"
     );
     for m in &n.members {
         let state = if m.alive { m.status.clone() } else { format!("{} (down)", m.status) };
         s += &format!(
-            "{:<12} {:<22} {:<8} {:>6} {:>6} {:>7} {:>6.1}% {:>10} {:>10} {:>8}\n",
+            "{:<12} {:<22} {:<8} {:>6} {:>6} {:>7} {:>6.1}% {:>10} {:>10} {:>8} {:>9} {:>8} {:>4.0}% {:>10} {:>7}\n",
             m.node_id,
             m.addr,
             state,
@@ -243,8 +267,26 @@ fn status_text(n: &NodeInfo) -> String {
             100.0 * f64::from(m.partitions_owned) / f64::from(n.partitions.max(1)),
             m.partitions_replicated,
             m.keys,
-            m.hints_pending
+            m.hints_pending,
+            m.ops_per_sec,
+            m.p99_us,
+            f64::from(m.cpu_permille) / 10.0,
+            m.disk_bytes,
+            m.moving_partitions
         );
+    }
+    if n.stream_keys_total > 0 {
+        s += &format!(
+            "\nstreaming: {} of {} keys of the current partition left; {} bytes sent since start, {} keys resumed\n",
+            n.stream_keys_left, n.stream_keys_total, n.stream_bytes_sent, n.stream_keys_resumed
+        );
+    }
+    if !n.hot_partitions.is_empty() {
+        let hot: Vec<String> = n.hot_partitions.iter().map(|(p, ops)| format!("{p} ({ops}/s)")).collect();
+        s += &format!("\nbusiest partitions coordinated here: {}\n", hot.join(", "));
+    }
+    if !n.staged.is_empty() {
+        s += "\na ring change is staged here: see `ringkv plan`\n";
     }
     s += &format!("\nshards of {}:\n", n.node_id);
     s += &format!("{:>6} {:>12} {:>12} {:>14} {:>9}\n", "shard", "keys", "tombstones", "disk bytes", "segments");

@@ -4,6 +4,7 @@ mod cli;
 mod client_cmd;
 mod cluster_cmd;
 mod inspect_cmd;
+mod ring_cmd;
 mod server_cmd;
 
 use clap::Parser;
@@ -42,6 +43,12 @@ fn main() -> ExitCode {
         Command::Status(a) => client_cmd::status(a),
         Command::Repair(a) => client_cmd::repair(a),
         Command::Inspect(a) => inspect_cmd::run(a),
+        Command::Leave(a) => ring_cmd::leave(a),
+        Command::Remove(a) => ring_cmd::remove(&a.stage, &a.id),
+        Command::Weight(a) => ring_cmd::weight(a),
+        Command::Plan(a) => ring_cmd::plan(a),
+        Command::Commit(a) => ring_cmd::commit(a),
+        Command::Cancel(a) => ring_cmd::cancel(a),
         Command::Cluster(ClusterCmd::Up(a)) => cluster_cmd::up(a).map_err(Failure::Server),
     };
     match result {

@@ -79,6 +79,9 @@ pub fn resolve(args: &ServerArgs) -> Result<NodeConfig, String> {
     if let Some(v) = a.compaction_mb_per_s {
         c.compaction_mb_per_s = v;
     }
+    if let Some(v) = a.stream_mb_per_s {
+        c.stream_mb_per_s = v;
+    }
     c.validate()?;
     Ok(c)
 }

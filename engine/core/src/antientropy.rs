@@ -16,6 +16,8 @@
 //! partition, the partition's tombstones that every replica holds exactly,
 //! past the grace period, are purged (see [`crate::version::Object::purgeable`]):
 //! read from every other replica, purged there, then here, each durably. A
+//! purge waits while any member gossips that it holds misplaced data of the
+//! partition (a stream not yet done), which could carry an older value. A
 //! replica that misses the purge keeps its tombstone and hands it back at
 //! the next exchange: more work, never a resurrection. On-demand runs
 //! (`ringkv repair`) exchange with every other replica and answer with a
@@ -91,6 +93,9 @@ pub struct RepairStats {
     pub exchange_errors: u64,
     pub keys_repaired: u64,
     pub tombstones_purged: u64,
+    /// Purges not started because some member still holds data of the
+    /// partition that belongs elsewhere.
+    pub purges_deferred: u64,
 }
 
 /// Which side of an exchange a request went to.
@@ -373,7 +378,10 @@ impl Repairer {
             let part = run.part.take().expect("set above");
             if part.all_ok {
                 self.last_sync_ms.insert(part.p, wall_ms);
-                if part.purge_after {
+                if part.purge_after && topo.held_misplaced(part.p) {
+                    // An older value may still stream in from a holder.
+                    self.stats.purges_deferred += 1;
+                } else if part.purge_after {
                     self.start_purge(now_us, topo, part.p);
                 }
             }
@@ -826,5 +834,31 @@ mod tests {
         assert_eq!((report.keys_differing, report.keys_pulled, report.keys_pushed), (2, 1, 1));
         assert!(moved.contains(&(true, vec![key_b.clone()])), "b's key merged at a");
         assert!(moved.contains(&(false, vec![key_a.clone()])), "a's key merged at b");
+    }
+
+    #[test]
+    fn no_purge_while_a_member_holds_misplaced_data_of_the_partition() {
+        // Seen from the member that sorts lower: it asks, then purges.
+        let (lo, hi) = if MemberId::of("a") < MemberId::of("b") { ("a", "b") } else { ("b", "a") };
+        let walk = [lo, hi].map(String::from).to_vec();
+        for held in [false, true] {
+            let mut t = Topology::from_walks(lo, 2, vec![walk.clone()], &[]);
+            if held {
+                t = t.with_held([0]);
+            }
+            let cfg = RepairConfig::default();
+            let mut r = Repairer::new(cfg.clone(), 0, 0);
+            r.handle_timeout(cfg.interval_us, 0, &t);
+            let asked = drain(&mut r);
+            assert_eq!(asked.len(), 2, "both roots are asked for");
+            let tree = MerkleTree::default();
+            for o in &asked {
+                r.handle_response(1, 0, &t, o.tag, Ok(merkle(&tree)));
+            }
+            let next = drain(&mut r);
+            let purging = next.iter().any(|o| matches!(o.req, Request::Tombstones { p: 0, .. }));
+            assert_eq!(purging, !held, "held misplaced: {held}");
+            assert_eq!(r.stats().purges_deferred, u64::from(held));
+        }
     }
 }

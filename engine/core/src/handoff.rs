@@ -4,46 +4,84 @@
 //! Every `interval_us` the machine asks its store which partitions it holds
 //! data for. A partition is in the right place when this node is one of its
 //! replicas and this shard is the one pinned to it; otherwise (the ring
-//! changed, or data arrived while the ring was still forming) a snapshot of
-//! its keys is streamed in chunks to every replica of the partition, merged
-//! durably there, and only when every replica acknowledged every chunk is
-//! the partition dropped here, durably, and only if it is still exactly the
-//! snapshot (a write that landed meanwhile keeps it for the next round).
-//! A partition with a replica down waits: its data is kept until the
-//! replica is back.
+//! changed, the node is leaving, or data arrived while the ring was still
+//! forming) a snapshot of its keys is streamed in chunks to every replica of
+//! the partition, merged durably there, and only when every replica
+//! acknowledged every chunk is the partition dropped here, durably, and only
+//! if it is still exactly the snapshot (a write that landed meanwhile keeps
+//! it for the next round). A partition with a replica down waits: its data
+//! is kept until the replica is back.
+//!
+//! Streams behave: chunks are paced to `bytes_per_sec` (0: unpaced), and a
+//! transfer that breaks (a target reset, timed out or restarted) resumes: the
+//! records every target acknowledged are remembered, by key and record id,
+//! and the next attempt at the same targets sends only the records that are
+//! not among them (a record rewritten since has a new id and is sent again).
+//! The memory of acknowledged records lasts while the targets stay the same
+//! and this node runs; it is kept for at most [`RESUME_KEPT`] partitions.
 //!
 //! Bounds: one partition at a time, one chunk of at most `chunk` keys in
 //! flight, every request with a deadline.
 
 use crate::effects::{Answer, Awaiting, Deadlines, Machine, Outbox, Outgoing, RecordId, Request, Response, Tag};
 use crate::topology::{MemberId, Topology};
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 
 #[derive(Debug, Clone)]
 pub struct HandoffConfig {
     pub interval_us: u64,
     pub chunk: usize,
     pub call_timeout_us: u64,
+    /// Pace of this machine's stream, in bytes of keys and values per
+    /// second; 0 streams as fast as the targets answer.
+    pub bytes_per_sec: u64,
 }
 
 impl Default for HandoffConfig {
     fn default() -> Self {
-        HandoffConfig { interval_us: 2_000_000, chunk: 256, call_timeout_us: 30_000_000 }
+        HandoffConfig { interval_us: 2_000_000, chunk: 256, call_timeout_us: 30_000_000, bytes_per_sec: 0 }
     }
 }
+
+/// Partitions whose acknowledged records are remembered for a resume.
+pub const RESUME_KEPT: usize = 16;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HandoffStats {
     pub partitions_handed_off: u64,
     pub keys_handed_off: u64,
     pub postponed: u64,
+    /// Bytes of keys and values sent (once per chunk, whatever the number
+    /// of targets).
+    pub bytes_sent: u64,
+    /// Records not sent again because every target already acknowledged
+    /// them in an earlier, broken attempt.
+    pub keys_resumed: u64,
+}
+
+/// What is still to move from this shard, as of now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Misplaced partitions not yet handed off (the current one included).
+    pub partitions: u32,
+    /// Keys of the current partition still to send, and how many it has.
+    pub keys_left: u64,
+    pub keys_total: u64,
+    /// An estimate of the bytes still to send: the current partition's keys
+    /// left at its bytes per key so far, plus each waiting partition at the
+    /// size of the current one.
+    pub bytes_left: u64,
 }
 
 #[derive(Debug)]
 enum Step {
     Snapshot,
     Read,
-    Send { waiting: Awaiting },
+    /// Waiting for the pace to allow the next chunk.
+    Paced,
+    Send {
+        waiting: Awaiting,
+    },
     Drop,
 }
 
@@ -51,9 +89,16 @@ enum Step {
 struct Transfer {
     p: u32,
     targets: Vec<MemberId>,
+    /// Every record of the partition: what may be dropped at the end.
     snapshot: Vec<(Vec<u8>, RecordId)>,
-    /// Index of the first key of the chunk in flight.
+    /// The records to send: the snapshot less those acknowledged before.
+    pending: Vec<(Vec<u8>, RecordId)>,
+    /// Index in `pending` of the first key of the chunk in flight.
     at: usize,
+    /// Records every target acknowledged, in earlier attempts.
+    acked: HashSet<(Vec<u8>, RecordId)>,
+    /// Bytes sent in this attempt, for the estimate.
+    bytes: u64,
     step: Step,
 }
 
@@ -61,18 +106,33 @@ struct Transfer {
 enum Timer {
     Round,
     Call,
+    Pace,
+}
+
+struct Resume {
+    targets: Vec<MemberId>,
+    acked: HashSet<(Vec<u8>, RecordId)>,
 }
 
 pub struct Handoff {
     cfg: HandoffConfig,
     shard: u16,
-    /// Partitions still to look at this round.
+    /// Misplaced partitions still to stream this round.
     queue: VecDeque<u32>,
     listing: bool,
     current: Option<Transfer>,
     /// Bumped per request, so a late answer is not taken for the next one.
     gen: u64,
     deadline: Option<u64>,
+    /// The earliest time the next chunk may be read (pacing).
+    pace_at: u64,
+    resume: BTreeMap<u32, Resume>,
+    /// Targets that failed a call this round: partitions that stream to
+    /// them wait for the next round rather than hammer a dead node.
+    failed: HashSet<MemberId>,
+    /// Misplaced partitions found by the last listing and not handed off
+    /// since (postponed ones included): what progress reports.
+    left: BTreeSet<u32>,
     timers: Deadlines<Timer>,
     out: Outbox,
     stats: HandoffStats,
@@ -90,6 +150,10 @@ impl Handoff {
             current: None,
             gen: 0,
             deadline: None,
+            pace_at: 0,
+            resume: BTreeMap::new(),
+            failed: HashSet::new(),
+            left: BTreeSet::new(),
             timers,
             out: Outbox::default(),
             stats: HandoffStats::default(),
@@ -98,6 +162,25 @@ impl Handoff {
 
     pub fn stats(&self) -> HandoffStats {
         self.stats
+    }
+
+    pub fn progress(&self) -> Progress {
+        let partitions = self.left.len() as u32;
+        let Some(t) = &self.current else {
+            return Progress { partitions, ..Progress::default() };
+        };
+        let sent = t.at as u64;
+        let total = t.snapshot.len() as u64;
+        let left = (t.pending.len() as u64).saturating_sub(sent);
+        let per_key = t.bytes.checked_div(sent).unwrap_or(0);
+        let waiting = u64::from(partitions.saturating_sub(1));
+        Progress { partitions, keys_left: left, keys_total: total, bytes_left: per_key * (left + waiting * total) }
+    }
+
+    /// Partitions this shard holds data of that belong elsewhere, as the last
+    /// listing found them, less those handed off since.
+    pub fn holding(&self) -> BTreeSet<u32> {
+        self.left.clone()
     }
 
     /// Whether a partition is being streamed or waits in this round.
@@ -140,6 +223,7 @@ impl Handoff {
                 Timer::Round => {
                     self.timers.arm(now_us + self.cfg.interval_us, 0, Timer::Round);
                     if !self.busy() && topo.has_ring() {
+                        self.failed.clear();
                         self.listing = true;
                         self.next_step();
                         self.send(now_us, topo.me(), 0, Request::PartitionsWithData);
@@ -149,18 +233,46 @@ impl Handoff {
                     self.deadline = None;
                     self.postpone(now_us, topo);
                 }
+                Timer::Pace => {
+                    if let Some(t) = self.current.take() {
+                        if matches!(t.step, Step::Paced) {
+                            self.read_chunk(now_us, topo, t);
+                        } else {
+                            self.current = Some(t);
+                        }
+                    }
+                }
             }
         }
     }
 
-    /// Gives up on the current partition (or listing) until the next round.
+    /// Gives up on the current partition (or listing) until the next round,
+    /// remembering what its targets acknowledged.
     fn postpone(&mut self, now_us: u64, topo: &Topology) {
         self.listing = false;
-        if self.current.take().is_some() {
+        if let Some(t) = self.current.take() {
             self.stats.postponed += 1;
+            // Timed out: any of its targets may be the one that is gone.
+            self.failed.extend(t.targets.iter().copied());
+            self.remember(t);
         }
         self.next_step();
         self.start_next(now_us, topo);
+    }
+
+    /// Keeps the acknowledged records of a broken transfer for a resume.
+    fn remember(&mut self, t: Transfer) {
+        let Transfer { p, targets, mut pending, at, mut acked, .. } = t;
+        pending.truncate(at);
+        acked.extend(pending);
+        if acked.is_empty() {
+            return;
+        }
+        if self.resume.len() >= RESUME_KEPT && !self.resume.contains_key(&p) {
+            let oldest = *self.resume.keys().next().expect("not empty");
+            self.resume.remove(&oldest);
+        }
+        self.resume.insert(p, Resume { targets, acked });
     }
 
     fn misplaced(&self, topo: &Topology, p: u32) -> bool {
@@ -171,15 +283,30 @@ impl Handoff {
     fn start_next(&mut self, now_us: u64, topo: &Topology) {
         while let Some(p) = self.queue.pop_front() {
             if !topo.has_ring() || !self.misplaced(topo, p) {
+                self.resume.remove(&p);
+                self.left.remove(&p);
                 continue;
             }
             let targets = topo.primaries(p).to_vec();
-            if targets.iter().any(|&t| !topo.alive(t)) {
+            if targets.iter().any(|&t| !topo.alive(t) || self.failed.contains(&t)) {
                 // Keep the data until every replica is back.
                 self.stats.postponed += 1;
                 continue;
             }
-            self.current = Some(Transfer { p, targets, snapshot: Vec::new(), at: 0, step: Step::Snapshot });
+            let acked = match self.resume.remove(&p) {
+                Some(r) if r.targets == targets => r.acked,
+                _ => HashSet::new(),
+            };
+            self.current = Some(Transfer {
+                p,
+                targets,
+                snapshot: Vec::new(),
+                pending: Vec::new(),
+                at: 0,
+                acked,
+                bytes: 0,
+                step: Step::Snapshot,
+            });
             self.next_step();
             self.send(now_us, topo.me(), p, Request::Snapshot { p });
             return;
@@ -195,18 +322,27 @@ impl Handoff {
             self.listing = false;
             self.next_step();
             if let Ok(Response::Partitions(ps)) = answer {
-                self.queue = ps.into_iter().collect();
+                self.queue = ps.into_iter().filter(|&p| topo.has_ring() && self.misplaced(topo, p)).collect();
+                self.left = self.queue.iter().copied().collect();
             }
             return self.start_next(now_us, topo);
         }
         let Some(mut t) = self.current.take() else { return };
         let ok = match (&mut t.step, answer) {
             (Step::Snapshot, Ok(Response::Snapshot(snapshot))) => {
+                t.pending = snapshot.iter().filter(|r| !t.acked.contains(*r)).cloned().collect();
+                self.stats.keys_resumed += (snapshot.len() - t.pending.len()) as u64;
                 t.snapshot = snapshot;
                 self.read_chunk(now_us, topo, t);
                 return;
             }
             (Step::Read, Ok(Response::Objects(entries))) => {
+                let bytes: u64 = entries.iter().map(|(k, o)| (k.len() + o.encoded_len_hint()) as u64).sum();
+                t.bytes += bytes;
+                self.stats.bytes_sent += bytes;
+                if let Some(wait) = (bytes * 1_000_000).checked_div(self.cfg.bytes_per_sec) {
+                    self.pace_at = self.pace_at.max(now_us) + wait;
+                }
                 t.step = Step::Send { waiting: Awaiting::new(t.targets.len()) };
                 self.next_step();
                 for (i, &to) in t.targets.clone().iter().enumerate() {
@@ -220,18 +356,32 @@ impl Handoff {
                     self.current = Some(t);
                     return;
                 }
-                t.at = (t.at + self.cfg.chunk).min(t.snapshot.len());
+                t.at = (t.at + self.cfg.chunk).min(t.pending.len());
                 self.read_chunk(now_us, topo, t);
                 return;
             }
             (Step::Drop, Ok(Response::Flag(dropped))) => {
                 if dropped {
+                    self.left.remove(&t.p);
                     self.stats.partitions_handed_off += 1;
                     self.stats.keys_handed_off += t.snapshot.len() as u64;
+                } else {
+                    // Written meanwhile: the next round sends what changed.
+                    self.remember(t);
                 }
                 true
             }
-            _ => false,
+            (Step::Send { .. }, Err(_)) => {
+                if let Some(&to) = t.targets.get(tag.idx as usize) {
+                    self.failed.insert(to);
+                }
+                self.remember(t);
+                false
+            }
+            _ => {
+                self.remember(t);
+                false
+            }
         };
         if !ok {
             self.stats.postponed += 1;
@@ -240,22 +390,34 @@ impl Handoff {
         self.start_next(now_us, topo);
     }
 
-    /// Reads the next chunk of the snapshot, or drops the partition when
-    /// every chunk is delivered.
+    /// Reads the next chunk of what is pending (once the pace allows), or
+    /// drops the partition when every chunk is delivered.
     fn read_chunk(&mut self, now_us: u64, topo: &Topology, mut t: Transfer) {
         self.next_step();
         let me = topo.me();
-        if t.at >= t.snapshot.len() {
+        if t.at >= t.pending.len() {
             if t.snapshot.is_empty() {
                 return self.start_next(now_us, topo);
             }
             t.step = Step::Drop;
+            // Every record of the snapshot is at every target now: the sent
+            // ones just now, the others in an earlier attempt.
+            t.acked.clear();
+            t.pending.clear();
+            t.at = 0;
             let (p, snapshot) = (t.p, t.snapshot.clone());
+            t.acked.extend(snapshot.iter().cloned());
             self.current = Some(t);
             return self.send(now_us, me, p, Request::DropPartition { p, snapshot });
         }
-        let end = (t.at + self.cfg.chunk).min(t.snapshot.len());
-        let records = t.snapshot[t.at..end].to_vec();
+        if self.pace_at > now_us {
+            t.step = Step::Paced;
+            self.current = Some(t);
+            self.timers.arm(self.pace_at, 0, Timer::Pace);
+            return;
+        }
+        let end = (t.at + self.cfg.chunk).min(t.pending.len());
+        let records = t.pending[t.at..end].to_vec();
         t.step = Step::Read;
         let p = t.p;
         self.current = Some(t);
@@ -331,5 +493,142 @@ mod tests {
         h.handle_response(4, &up, sends[0].tag, Err(Failure::new("reset")));
         assert!(drain(&mut h).is_empty(), "no drop after a failed copy");
         assert!(!h.busy());
+    }
+
+    /// Runs one round up to the snapshot of partition 0 and answers it.
+    fn start_round(h: &mut Handoff, t: &Topology, now: u64, snapshot: Vec<(Vec<u8>, RecordId)>) {
+        h.handle_timeout(now, t);
+        let list = drain(h);
+        h.handle_response(now, t, list[0].tag, Ok(Response::Partitions(vec![0])));
+        let snap = drain(h);
+        assert!(matches!(snap[0].req, Request::Snapshot { p: 0 }));
+        h.handle_response(now, t, snap[0].tag, Ok(Response::Snapshot(snapshot)));
+    }
+
+    fn records(ids: &[(&str, u64)]) -> Vec<(Vec<u8>, RecordId)> {
+        ids.iter().map(|(k, id)| (k.as_bytes().to_vec(), RecordId(*id))).collect()
+    }
+
+    #[test]
+    fn a_broken_stream_resumes_without_resending_what_every_target_has() {
+        let walk = ["a", "b", "c", "x"].map(String::from).to_vec();
+        let t = Topology::from_walks("x", 3, vec![walk; 2], &[]);
+        let mut h = Handoff::new(HandoffConfig { chunk: 2, ..HandoffConfig::default() }, 0, 0);
+        let first = records(&[("k1", 1), ("k2", 2), ("k3", 3), ("k4", 4)]);
+        start_round(&mut h, &t, 2_000_000, first);
+        // Chunk one (k1, k2) reaches every target.
+        let read = drain(&mut h);
+        h.handle_response(1, &t, read[0].tag, Ok(Response::Objects(vec![(b"k1".to_vec(), Object::default())])));
+        for s in drain(&mut h) {
+            h.handle_response(2, &t, s.tag, Ok(Response::Done));
+        }
+        // Chunk two breaks at one target (it restarted).
+        let read = drain(&mut h);
+        assert!(matches!(&read[0].req, Request::ReadRecords { records } if records[0].0 == b"k3"));
+        h.handle_response(3, &t, read[0].tag, Ok(Response::Objects(vec![])));
+        let sends = drain(&mut h);
+        h.handle_response(4, &t, sends[0].tag, Ok(Response::Done));
+        h.handle_response(4, &t, sends[1].tag, Err(Failure::new("connection reset")));
+        assert!(!h.busy());
+        assert_eq!(h.progress(), Progress { partitions: 1, ..Progress::default() }, "still to move");
+        // Next round: k1 was rewritten meanwhile (a new record id).
+        let second = records(&[("k1", 9), ("k2", 2), ("k3", 3), ("k4", 4)]);
+        start_round(&mut h, &t, 4_000_000, second.clone());
+        let read = drain(&mut h);
+        let Request::ReadRecords { records: sent } = &read[0].req else { panic!("{:?}", read[0].req) };
+        assert_eq!(sent, &records(&[("k1", 9), ("k3", 3)]), "k2 is not sent again; k1 changed, k3 never arrived");
+        assert_eq!(h.stats().keys_resumed, 1);
+        let p = h.progress();
+        assert_eq!((p.partitions, p.keys_left, p.keys_total), (1, 3, 4));
+        h.handle_response(5, &t, read[0].tag, Ok(Response::Objects(vec![])));
+        for s in drain(&mut h) {
+            h.handle_response(6, &t, s.tag, Ok(Response::Done));
+        }
+        let read = drain(&mut h);
+        assert!(matches!(&read[0].req, Request::ReadRecords { records } if *records == records_of(&[("k4", 4)])));
+        h.handle_response(7, &t, read[0].tag, Ok(Response::Objects(vec![])));
+        for s in drain(&mut h) {
+            h.handle_response(8, &t, s.tag, Ok(Response::Done));
+        }
+        let drop = drain(&mut h);
+        assert!(
+            matches!(&drop[0].req, Request::DropPartition { snapshot, .. } if *snapshot == second),
+            "the whole partition is dropped, resumed records included"
+        );
+    }
+
+    fn records_of(ids: &[(&str, u64)]) -> Vec<(Vec<u8>, RecordId)> {
+        records(ids)
+    }
+
+    #[test]
+    fn a_resume_is_forgotten_when_the_targets_change() {
+        let walk = ["a", "b", "c", "x"].map(String::from).to_vec();
+        let t = Topology::from_walks("x", 3, vec![walk; 2], &[]);
+        let mut h = Handoff::new(HandoffConfig { chunk: 1, ..HandoffConfig::default() }, 0, 0);
+        start_round(&mut h, &t, 2_000_000, records(&[("k1", 1), ("k2", 2)]));
+        let read = drain(&mut h);
+        h.handle_response(1, &t, read[0].tag, Ok(Response::Objects(vec![])));
+        for s in drain(&mut h) {
+            h.handle_response(2, &t, s.tag, Ok(Response::Done));
+        }
+        let read = drain(&mut h);
+        h.handle_response(3, &t, read[0].tag, Err(Failure::new("timeout")));
+        // The ring moved: partition 0 now goes to a, b, d.
+        let moved = ["a", "b", "d", "x"].map(String::from).to_vec();
+        let t2 = Topology::from_walks("x", 3, vec![moved; 2], &[]);
+        start_round(&mut h, &t2, 4_000_000, records(&[("k1", 1), ("k2", 2)]));
+        let read = drain(&mut h);
+        assert!(matches!(&read[0].req, Request::ReadRecords { records } if records[0].0 == b"k1"), "d has nothing");
+        assert_eq!(h.stats().keys_resumed, 0);
+    }
+
+    #[test]
+    fn chunks_are_paced_to_the_configured_rate() {
+        let walk = ["a", "b", "c", "x"].map(String::from).to_vec();
+        let t = Topology::from_walks("x", 3, vec![walk; 2], &[]);
+        let cfg = HandoffConfig { chunk: 1, bytes_per_sec: 10_000, ..HandoffConfig::default() };
+        let mut h = Handoff::new(cfg, 0, 0);
+        let now = 2_000_000;
+        start_round(&mut h, &t, now, records(&[("k1", 1), ("k2", 2)]));
+        let read = drain(&mut h);
+        let dot = crate::version::Dot { actor: crate::version::Actor::new(1, 0, 1), counter: 1 };
+        let value = Object::apply_write(None, &crate::version::VersionVector::new(), dot, 1, Some(vec![7; 990]));
+        let bytes = (2 + value.encoded_len_hint()) as u64;
+        h.handle_response(now, &t, read[0].tag, Ok(Response::Objects(vec![(b"k1".to_vec(), value)])));
+        for s in drain(&mut h) {
+            h.handle_response(now + 10, &t, s.tag, Ok(Response::Done));
+        }
+        assert!(drain(&mut h).is_empty(), "the next chunk waits for the pace");
+        let due = now + bytes * 1_000_000 / 10_000;
+        assert_eq!(h.next_deadline(), Some(due));
+        h.handle_timeout(due - 1, &t);
+        assert!(drain(&mut h).is_empty());
+        h.handle_timeout(due, &t);
+        let read = drain(&mut h);
+        assert!(matches!(&read[0].req, Request::ReadRecords { records } if records[0].0 == b"k2"));
+        assert_eq!(h.stats().bytes_sent, bytes);
+    }
+
+    #[test]
+    fn a_target_that_fails_is_not_sent_to_again_this_round() {
+        let walk = ["a", "b", "c", "x"].map(String::from).to_vec();
+        let t = Topology::from_walks("x", 3, vec![walk; 3], &[]);
+        let mut h = Handoff::new(HandoffConfig::default(), 0, 0);
+        h.handle_timeout(2_000_000, &t);
+        let list = drain(&mut h);
+        h.handle_response(1, &t, list[0].tag, Ok(Response::Partitions(vec![0, 1, 2])));
+        let snap = drain(&mut h);
+        h.handle_response(2, &t, snap[0].tag, Ok(Response::Snapshot(records(&[("k", 1)]))));
+        let read = drain(&mut h);
+        h.handle_response(3, &t, read[0].tag, Ok(Response::Objects(vec![])));
+        let sends = drain(&mut h);
+        // b (the second target) refuses: it was killed. The detector does not
+        // know yet, so b still looks alive.
+        h.handle_response(4, &t, sends[1].tag, Err(Failure::new("connection refused")));
+        assert!(drain(&mut h).is_empty(), "partitions 1 and 2 also go to b: they wait for the next round");
+        assert!(!h.busy());
+        h.handle_timeout(5_000_000, &t);
+        assert!(matches!(drain(&mut h)[0].req, Request::PartitionsWithData), "the next round tries again");
     }
 }

@@ -18,6 +18,7 @@ pub mod hints;
 pub mod keyspace;
 pub mod membership;
 pub mod merkle;
+pub mod plan;
 pub mod quorum;
 pub mod ring;
 pub mod topology;

@@ -20,17 +20,25 @@
 use crate::codec::{err, put_varint, DecodeError, Reader};
 use crate::failure::{PhiAccrual, PhiConfig};
 use crate::ring::{claim, pin_partitions, Claimant, Ring};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 /// Load figures a member publishes about itself.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct Load {
+    /// Client operations coordinated per second (an EWMA).
     pub ops_per_sec: u64,
+    /// Their p99 latency over the last window.
     pub p99_us: u64,
     pub disk_bytes: u64,
     pub keys: u64,
     pub hints: u64,
+    /// Busy share of the shard threads, in thousandths (format 2).
+    pub cpu_permille: u32,
+    /// Partitions this node still has to stream elsewhere, and an estimate
+    /// of their bytes (format 2).
+    pub moving_partitions: u32,
+    pub moving_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -48,6 +56,10 @@ pub struct Member {
     /// The shard holding each partition this member replicates.
     pub pins: BTreeMap<u32, u16>,
     pub load: Load,
+    /// Partitions it holds data of that belong elsewhere (waiting to be
+    /// streamed, or streaming): no replica purges their tombstones, since
+    /// an older value may still arrive from here (format 2).
+    pub holding: BTreeSet<u32>,
 }
 
 impl Member {
@@ -215,8 +227,24 @@ impl ClusterState {
                 put_varint(&mut out, u64::from(s));
                 prev = p;
             }
-            for v in [m.load.ops_per_sec, m.load.p99_us, m.load.disk_bytes, m.load.keys, m.load.hints] {
+            let l = &m.load;
+            for v in [
+                l.ops_per_sec,
+                l.p99_us,
+                l.disk_bytes,
+                l.keys,
+                l.hints,
+                u64::from(l.cpu_permille),
+                u64::from(l.moving_partitions),
+                l.moving_bytes,
+            ] {
                 put_varint(&mut out, v);
+            }
+            put_varint(&mut out, m.holding.len() as u64);
+            let mut prev = 0u32;
+            for &p in &m.holding {
+                put_varint(&mut out, u64::from(p - prev));
+                prev = p;
             }
         }
         match &self.ring {
@@ -231,8 +259,9 @@ impl ClusterState {
 
     pub fn decode(bytes: &[u8]) -> Result<ClusterState, DecodeError> {
         let mut r = Reader::new(bytes);
-        if r.u8()? != STATE_FORMAT {
-            return err("cluster state format is not supported (this build reads format 1)");
+        let format = r.u8()?;
+        if !(1..=STATE_FORMAT).contains(&format) {
+            return err("cluster state format is not supported (this build reads formats 1 and 2)");
         }
         let cluster = get_str(&mut r)?;
         let partitions = u32::try_from(r.varint()?).map_err(|_| DecodeError { what: "partitions over u32" })?;
@@ -257,11 +286,25 @@ impl ClusterState {
                 }
                 pins.insert(p as u32, s as u16);
             }
-            let mut load = [0u64; 5];
-            for v in &mut load {
+            // Format 1 had the first five figures only.
+            let mut load = [0u64; 8];
+            for v in load.iter_mut().take(if format == 1 { 5 } else { 8 }) {
                 *v = r.varint()?;
             }
-            let [ops_per_sec, p99_us, disk_bytes, keys, hints] = load;
+            let [ops_per_sec, p99_us, disk_bytes, keys, hints, cpu, moving_partitions, moving_bytes] = load;
+            let small = |v: u64| u32::try_from(v).map_err(|_| DecodeError { what: "load figure over u32" });
+            let mut holding = BTreeSet::new();
+            if format >= 2 {
+                let n = r.len(partitions as usize)?;
+                let mut p = 0u64;
+                for _ in 0..n {
+                    p += r.varint()?;
+                    if p >= u64::from(partitions) {
+                        return err("held partition out of range");
+                    }
+                    holding.insert(p as u32);
+                }
+            }
             let m = Member {
                 id: id.clone(),
                 addr,
@@ -271,7 +314,17 @@ impl ClusterState {
                 generation,
                 heartbeat,
                 pins,
-                load: Load { ops_per_sec, p99_us, disk_bytes, keys, hints },
+                load: Load {
+                    ops_per_sec,
+                    p99_us,
+                    disk_bytes,
+                    keys,
+                    hints,
+                    cpu_permille: small(cpu)?,
+                    moving_partitions: small(moving_partitions)?,
+                    moving_bytes,
+                },
+                holding,
             };
             members.insert(id, m);
         }
@@ -290,7 +343,9 @@ impl ClusterState {
     }
 }
 
-const STATE_FORMAT: u8 = 1;
+/// Format 2 added cpu_permille, moving_partitions and moving_bytes to each
+/// member's load; format 1 is still read.
+const STATE_FORMAT: u8 = 2;
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
     put_varint(out, s.len() as u64);
@@ -386,11 +441,46 @@ impl Gossip {
         m.load = load;
     }
 
+    /// The partitions this node holds misplaced data of (see
+    /// [`Member::holding`]).
+    pub fn set_holding(&mut self, holding: BTreeSet<u32>) {
+        let m = self.state.members.get_mut(&self.me).expect("own record");
+        if m.holding != holding {
+            m.holding = holding;
+            m.heartbeat += 1;
+        }
+    }
+
     /// Marks this node as leaving: the claimant will move its partitions away.
     pub fn leave(&mut self) {
         let m = self.state.members.get_mut(&self.me).expect("own record");
         m.leaving = true;
         m.heartbeat += 1;
+    }
+
+    /// A new share of the partitions for this node; the claimant re-claims.
+    pub fn set_weight(&mut self, weight: u32) {
+        let m = self.state.members.get_mut(&self.me).expect("own record");
+        if m.weight != weight {
+            m.weight = weight;
+            m.heartbeat += 1;
+        }
+    }
+
+    /// Takes a dead member out of the ring: its record, written here for
+    /// once, says it is leaving. Should it come back, it learns it was
+    /// removed (see [`Gossip::receive`]) and leaves rather than rejoin.
+    pub fn remove(&mut self, id: &str) -> bool {
+        if id == self.me {
+            self.leave();
+            return true;
+        }
+        let Some(m) = self.state.members.get_mut(id) else { return false };
+        if !m.leaving {
+            m.leaving = true;
+            m.heartbeat += 1;
+        }
+        true
     }
 
     /// One gossip round: heartbeat, maybe a new ring, and the address to
@@ -425,8 +515,13 @@ impl Gossip {
     pub fn receive(&mut self, now_ms: u64, remote: &ClusterState) -> Result<bool, Mismatch> {
         let before_members: Vec<(String, bool, u32, usize)> = self.durable_view();
         let mut remote = remote.clone();
-        // Our own record is ours alone: never take a stale copy of it.
-        remote.members.remove(&self.me);
+        // Our own record is ours alone: never take a stale copy of it. One
+        // that says we are leaving means we were removed while away (or
+        // left before a restart that lost the record): we leave, handing
+        // over what we hold, rather than rejoin.
+        if remote.members.remove(&self.me).is_some_and(|m| m.leaving) && !self.member().leaving {
+            self.leave();
+        }
         let merged = self.state.merge(&remote)?;
         self.heard_from_peer = true;
         for id in &merged.newer {
@@ -505,6 +600,7 @@ mod tests {
             heartbeat: 0,
             pins: BTreeMap::new(),
             load: Load::default(),
+            holding: BTreeSet::new(),
         }
     }
 
@@ -620,12 +716,61 @@ mod tests {
         let mut nodes = vec![node("a", 1, &[2]), node("b", 2, &[1])];
         nodes[0].tick(20_000, 0);
         exchange_all(&mut nodes, 20_000);
-        nodes[0].set_load(Load { ops_per_sec: 5, p99_us: 900, disk_bytes: 1 << 30, keys: 7, hints: 1 });
+        nodes[0].set_load(Load {
+            ops_per_sec: 5,
+            p99_us: 900,
+            disk_bytes: 1 << 30,
+            keys: 7,
+            hints: 1,
+            cpu_permille: 420,
+            ..Load::default()
+        });
         let s = nodes[0].state().clone();
         assert_eq!(ClusterState::decode(&s.encode()).unwrap(), s);
         let bytes = s.encode();
         for cut in 0..bytes.len() {
             assert!(ClusterState::decode(&bytes[..cut]).is_err());
         }
+    }
+
+    fn settle(nodes: &mut [Gossip], rounds: std::ops::RangeInclusive<u64>) {
+        for round in rounds {
+            for n in nodes.iter_mut() {
+                n.tick(round * 1000, round);
+            }
+            exchange_all(nodes, round * 1000);
+        }
+    }
+
+    #[test]
+    fn a_removed_member_leaves_the_ring_and_leaves_when_it_comes_back() {
+        let mut nodes = vec![node("a", 1, &[2, 3]), node("b", 2, &[1, 3]), node("c", 3, &[1, 2]), node("d", 4, &[1])];
+        settle(&mut nodes, 1..=4);
+        assert!(nodes[0].state().ring.as_ref().unwrap().contains("d"));
+        // d dies; a removes it.
+        let mut d = nodes.pop().unwrap();
+        assert!(nodes[0].remove("d"));
+        assert!(!nodes[0].remove("nobody"));
+        settle(&mut nodes, 5..=8);
+        for n in &nodes {
+            assert!(!n.state().ring.as_ref().unwrap().contains("d"), "{} still has d in its ring", n.me());
+            assert_eq!(n.state().status("d"), Some(Status::Leaving));
+        }
+        // d comes back: it learns it was removed.
+        let s = nodes[1].state().clone();
+        d.receive(9000, &s).unwrap();
+        assert!(d.member().leaving, "a removed node does not rejoin");
+    }
+
+    #[test]
+    fn a_new_weight_is_published_and_reclaimed() {
+        let mut nodes = vec![node("a", 1, &[2, 3]), node("b", 2, &[1, 3]), node("c", 3, &[1, 2])];
+        settle(&mut nodes, 1..=4);
+        let before = nodes[0].state().ring.as_ref().unwrap().counts()["c"];
+        nodes[2].set_weight(4);
+        settle(&mut nodes, 5..=8);
+        let after = nodes[0].state().ring.as_ref().unwrap().counts()["c"];
+        // 4 of 6 weight units: about two thirds of the 64 partitions.
+        assert!(after > before && (41..=43).contains(&after), "c owned {before}, now {after}");
     }
 }

@@ -24,6 +24,9 @@
 use crate::codec::{err, put_varint, DecodeError, Reader};
 use std::collections::BTreeMap;
 
+/// The largest weight a member may have (its share grows with it).
+pub const MAX_WEIGHT: u32 = 10_000;
+
 /// A member as the claim sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Claimant {

@@ -13,7 +13,7 @@
 //! is built.
 
 use crate::membership::ClusterState;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
 /// A cluster member, by the hash of its name.
@@ -49,6 +49,8 @@ pub struct Topology {
     /// pin fall back to `p % shards`.
     pins: BTreeMap<u32, u16>,
     shards: u16,
+    /// Partitions some member holds misplaced data of.
+    held: BTreeSet<u32>,
 }
 
 /// Why a snapshot could not be built.
@@ -107,7 +109,21 @@ impl Topology {
             names,
             pins,
             shards: shards.max(1),
+            held: state.members.values().flat_map(|m| m.holding.iter().copied()).collect(),
         })
+    }
+
+    /// The same snapshot, with `held` as the partitions some member holds
+    /// misplaced data of (for tests).
+    pub fn with_held(mut self, held: impl IntoIterator<Item = u32>) -> Topology {
+        self.held = held.into_iter().collect();
+        self
+    }
+
+    /// Whether some member (this one included) holds data of partition `p`
+    /// that belongs elsewhere and is not streamed yet.
+    pub fn held_misplaced(&self, p: u32) -> bool {
+        self.held.contains(&p)
     }
 
     /// A snapshot assembled directly, for tests and the simulator: `walks`
@@ -140,6 +156,7 @@ impl Topology {
             names,
             pins: BTreeMap::new(),
             shards: 1,
+            held: BTreeSet::new(),
         }
     }
 
@@ -226,6 +243,7 @@ mod tests {
                     heartbeat: 1,
                     pins: BTreeMap::new(),
                     load: Load::default(),
+                    holding: Default::default(),
                 },
             );
         }

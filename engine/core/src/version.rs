@@ -421,7 +421,9 @@ impl Object {
         out
     }
 
-    fn encoded_len_hint(&self) -> usize {
+    /// About the bytes the object takes encoded (never less): what
+    /// streams count against their pace.
+    pub fn encoded_len_hint(&self) -> usize {
         8 + self.vv.entries.len() * 20
             + self.siblings.iter().map(|s| 16 + s.value.as_ref().map_or(0, Vec::len)).sum::<usize>()
     }

@@ -9,12 +9,21 @@
 //! A node that seeds into a cluster of another name or partition count
 //! refuses to join and stops with the reason; the cluster never merges its
 //! state.
+//!
+//! Ring changes (leave, remove, weight) are staged here, planned by
+//! `ringkv_core::plan`, and committed: the agent of the node concerned makes
+//! the change in its own record (a leave or a weight) or, for a dead node,
+//! in the dead node's (a remove). A staged change lives in this node's
+//! memory only; a committed one is in the gossiped, persisted state. A node
+//! that left stops once it holds nothing: every partition handed over, every
+//! hint delivered, and its empty figures gossiped.
 
 use crate::clock;
 use crate::shard::Shard;
 use crate::view::ClusterView;
 use ringkv_core::membership::{ClusterState, Gossip, Load};
-use ringkv_net::proto::{ErrorCode, Reply, Request, WireError};
+use ringkv_core::plan::{self, Change};
+use ringkv_net::proto::{ErrorCode, Reply, Request, RingAction, WireError};
 use std::cell::{Cell, RefCell};
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
@@ -67,7 +76,16 @@ pub struct ClusterAgent {
     persisted: Cell<u64>,
     persisting: Cell<bool>,
     ticks: Cell<u64>,
+    meter: RefCell<crate::load::LoadMeter>,
+    /// The ring change staged on this node, if any.
+    staged: RefCell<Option<Change>>,
+    /// Consecutive load refreshes that found this leaving node empty.
+    drained: Cell<u32>,
 }
+
+/// Refreshes in a row a left node must find itself empty before it stops,
+/// so its peers have heard that it streams nothing more.
+const DRAINED_REFRESHES: u32 = 2;
 
 impl ClusterAgent {
     pub fn new(shard: Rc<Shard>, gossip: Gossip, data_dir: &Path, interval: Duration) -> Rc<ClusterAgent> {
@@ -82,6 +100,9 @@ impl ClusterAgent {
             persisted: Cell::new(persisted ^ 1),
             persisting: Cell::new(false),
             ticks: Cell::new(0),
+            meter: RefCell::new(crate::load::LoadMeter::default()),
+            staged: RefCell::new(None),
+            drained: Cell::new(0),
         })
     }
 
@@ -200,13 +221,163 @@ impl ClusterAgent {
     /// Refreshes the load figures we publish (every few rounds).
     async fn refresh_load(&self) {
         let Ok(stats) = self.shard.all_stats().await else { return };
+        let figures = self.meter.borrow_mut().observe(clock::now_us(), stats.iter().map(|s| s.load.clone()).collect());
         let load = Load {
-            keys: stats.iter().map(|s| s.keys).sum(),
-            disk_bytes: stats.iter().map(|s| s.log_bytes).sum(),
-            hints: stats.iter().map(|s| s.hints).sum(),
-            ..Load::default()
+            ops_per_sec: figures.ops_per_sec.round() as u64,
+            p99_us: figures.p99_us,
+            keys: stats.iter().map(|s| s.store.keys).sum(),
+            disk_bytes: stats.iter().map(|s| s.store.log_bytes).sum(),
+            hints: stats.iter().map(|s| s.store.hints).sum(),
+            cpu_permille: (figures.cpu_busy * 1000.0).round() as u32,
+            moving_partitions: stats.iter().map(|s| s.stream.partitions).sum(),
+            moving_bytes: stats.iter().map(|s| s.stream.bytes_left).sum(),
         };
-        self.gossip.borrow_mut().set_load(load);
+        {
+            let mut g = self.gossip.borrow_mut();
+            g.set_load(load);
+            g.set_holding(stats.iter().flat_map(|s| s.holding.iter().copied()).collect());
+        }
+        self.check_drained(&stats);
+    }
+
+    /// The plan of `change` against the current state, as JSON.
+    fn plan_json(&self, change: &Change) -> Result<String, WireError> {
+        let g = self.gossip.borrow();
+        let now = clock::now_ms();
+        let cfg = &self.shard.node.cfg;
+        let alive = |id: &str| g.is_alive(id, now);
+        let p = plan::plan(g.state(), &alive, change, cfg.replicas, cfg.stream_mb_per_s << 20)
+            .map_err(|r| WireError::new(ErrorCode::BadRequest, r.0))?;
+        Ok(serde_json::json!({ "staged_on": g.me(), "plan": p }).to_string())
+    }
+
+    /// Serves a ring-change request (see the module doc).
+    pub async fn ring_change(self: &Rc<Self>, action: RingAction, change: Option<Change>) -> Result<String, WireError> {
+        let staged = || self.staged.borrow().clone();
+        match (action, change) {
+            (RingAction::Show, _) => match staged() {
+                None => Ok(String::new()),
+                Some(c) => self.plan_json(&c),
+            },
+            (RingAction::Stage, Some(c)) => {
+                if let Some(old) = staged() {
+                    return Err(WireError::new(
+                        ErrorCode::BadRequest,
+                        format!("{old} is already staged here: commit or cancel it first"),
+                    ));
+                }
+                let json = self.plan_json(&c)?;
+                tracing::info!(change = %c, "ring change staged");
+                *self.staged.borrow_mut() = Some(c);
+                Ok(json)
+            }
+            (RingAction::Cancel, _) => {
+                let old = self.staged.borrow_mut().take();
+                match old {
+                    None => Err(WireError::new(ErrorCode::BadRequest, "no ring change is staged here")),
+                    Some(c) => {
+                        tracing::info!(change = %c, "staged ring change cancelled");
+                        Ok(String::new())
+                    }
+                }
+            }
+            (RingAction::Commit, _) => {
+                let Some(c) = staged() else {
+                    return Err(WireError::new(
+                        ErrorCode::BadRequest,
+                        "no ring change is staged here: stage one first",
+                    ));
+                };
+                // Checked again: the cluster may have changed since.
+                let json = self.plan_json(&c)?;
+                self.commit(&c).await?;
+                *self.staged.borrow_mut() = None;
+                tracing::info!(change = %c, "ring change committed");
+                Ok(json)
+            }
+            (RingAction::Apply, Some(c)) => {
+                self.apply(&c)?;
+                Ok(String::new())
+            }
+            (RingAction::Stage | RingAction::Apply, None) => {
+                Err(WireError::new(ErrorCode::BadRequest, "a ring change to stage or apply is missing"))
+            }
+        }
+    }
+
+    /// Has the change made where it must be: here, or on the node concerned.
+    async fn commit(self: &Rc<Self>, c: &Change) -> Result<(), WireError> {
+        let (me, addr) = {
+            let g = self.gossip.borrow();
+            let addr = g.state().members.get(c.member()).map(|m| m.addr.clone());
+            (g.me().to_string(), addr)
+        };
+        if matches!(c, Change::Remove { .. }) || c.member() == me {
+            return self.apply(c);
+        }
+        let addr: SocketAddr = addr
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| WireError::new(ErrorCode::BadRequest, format!("no address for {}", c.member())))?;
+        let req = Request::RingChange { action: RingAction::Apply, change: Some(c.clone()) };
+        match self.shard.peers.call(addr, req, 0, Duration::from_secs(5)).await {
+            Ok(r) => r.result.map(|_| ()),
+            Err(e) => {
+                Err(WireError::new(ErrorCode::Unavailable, format!("{} did not take the change: {e}", c.member())))
+            }
+        }
+    }
+
+    /// Makes the change in the gossiped state.
+    fn apply(self: &Rc<Self>, c: &Change) -> Result<(), WireError> {
+        {
+            let mut g = self.gossip.borrow_mut();
+            let mine = c.member() == g.me();
+            match c {
+                Change::Leave { .. } if mine => g.leave(),
+                Change::Weight { weight, .. } if mine => g.set_weight(*weight),
+                Change::Remove { member } => {
+                    if !g.remove(member) {
+                        return Err(WireError::new(ErrorCode::BadRequest, format!("no member {member:?}")));
+                    }
+                }
+                _ => {
+                    return Err(WireError::new(
+                        ErrorCode::BadRequest,
+                        format!("{c} must be applied on {} itself, not on {}", c.member(), g.me()),
+                    ))
+                }
+            }
+            let now = clock::now_ms();
+            g.maybe_claim(now);
+        }
+        tracing::info!(change = %c, "ring change applied");
+        self.after_change();
+        Ok(())
+    }
+
+    /// A node that left stops once it holds nothing and said so.
+    fn check_drained(&self, stats: &[crate::shard::ShardSnapshot]) {
+        let g = self.gossip.borrow();
+        let me = g.member();
+        let out_of_ring = g.state().ring.as_ref().is_some_and(|r| !r.contains(g.me()));
+        let empty = stats
+            .iter()
+            .all(|s| s.store.keys == 0 && s.store.tombstones == 0 && s.store.hints == 0 && s.stream.partitions == 0);
+        if !(me.leaving && out_of_ring && empty) {
+            self.drained.set(0);
+            return;
+        }
+        let n = self.drained.get() + 1;
+        self.drained.set(n);
+        if n > DRAINED_REFRESHES {
+            tracing::info!("left the cluster: every partition handed over and every hint delivered; stopping");
+            self.shard.node.shut_down();
+        }
+    }
+
+    /// The load figures as last measured.
+    pub fn figures(&self) -> crate::load::Figures {
+        self.meter.borrow().figures()
     }
 
     /// Gossips until the node shuts down.
@@ -214,7 +385,7 @@ impl ClusterAgent {
         while !self.shard.node.is_shutting_down() {
             let n = self.ticks.get();
             self.ticks.set(n + 1);
-            if n.is_multiple_of(5) {
+            if n.is_multiple_of(2) {
                 self.refresh_load().await;
             }
             if let Some((addr, state)) = self.tick() {

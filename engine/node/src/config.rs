@@ -60,6 +60,10 @@ pub struct NodeConfig {
     pub compaction_garbage_ratio: f64,
     /// Compaction reads plus writes at most this many MiB per second.
     pub compaction_mb_per_s: u64,
+    /// Partition streams (handoff after a ring change) send at most this
+    /// many MiB of keys and values per second from this node, shared by its
+    /// shards; each shard streams one partition at a time.
+    pub stream_mb_per_s: u64,
 }
 
 impl Default for NodeConfig {
@@ -90,6 +94,7 @@ impl Default for NodeConfig {
             compaction_interval_s: 10,
             compaction_garbage_ratio: 0.5,
             compaction_mb_per_s: 64,
+            stream_mb_per_s: 32,
         }
     }
 }
@@ -117,8 +122,8 @@ impl NodeConfig {
         if self.listen.port() == 0 {
             return Err("listen port must not be 0: shard ports are derived from it".into());
         }
-        if self.weight == 0 || self.weight > 10_000 {
-            return Err(format!("weight must be between 1 and 10000, got {}", self.weight));
+        if self.weight == 0 || self.weight > ringkv_core::ring::MAX_WEIGHT {
+            return Err(format!("weight must be between 1 and {}, got {}", ringkv_core::ring::MAX_WEIGHT, self.weight));
         }
         if self.replicas == 0 || self.replicas > 16 {
             return Err(format!("replicas must be between 1 and 16, got {}", self.replicas));
@@ -149,6 +154,9 @@ impl NodeConfig {
                 "compaction_garbage_ratio must be between 0 and 1, got {}",
                 self.compaction_garbage_ratio
             ));
+        }
+        if self.stream_mb_per_s == 0 {
+            return Err("stream_mb_per_s must be positive".into());
         }
         if self.compaction_mb_per_s == 0 {
             return Err("compaction_mb_per_s must be positive".into());

@@ -77,6 +77,12 @@ pub fn reply(outcome: Outcome, deleting: bool) -> Reply {
 /// awaiting it).
 pub type ClientSink = Box<dyn FnOnce(Result<Reply, WireError>)>;
 
+struct Waiting {
+    deleting: bool,
+    started_us: u64,
+    sink: ClientSink,
+}
+
 /// Wakes the timer task early.
 #[derive(Default)]
 struct Notify {
@@ -110,8 +116,10 @@ pub struct Driver {
     handoff: RefCell<Handoff>,
     repair: RefCell<Repairer>,
     /// Client operations in the coordinator, by token: whether each is a
-    /// delete (its reply says so), and where the reply goes.
-    waiting: RefCell<HashMap<u64, (bool, ClientSink)>>,
+    /// delete (its reply says so), when it started, and where the reply goes.
+    waiting: RefCell<HashMap<u64, Waiting>>,
+    /// What this shard coordinated: operations and their latency.
+    load: RefCell<crate::load::ShardLoad>,
     repairs: RefCell<HashMap<u64, oneshot::Sender<Result<RepairReport, String>>>>,
     next_token: Cell<u64>,
     inbox: RefCell<VecDeque<(Tag, Answer)>>,
@@ -138,7 +146,9 @@ impl Driver {
             HandoffConfig {
                 interval_us: HANDOFF_INTERVAL_US,
                 call_timeout_us: BACKGROUND_CALL_TIMEOUT_US,
-                ..HandoffConfig::default()
+                bytes_per_sec: (cfg.stream_mb_per_s << 20) / cfg.shard_count().max(1) as u64,
+                // Small chunks: a broken stream resends at most one.
+                chunk: 64,
             },
             shard,
             now,
@@ -159,6 +169,7 @@ impl Driver {
             handoff: RefCell::new(handoff),
             repair: RefCell::new(repair),
             waiting: RefCell::new(HashMap::new()),
+            load: RefCell::new(crate::load::ShardLoad::default()),
             repairs: RefCell::new(HashMap::new()),
             next_token: Cell::new(1),
             inbox: RefCell::new(VecDeque::new()),
@@ -192,10 +203,14 @@ impl Driver {
     pub fn start(&self, shard: &Rc<Shard>, op: ClientOp, timeout: Duration, sink: ClientSink) {
         let token = self.token();
         let deleting = matches!(op, ClientOp::Write { value: None, .. });
-        self.waiting.borrow_mut().insert(token, (deleting, sink));
+        let now = clock::now_us();
+        self.waiting.borrow_mut().insert(token, Waiting { deleting, started_us: now, sink });
         let view = shard.view();
         let timeout_us = timeout.as_micros() as u64;
-        let now = clock::now_us();
+        let key = match &op {
+            ClientOp::Get { key, .. } | ClientOp::Write { key, .. } => key,
+        };
+        *self.load.borrow_mut().partitions.entry(shard.node.partition(key)).or_default() += 1;
         match op {
             ClientOp::Get { key, r } => self.coord.borrow_mut().get(now, &view.topo, token, key, r, timeout_us),
             ClientOp::Write { key, value, ctx, w, durable } => {
@@ -218,6 +233,27 @@ impl Driver {
             Ok(r) => r.map_err(|e| WireError::new(ErrorCode::Overloaded, e)),
             Err(_) => Err(WireError::new(ErrorCode::Internal, "the repair machine dropped a request")),
         }
+    }
+
+    /// What this shard coordinated so far, with its thread's CPU time (call
+    /// it on the shard's own thread).
+    pub fn load(&self) -> crate::load::ShardLoad {
+        let mut l = self.load.borrow().clone();
+        l.cpu_ns = crate::load::thread_cpu_ns();
+        l
+    }
+
+    pub fn stream_stats(&self) -> ringkv_core::handoff::HandoffStats {
+        self.handoff.borrow().stats()
+    }
+
+    pub fn holding(&self) -> std::collections::BTreeSet<u32> {
+        self.handoff.borrow().holding()
+    }
+
+    /// What this shard's handoff still has to stream.
+    pub fn stream_progress(&self) -> ringkv_core::handoff::Progress {
+        self.handoff.borrow().progress()
     }
 
     /// When partition `p` last completed anti-entropy with every replica
@@ -285,8 +321,13 @@ impl Driver {
             let Some((token, result)) = next else { break };
             any = true;
             let waiting = self.waiting.borrow_mut().remove(&token);
-            if let Some((deleting, sink)) = waiting {
-                sink(result.map(|o| reply(o, deleting)).map_err(coord_error));
+            if let Some(w) = waiting {
+                {
+                    let mut load = self.load.borrow_mut();
+                    load.ops += 1;
+                    load.latency.record(clock::now_us().saturating_sub(w.started_us));
+                }
+                (w.sink)(result.map(|o| reply(o, w.deleting)).map_err(coord_error));
             }
         }
         loop {

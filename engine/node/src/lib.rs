@@ -10,6 +10,7 @@ pub mod config;
 pub mod conn;
 pub mod datadir;
 pub mod driver;
+pub mod load;
 pub mod peer;
 pub mod server;
 pub mod service;

@@ -191,6 +191,7 @@ fn initial_membership(cfg: &NodeConfig, dir: &DataDir) -> (Gossip, Arc<ClusterVi
         heartbeat: 0,
         pins: previous.map(|m| m.pins.clone()).unwrap_or_default(),
         load: Load::default(),
+        holding: Default::default(),
     };
     let gcfg = GossipConfig { replicas: cfg.replicas, ..GossipConfig::default() };
     let mut g = Gossip::new(me, &cfg.cluster, cfg.partitions, cfg.seeds.clone(), persisted, gcfg, now);

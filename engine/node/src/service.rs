@@ -131,6 +131,7 @@ async fn execute(shard: &Rc<Shard>, body: Request, hops: u8, timeout: Duration) 
             Ok(Reply::Handoff { applied: n })
         }
         Request::Gossip { state } => reply(shard.on_shard(0, Op::Gossip(state)).await?),
+        Request::RingChange { action, change } => reply(shard.on_shard(0, Op::RingChange(action, change)).await?),
         Request::Merkle { partition, segments } => {
             let p = check_partition(shard, partition)?;
             reply(shard.on_shard(shard.local_shard_of(p), Op::Merkle { partition: p, segments }).await?)
@@ -369,10 +370,17 @@ async fn node_info(shard: &Rc<Shard>) -> Result<NodeInfo, WireError> {
         .iter()
         .map(|(id, r)| {
             let load = state.as_ref().and_then(|s| s.members.get(id)).map(|m| (m.weight, m.load)).unwrap_or_default();
+            let in_ring = view.ring.as_ref().is_some_and(|ring| ring.contains(id));
+            // A member that left and stopped shows as left, not leaving.
+            let status = if r.status.to_string() == "leaving" && !in_ring && !view.alive(id) {
+                "left".to_string()
+            } else {
+                r.status.to_string()
+            };
             MemberInfo {
                 node_id: id.clone(),
                 addr: r.addr.to_string(),
-                status: r.status.to_string(),
+                status,
                 alive: view.alive(id),
                 weight: load.0,
                 shards: r.shards,
@@ -380,10 +388,20 @@ async fn node_info(shard: &Rc<Shard>) -> Result<NodeInfo, WireError> {
                 partitions_replicated: view.replicated_by(id) as u32,
                 hints_pending: load.1.hints,
                 keys: load.1.keys,
+                ops_per_sec: load.1.ops_per_sec,
+                p99_us: load.1.p99_us,
+                cpu_permille: load.1.cpu_permille,
+                disk_bytes: load.1.disk_bytes,
+                moving_partitions: load.1.moving_partitions,
+                moving_bytes: load.1.moving_bytes,
             }
         })
         .collect();
     members.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+    let (figures, staged) = match shard.on_shard(0, Op::AgentFigures).await? {
+        OpOutput::Figures(f) => *f,
+        _ => return Err(internal("figures op returned something else")),
+    };
     Ok(NodeInfo {
         node_id: shard.node.node_id.clone(),
         cluster: cfg.cluster.clone(),
@@ -395,16 +413,22 @@ async fn node_info(shard: &Rc<Shard>) -> Result<NodeInfo, WireError> {
             .enumerate()
             .map(|(i, s)| ShardStats {
                 shard: i as u16,
-                keys: s.keys,
-                tombstones: s.tombstones,
-                disk_bytes: s.log_bytes,
-                segments: s.segments,
-                hints: s.hints,
-                compactions: s.compactions,
+                keys: s.store.keys,
+                tombstones: s.store.tombstones,
+                disk_bytes: s.store.log_bytes,
+                segments: s.store.segments,
+                hints: s.store.hints,
+                compactions: s.store.compactions,
             })
             .collect(),
         replicas: cfg.replicas as u8,
         ring_version: view.ring_version(),
         members,
+        hot_partitions: figures.hot.iter().map(|&(p, rate)| (p, rate.round() as u64)).collect(),
+        stream_keys_left: stats.iter().map(|s| s.stream.keys_left).sum(),
+        stream_keys_total: stats.iter().map(|s| s.stream.keys_total).sum(),
+        stream_bytes_sent: stats.iter().map(|s| s.streamed.bytes_sent).sum(),
+        stream_keys_resumed: stats.iter().map(|s| s.streamed.keys_resumed).sum(),
+        staged,
     })
 }

@@ -129,13 +129,30 @@ pub enum Op {
     Coordinate(crate::driver::ClientOp, Duration),
     /// Gossip received by another shard, for the gossip shard.
     Gossip(Vec<u8>),
+    /// A ring-change request, for the gossip shard.
+    RingChange(ringkv_net::proto::RingAction, Option<ringkv_net::proto::RingChange>),
     InstallView(Arc<ClusterView>),
     Stats,
+    /// The gossip agent's load figures and staged change (gossip shard).
+    AgentFigures,
+}
+
+/// One shard's figures: its store's and what it coordinated.
+#[derive(Debug, Clone)]
+pub struct ShardSnapshot {
+    pub store: StoreStats,
+    pub load: crate::load::ShardLoad,
+    pub stream: ringkv_core::handoff::Progress,
+    /// Partitions whose data here belongs elsewhere.
+    pub holding: std::collections::BTreeSet<u32>,
+    pub streamed: ringkv_core::handoff::HandoffStats,
 }
 
 pub enum OpOutput {
     Object(Option<Object>),
-    Stats(StoreStats),
+    Stats(Box<ShardSnapshot>),
+    /// The load figures, and the staged ring change as JSON ("" if none).
+    Figures(Box<(crate::load::Figures, String)>),
     Reply(Reply),
     Repair(RepairReport),
     Roots(Vec<PartitionRoot>),
@@ -395,20 +412,41 @@ impl Shard {
                     None => Err(internal("gossip reached a shard without the gossip agent")),
                 }
             }
+            Op::RingChange(action, change) => {
+                let agent = self.agent.borrow().clone();
+                match agent {
+                    Some(a) => {
+                        a.ring_change(action, change).await.map(|plan| OpOutput::Reply(Reply::RingChange { plan }))
+                    }
+                    None => Err(internal("a ring change reached a shard without the gossip agent")),
+                }
+            }
+            Op::AgentFigures => {
+                let agent = self.agent.borrow().clone();
+                let agent = agent.ok_or_else(|| internal("figures asked of a shard without the gossip agent"))?;
+                let staged = agent.ring_change(ringkv_net::proto::RingAction::Show, None).await?;
+                Ok(OpOutput::Figures(Box::new((agent.figures(), staged))))
+            }
             Op::InstallView(v) => {
                 *self.view.borrow_mut() = v;
                 Ok(OpOutput::Done)
             }
-            Op::Stats => Ok(OpOutput::Stats(self.store.stats())),
+            Op::Stats => Ok(OpOutput::Stats(Box::new(ShardSnapshot {
+                store: self.store.stats(),
+                load: self.driver.load(),
+                stream: self.driver.stream_progress(),
+                holding: self.driver.holding(),
+                streamed: self.driver.stream_stats(),
+            }))),
         }
     }
 
     /// Every shard's store statistics, in shard order.
-    pub async fn all_stats(self: &Rc<Self>) -> Result<Vec<StoreStats>, WireError> {
+    pub async fn all_stats(self: &Rc<Self>) -> Result<Vec<ShardSnapshot>, WireError> {
         let mut out = Vec::with_capacity(self.node.shards);
         for s in 0..self.node.shards {
             match self.on_shard(s, Op::Stats).await? {
-                OpOutput::Stats(st) => out.push(st),
+                OpOutput::Stats(st) => out.push(*st),
                 _ => return Err(internal("stats op returned something else")),
             }
         }

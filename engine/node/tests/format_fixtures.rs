@@ -7,7 +7,7 @@
 //!   (object records only);
 //! - `fixtures/store-v2`: format 2, with every record kind (objects, hints,
 //!   a retired hint, a purge, a dropped partition) and hint files;
-//! - `fixtures/cluster-state-v1.bin`: a saved `cluster.state` (format 1);
+//! - `fixtures/cluster-state-v1.bin` and `-v2.bin`: saved `cluster.state` files (formats 1 and 2);
 //! - `fixtures/meta-v1/ringkv.meta`: a data directory's identity file.
 //!
 //! To regenerate the current version's files (only when adding a version,
@@ -222,7 +222,14 @@ fn state_v1() -> ClusterState {
     let mut s = ClusterState::new("golden", 16);
     for (i, id) in ["a", "b"].iter().enumerate() {
         let pins: BTreeMap<u32, u16> = (0..16).filter(|p| p % 2 == i as u32).map(|p| (p, (p % 2) as u16)).collect();
-        let load = Load { ops_per_sec: 10 + i as u64, p99_us: 900, disk_bytes: 1 << 20, keys: 42, hints: i as u64 };
+        let load = Load {
+            ops_per_sec: 10 + i as u64,
+            p99_us: 900,
+            disk_bytes: 1 << 20,
+            keys: 42,
+            hints: i as u64,
+            ..Load::default()
+        };
         let m = Member {
             id: id.to_string(),
             addr: format!("127.0.0.{}:7070", i + 1),
@@ -233,6 +240,7 @@ fn state_v1() -> ClusterState {
             heartbeat: 77,
             pins,
             load,
+            holding: Default::default(),
         };
         s.members.insert(id.to_string(), m);
     }
@@ -241,17 +249,35 @@ fn state_v1() -> ClusterState {
     s
 }
 
+/// Format 2: the same state with the load figures and held partitions
+/// format 2 added.
+fn state_v2() -> ClusterState {
+    let mut s = state_v1();
+    for (i, m) in s.members.values_mut().enumerate() {
+        m.load.cpu_permille = 250 + i as u32;
+        m.load.moving_partitions = 3;
+        m.load.moving_bytes = 1 << 22;
+        m.holding = [1, 5, 15].into();
+    }
+    s
+}
+
 #[test]
-fn cluster_state_files_of_format_1_still_load_and_others_are_refused() {
-    let path = fixtures().join("cluster-state-v1.bin");
+fn cluster_state_files_of_formats_1_and_2_still_load_and_others_are_refused() {
+    // Format 1 was written by an older build: it is never rewritten.
+    let v1 = std::fs::read(fixtures().join("cluster-state-v1.bin")).expect("fixture exists");
+    assert_eq!(v1[0], 1, "format byte");
+    assert_eq!(ClusterState::decode(&v1).unwrap(), state_v1(), "new load figures read as 0");
+    let path = fixtures().join("cluster-state-v2.bin");
     if writing() {
-        std::fs::write(&path, state_v1().encode()).unwrap();
+        std::fs::write(&path, state_v2().encode()).unwrap();
     }
     let bytes = std::fs::read(&path).expect("fixture exists");
-    assert_eq!(bytes[0], 1, "format byte");
-    assert_eq!(ClusterState::decode(&bytes).unwrap(), state_v1());
+    assert_eq!(bytes[0], 2, "format byte");
+    assert_eq!(ClusterState::decode(&bytes).unwrap(), state_v2());
+    assert_eq!(state_v2().encode(), bytes, "this build writes format 2 byte for byte");
     let mut future = bytes.clone();
-    future[0] = 2;
+    future[0] = 3;
     let e = ClusterState::decode(&future).unwrap_err();
     assert!(e.to_string().contains("cluster state format is not supported"), "{e}");
 }

@@ -532,8 +532,12 @@ impl World {
             },
             now,
         );
-        let handoff =
-            Handoff::new(HandoffConfig { interval_us: 2_000_000, call_timeout_us: 2_000_000, chunk: 4 }, 0, now);
+        let handoff = Handoff::new(
+            // Paced, so streams overlap the faults.
+            HandoffConfig { interval_us: 2_000_000, call_timeout_us: 2_000_000, chunk: 4, bytes_per_sec: 20_000 },
+            0,
+            now,
+        );
         let repair = Repairer::new(
             RepairConfig {
                 interval_us: 3_000_000,
@@ -651,6 +655,8 @@ impl World {
         let random = self.rng.next_u64();
         let node = &mut self.nodes[i];
         let m = node.m.as_mut().expect("running");
+        // As the node's agent does: publish what is still to stream.
+        m.gossip.set_holding(m.handoff.holding());
         let target = m.gossip.tick(now / 1000, random);
         m.topo = topology(&node.name, self.opts.replicas, &m.gossip, now / 1000);
         let state = Box::new(m.gossip.state().clone());
@@ -1227,6 +1233,7 @@ fn member(name: &str, generation: u64) -> Member {
         heartbeat: 0,
         pins: BTreeMap::new(),
         load: Load::default(),
+        holding: Default::default(),
     }
 }
 
