@@ -101,6 +101,12 @@ pub struct RunArgs {
     /// ringkv cluster name presented in the handshake.
     #[arg(long, default_value = "ringkv")]
     pub ringkv_cluster: String,
+    /// ringkv: authenticate with this token (nodes with `auth_tokens`).
+    #[arg(long, env = ringkv_net::auth::TOKEN_ENV, hide_env_values = true)]
+    pub token: Option<String>,
+    /// ringkv: authenticate as this user; the password comes from $RINGKV_PASSWORD.
+    #[arg(long, env = ringkv_net::auth::USER_ENV)]
+    pub user: Option<String>,
     /// ringkv: send everything to the given port and let the node forward
     /// between its shards.
     #[arg(long)]
@@ -204,6 +210,23 @@ impl RunArgs {
             },
             timeout_ms: self.timeout_ms,
         }
+    }
+
+    /// How every ringkv connection of the run is opened.
+    fn ringkv_client(&self) -> Result<ringkv_net::ClientConfig> {
+        let password = std::env::var(ringkv_net::auth::PASSWORD_ENV).ok();
+        let credentials = ringkv_net::auth::Credentials::from_options(
+            self.token.as_deref(),
+            self.user.as_deref(),
+            password.as_deref(),
+        )
+        .map_err(|e| anyhow!(e))?;
+        Ok(ringkv_net::ClientConfig {
+            cluster: self.ringkv_cluster.clone(),
+            timeout: Duration::from_secs(10),
+            credentials,
+            ..Default::default()
+        })
     }
 
     fn validate(&self) -> Result<()> {
@@ -320,7 +343,7 @@ pub fn run(args: &RunArgs) -> Result<RunReport> {
     let opts = ResolveOptions {
         redis_cluster: args.cluster,
         shard_aware: !args.no_shard_aware,
-        ringkv_cluster: args.ringkv_cluster.clone(),
+        ringkv: args.ringkv_client()?,
         echo: EchoConfig {
             listen: "127.0.0.1:0".parse().expect("valid address"),
             cpus: args.echo_cpus.clone().map(|c| c.0),
@@ -334,9 +357,9 @@ pub fn run(args: &RunArgs) -> Result<RunReport> {
         Kind::Redis => Arc::new(|| Codec::Redis),
         Kind::Echo => Arc::new(move || Codec::Echo(EchoCodec::new(ropts))),
     };
-    let (kind, cluster) = (resolved.kind, args.ringkv_cluster.clone());
+    let (kind, ringkv) = (resolved.kind, opts.ringkv.clone());
     let connect: Arc<dyn Fn(SocketAddr) -> Result<std::net::TcpStream> + Send + Sync> =
-        Arc::new(move |a| target::connect(kind, a, &cluster));
+        Arc::new(move |a| target::connect(kind, a, &ringkv));
     let ctx = Ctx {
         args,
         resolved: &resolved,

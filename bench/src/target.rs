@@ -7,9 +7,6 @@ use crate::resp::{self, Resp};
 use crate::router::{Router, ShardAwareNode, SingleEndpoint, SlotRouter, TopologyRouter};
 use crate::slots::{parse_cluster_nodes, parse_cluster_slots};
 use anyhow::{anyhow, bail, Context, Result};
-use ringkv_net::frame::FrameDecoder;
-use ringkv_net::proto::{decode, DecodeLimits, Encoder, Hello, HelloAck, Message};
-use ringkv_net::session::CLIENT_MAX_FRAME_BYTES;
 use ringkv_net::{Client, ClientConfig};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -80,7 +77,8 @@ pub struct Resolved {
 pub struct ResolveOptions {
     pub redis_cluster: bool,
     pub shard_aware: bool,
-    pub ringkv_cluster: String,
+    /// How to connect to ringkv: the cluster name and credentials.
+    pub ringkv: ClientConfig,
     /// For `echo://local`.
     pub echo: EchoConfig,
 }
@@ -145,8 +143,7 @@ pub fn resolve(url: &TargetUrl, opts: &ResolveOptions) -> Result<Resolved> {
 /// ringkv: ask the node its shard count and partition count, then route each
 /// key to the shard that owns it.
 fn resolve_ringkv(addr: SocketAddr, opts: &ResolveOptions) -> Result<Resolved> {
-    let cfg = ClientConfig { cluster: opts.ringkv_cluster.clone(), timeout: Duration::from_secs(10), bind: None };
-    let mut c = Client::connect(addr, &cfg).with_context(|| format!("connecting to ringkv at {addr}"))?;
+    let mut c = Client::connect(addr, &opts.ringkv).with_context(|| format!("connecting to ringkv at {addr}"))?;
     let shards = c.server().shards.max(1);
     let node = c.server().node_id.clone();
     let base = SocketAddr::new(addr.ip(), addr.port() - c.server().shard);
@@ -254,39 +251,20 @@ fn cluster_nodes(addr: SocketAddr) -> Result<Vec<SocketAddr>> {
     Ok(nodes)
 }
 
-/// Opens one connection to `addr` and completes the protocol's handshake.
-pub fn connect(kind: Kind, addr: SocketAddr, ringkv_cluster: &str) -> Result<TcpStream> {
-    let mut s =
-        TcpStream::connect_timeout(&addr, Duration::from_secs(5)).with_context(|| format!("connecting to {addr}"))?;
-    s.set_nodelay(true)?;
-    if kind == Kind::Ringkv {
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let mut out = Vec::new();
-        Encoder::new().encode(&Message::Hello(Hello::client(ringkv_cluster)), &mut out);
-        s.write_all(&out)?;
-        let mut d = FrameDecoder::new(CLIENT_MAX_FRAME_BYTES);
-        let ack: HelloAck = loop {
-            let spare = d.spare(4096);
-            let n = s.read(spare)?;
-            if n == 0 {
-                bail!("{addr} closed the connection during the handshake");
-            }
-            d.commit(n);
-            if let Some(payload) = d.next_frame()? {
-                match decode(payload, DecodeLimits::CLIENT)? {
-                    Message::HelloAck(a) => break a,
-                    Message::Error(e) => bail!("{addr} refused the connection: {e}"),
-                    m => bail!("{addr} answered the hello with {m:?}"),
-                }
-            }
-        };
-        if d.buffered() != 0 {
-            bail!("{addr} sent data after its handshake");
-        }
-        let _ = ack;
-        // The driver's io_uring reads must not time out on their own.
-        s.set_read_timeout(None)?;
+/// Opens one connection to `addr` and completes the protocol's handshake
+/// (ringkv's, with the credentials in `ringkv`, by the client library).
+pub fn connect(kind: Kind, addr: SocketAddr, ringkv: &ClientConfig) -> Result<TcpStream> {
+    if kind != Kind::Ringkv {
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .with_context(|| format!("connecting to {addr}"))?;
+        s.set_nodelay(true)?;
+        return Ok(s);
     }
+    let c = Client::connect(addr, ringkv).with_context(|| format!("connecting to ringkv at {addr}"))?;
+    let s = c.into_stream().with_context(|| format!("{addr} sent data after its handshake"))?;
+    // The driver's io_uring reads and writes must not time out on their own.
+    s.set_read_timeout(None)?;
+    s.set_write_timeout(None)?;
     Ok(s)
 }
 

@@ -5,6 +5,7 @@
 //! [`Client::send`] queues without waiting and [`Client::recv`] returns
 //! responses in the order they arrive.
 
+use crate::auth::Credentials;
 use crate::proto::{GetResult, Hello, HelloAck, Level, NodeInfo, Reply, Request, Response, WireError};
 use crate::session::{Event, Session, SessionError};
 use std::collections::HashMap;
@@ -40,11 +41,18 @@ pub struct ClientConfig {
     /// Local address to connect from (default: the system's choice). Lets a
     /// test client stand on one side of a network partition.
     pub bind: Option<std::net::IpAddr>,
+    /// What to authenticate with, if the node asks.
+    pub credentials: Option<Credentials>,
 }
 
 impl Default for ClientConfig {
     fn default() -> Self {
-        ClientConfig { cluster: DEFAULT_CLUSTER.to_string(), timeout: Duration::from_secs(10), bind: None }
+        ClientConfig {
+            cluster: DEFAULT_CLUSTER.to_string(),
+            timeout: Duration::from_secs(10),
+            bind: None,
+            credentials: None,
+        }
     }
 }
 
@@ -96,7 +104,7 @@ impl Client {
         stream.set_write_timeout(Some(config.timeout))?;
         let mut c = Client {
             stream,
-            session: Session::new(Hello::client(&config.cluster)),
+            session: Session::with_credentials(Hello::client(&config.cluster), config.credentials.clone()),
             timeout: config.timeout,
             server: HelloAck {
                 protocol_version: 0,
@@ -116,6 +124,17 @@ impl Client {
             }
             Event::Response(r) => Err(SessionError::Protocol(format!("response {} before handshake", r.id)).into()),
         }
+    }
+
+    /// The connected stream, handshake done, for a caller that speaks the
+    /// protocol itself (the benchmark's load generator). Refused while
+    /// requests are outstanding or received bytes are unread: the caller
+    /// would never see them.
+    pub fn into_stream(self) -> Result<TcpStream, ClientError> {
+        if self.session.in_flight() > 0 || self.session.buffered() > 0 || !self.early.is_empty() {
+            return Err(SessionError::Protocol("the connection has requests or data outstanding".into()).into());
+        }
+        Ok(self.stream)
     }
 
     /// What the server said about itself in the handshake.
@@ -251,6 +270,9 @@ impl Client {
             if let Some(e) = self.session.poll()? {
                 return Ok(e);
             }
+            // An answer to a challenge (and what it held back) goes out
+            // before we wait for more.
+            self.flush()?;
             const READ: usize = 64 * 1024;
             let buf = self.session.read_buffer(READ);
             let n = match self.stream.read(buf) {

@@ -49,6 +49,12 @@ impl FrameDecoder {
         self.max_frame
     }
 
+    /// Changes the cap for the frames still to come (a node allows only a
+    /// small one until the handshake is done).
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.max_frame = max_frame;
+    }
+
     /// Bytes received but not yet returned as frames.
     pub fn buffered(&self) -> usize {
         self.end - self.start

@@ -10,6 +10,7 @@
 //! The schema is `net/schema/ringkv.fbs`; the generated code lives in
 //! `generated/` and is refreshed by `tools/gen-wire.sh`.
 
+pub mod auth;
 pub mod client;
 pub mod cluster;
 pub mod frame;

@@ -28,6 +28,19 @@ pub struct Hello {
     pub cluster: String,
     pub node_id: String,
     pub credentials: Vec<u8>,
+    /// Set when the sender can answer a [`Challenge`]: its half of the
+    /// nonces the proof covers (see [`crate::auth`]).
+    pub auth_nonce: Vec<u8>,
+    /// The user a client authenticates as; empty for a token (or a peer).
+    pub user: String,
+}
+
+/// A node's answer to a hello that must authenticate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Challenge {
+    pub nonce: Vec<u8>,
+    /// For a peer: the node's own proof of the cluster secret; else empty.
+    pub proof: Vec<u8>,
 }
 
 impl Hello {
@@ -39,6 +52,8 @@ impl Hello {
             cluster: cluster.to_string(),
             node_id: String::new(),
             credentials: Vec::new(),
+            auth_nonce: Vec::new(),
+            user: String::new(),
         }
     }
 }
@@ -69,6 +84,9 @@ pub enum ErrorCode {
     StaleTopology,
     FrameTooLarge,
     MalformedFrame,
+    /// Missing or wrong credentials, or a request the connection's role may
+    /// not send.
+    Unauthorized,
 }
 
 impl ErrorCode {
@@ -87,6 +105,7 @@ impl ErrorCode {
             ErrorCode::StaleTopology => fb::ErrorCode::StaleTopology,
             ErrorCode::FrameTooLarge => fb::ErrorCode::FrameTooLarge,
             ErrorCode::MalformedFrame => fb::ErrorCode::MalformedFrame,
+            ErrorCode::Unauthorized => fb::ErrorCode::Unauthorized,
         }
     }
 
@@ -104,6 +123,7 @@ impl ErrorCode {
             fb::ErrorCode::StaleTopology => ErrorCode::StaleTopology,
             fb::ErrorCode::FrameTooLarge => ErrorCode::FrameTooLarge,
             fb::ErrorCode::MalformedFrame => ErrorCode::MalformedFrame,
+            fb::ErrorCode::Unauthorized => ErrorCode::Unauthorized,
             // Internal, and codes from a newer peer that we do not know.
             _ => ErrorCode::Internal,
         }
@@ -124,6 +144,7 @@ impl ErrorCode {
             ErrorCode::StaleTopology => "StaleTopology",
             ErrorCode::FrameTooLarge => "FrameTooLarge",
             ErrorCode::MalformedFrame => "MalformedFrame",
+            ErrorCode::Unauthorized => "Unauthorized",
         }
     }
 }
@@ -296,7 +317,10 @@ impl Request {
         }
     }
 
-    /// Requests only other nodes may send.
+    /// Requests only other nodes may send: the ones that change replicas
+    /// behind the coordinator's back or expose the cluster's internals in
+    /// bulk. A replica read stays open to clients: it shows one key's
+    /// versions, which operators and tests inspect, and changes nothing.
     pub fn is_peer_only(&self) -> bool {
         matches!(
             self,
@@ -306,6 +330,9 @@ impl Request {
                 | Request::Merkle { .. }
                 | Request::Keys { .. }
                 | Request::ReadBatch { .. }
+                | Request::Purge { .. }
+                // Applying skips the plan's checks: only a committing node may.
+                | Request::RingChange { action: RingAction::Apply, .. }
         )
     }
 }
@@ -451,6 +478,12 @@ pub enum Message {
     Response(Response),
     /// A connection-level error; the sender closes the connection after it.
     Error(WireError),
+    /// The node's half of authentication, answering a hello.
+    Challenge(Challenge),
+    /// The connecting side's proof, answering a challenge.
+    Auth {
+        proof: Vec<u8>,
+    },
 }
 
 /// Why a frame's payload could not be turned into a [`Message`].
@@ -518,6 +551,8 @@ pub fn decode(payload: &[u8], limits: DecodeLimits) -> Result<Message, DecodeErr
                 cluster: h.cluster().unwrap_or_default().to_string(),
                 node_id: h.node_id().unwrap_or_default().to_string(),
                 credentials: bytes(h.credentials()),
+                auth_nonce: bytes(h.auth_nonce()),
+                user: h.user().unwrap_or_default().to_string(),
             }))
         }
         fb::FrameBody::HelloAck => {
@@ -549,6 +584,14 @@ pub fn decode(payload: &[u8], limits: DecodeLimits) -> Result<Message, DecodeErr
         fb::FrameBody::Error => {
             let e = frame.body_as_error().ok_or(DecodeError::Missing("error"))?;
             Ok(Message::Error(decode_error(&e)))
+        }
+        fb::FrameBody::Challenge => {
+            let c = frame.body_as_challenge().ok_or(DecodeError::Missing("challenge"))?;
+            Ok(Message::Challenge(Challenge { nonce: bytes(c.nonce()), proof: bytes(c.proof()) }))
+        }
+        fb::FrameBody::Auth => {
+            let a = frame.body_as_auth().ok_or(DecodeError::Missing("auth"))?;
+            Ok(Message::Auth { proof: bytes(a.proof()) })
         }
         other => Err(DecodeError::UnknownMessage(other.0)),
     }
@@ -854,6 +897,17 @@ impl Encoder {
             Message::Request(r) => (fb::FrameBody::Request, encode_request(fbb, r)),
             Message::Response(r) => (fb::FrameBody::Response, encode_response(fbb, r)),
             Message::Error(e) => (fb::FrameBody::Error, encode_error(fbb, e).as_union_value()),
+            Message::Challenge(c) => {
+                let nonce = fbb.create_vector(&c.nonce);
+                let proof = fbb.create_vector(&c.proof);
+                let t = fb::Challenge::create(fbb, &fb::ChallengeArgs { nonce: Some(nonce), proof: Some(proof) });
+                (fb::FrameBody::Challenge, t.as_union_value())
+            }
+            Message::Auth { proof } => {
+                let proof = fbb.create_vector(proof);
+                let t = fb::Auth::create(fbb, &fb::AuthArgs { proof: Some(proof) });
+                (fb::FrameBody::Auth, t.as_union_value())
+            }
         };
         let frame = fb::Frame::create(fbb, &fb::FrameArgs { body_type, body: Some(body) });
         fbb.finish(frame, None);
@@ -877,6 +931,10 @@ fn encode_hello(fbb: &mut Fbb, h: &Hello) -> Union {
     let cluster = fbb.create_string(&h.cluster);
     let node_id = fbb.create_string(&h.node_id);
     let credentials = fbb.create_vector(&h.credentials);
+    // Written only when set, so a hello without authentication encodes
+    // byte for byte as protocol 1 always did (tests/fixtures/wire-v1).
+    let auth_nonce = (!h.auth_nonce.is_empty()).then(|| fbb.create_vector(&h.auth_nonce));
+    let user = (!h.user.is_empty()).then(|| fbb.create_string(&h.user));
     fb::Hello::create(
         fbb,
         &fb::HelloArgs {
@@ -886,6 +944,8 @@ fn encode_hello(fbb: &mut Fbb, h: &Hello) -> Union {
             cluster: Some(cluster),
             credentials: Some(credentials),
             node_id: Some(node_id),
+            auth_nonce,
+            user,
         },
     )
     .as_union_value()

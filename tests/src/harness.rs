@@ -6,6 +6,7 @@
 //! spawned it dies (PR_SET_PDEATHSIG), which covers a test process that is
 //! itself killed.
 
+use ringkv_net::auth::Credentials;
 use ringkv_net::{Client, ClientConfig};
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
@@ -88,6 +89,9 @@ pub struct NodeSpec {
     pub seeds: Vec<SocketAddr>,
     /// Extra `ringkv server` flags.
     pub extra: Vec<String>,
+    /// What the harness's own clients authenticate with (a node configured
+    /// with tokens or users through `extra`).
+    pub credentials: Option<Credentials>,
 }
 
 impl NodeSpec {
@@ -102,11 +106,17 @@ impl NodeSpec {
             dir: dir.join("data"),
             seeds: Vec::new(),
             extra: Vec::new(),
+            credentials: None,
         }
     }
 
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from((self.ip, self.port))
+    }
+
+    /// How the harness connects to this node.
+    pub fn client_config(&self, timeout: Duration) -> ClientConfig {
+        ClientConfig { timeout, credentials: self.credentials.clone(), ..Default::default() }
     }
 }
 
@@ -175,7 +185,7 @@ impl Node {
                 if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().expect("try_wait")) {
                     panic!("node {} exited during start-up ({status}); log:\n{}", self.spec.node_id, self.log());
                 }
-                let cfg = ClientConfig { timeout: Duration::from_secs(2), ..Default::default() };
+                let cfg = self.spec.client_config(Duration::from_secs(2));
                 if let Ok(mut c) = Client::connect(addr, &cfg) {
                     if c.ping().is_ok() {
                         break;
@@ -205,13 +215,13 @@ impl Node {
     }
 
     pub fn client(&self) -> Client {
-        Client::connect(self.addr(), &ClientConfig::default()).expect("connecting to node")
+        Client::connect(self.addr(), &self.spec.client_config(ClientConfig::default().timeout))
+            .expect("connecting to node")
     }
 
     /// A client, or `None` if the node does not answer within two seconds.
     pub fn try_client(&self) -> Option<Client> {
-        let cfg = ClientConfig { timeout: Duration::from_secs(2), ..Default::default() };
-        Client::connect(self.addr(), &cfg).ok()
+        Client::connect(self.addr(), &self.spec.client_config(Duration::from_secs(2))).ok()
     }
 
     pub fn log(&self) -> String {
@@ -301,8 +311,18 @@ impl Drop for Node {
 
 /// Runs the `ringkv` CLI with `args`, feeding `stdin`, and returns its output.
 pub fn cli(args: &[&str], stdin: Option<&[u8]>) -> Output {
+    cli_env(args, stdin, &[])
+}
+
+/// [`cli`] with these environment variables set.
+pub fn cli_env(args: &[&str], stdin: Option<&[u8]>, env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(ringkv_bin());
     cmd.args(args).env_remove("RINGKV_ENDPOINT").env("RINGKV_LOG", "warn");
+    // Credentials only where a test passes them.
+    for var in [ringkv_net::auth::TOKEN_ENV, ringkv_net::auth::USER_ENV, ringkv_net::auth::PASSWORD_ENV] {
+        cmd.env_remove(var);
+    }
+    cmd.envs(env.iter().copied());
     cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawning ringkv cli");
@@ -331,6 +351,7 @@ impl Cluster {
             dir: dir.join(format!("n{}", i + 1)),
             seeds,
             extra: extra.iter().map(ToString::to_string).collect(),
+            credentials: None,
         }
     }
 

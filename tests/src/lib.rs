@@ -4,6 +4,7 @@
 //!   stops them however a test ends;
 //! - [`faults`]: network partitions between nodes with nftables rules;
 //! - [`load`]: a bounded client load that records what it did;
+//! - [`raw`]: protocol connections that misbehave on purpose;
 //! - [`history`]: the checker for such records (lost, resurrected, phantom
 //!   values, stale reads).
 
@@ -11,3 +12,4 @@ pub mod faults;
 pub mod harness;
 pub mod history;
 pub mod load;
+pub mod raw;

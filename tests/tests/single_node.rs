@@ -1,10 +1,11 @@
 //! One real `ringkv server` process: round trips through the CLI and the
 //! client library, versions, bad input, and an unwritable data directory.
 
-use ringkv_net::proto::{testing, DecodeLimits, Encoder, ErrorCode, Hello, Message, Request};
+use ringkv_net::proto::{testing, Encoder, ErrorCode, Hello, Message, Request};
 use ringkv_net::{Client, ClientConfig, ClientError, Level, WriteOptions};
 use ringkv_tests::harness::{cli, Node, NodeSpec};
-use std::io::{Read, Write};
+use ringkv_tests::raw::{self, closed, expect_error_then_close, read_frame};
+use std::io::Write;
 use std::net::TcpStream;
 use std::time::Duration;
 
@@ -154,36 +155,8 @@ fn oversized_pairs_and_bad_keys_are_refused_and_the_connection_stays_usable() {
     assert_eq!(c.get(b"k", Level::Default).unwrap().values, vec![fits]);
 }
 
-/// A raw connection that has done the handshake.
 fn raw(n: &Node) -> TcpStream {
-    let mut s = TcpStream::connect(n.addr()).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(&Encoder::new().to_vec(&Message::Hello(Hello::client("ringkv")))).unwrap();
-    let msg = read_frame(&mut s).expect("hello ack");
-    assert!(matches!(msg, Message::HelloAck(_)), "got {msg:?}");
-    s
-}
-
-/// Reads one frame; `None` when the server closed the connection.
-fn read_frame(s: &mut TcpStream) -> Option<Message> {
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).ok()?;
-    let mut buf = vec![0u8; u32::from_le_bytes(len) as usize];
-    s.read_exact(&mut buf).ok()?;
-    Some(ringkv_net::proto::decode(&buf, DecodeLimits::CLIENT).expect("server frames decode"))
-}
-
-fn closed(s: &mut TcpStream) -> bool {
-    let mut b = [0u8; 1];
-    matches!(s.read(&mut b), Ok(0) | Err(_))
-}
-
-fn expect_error_then_close(s: &mut TcpStream, code: ErrorCode) {
-    match read_frame(s) {
-        Some(Message::Error(e)) => assert_eq!(e.code, code, "{e}"),
-        other => panic!("expected an error frame, got {other:?}"),
-    }
-    assert!(closed(s), "connection closed after the error");
+    raw::client(n.addr())
 }
 
 #[test]

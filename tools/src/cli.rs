@@ -154,6 +154,30 @@ pub struct ServerArgs {
     /// Partition stream budget of the node in MiB/s [default: 32].
     #[arg(long)]
     pub stream_mb_per_s: Option<u64>,
+    /// File holding the cluster secret that peers prove (docs/SECURITY.md).
+    #[arg(long)]
+    pub cluster_secret_file: Option<PathBuf>,
+    /// File of tokens clients may authenticate with, one per line.
+    #[arg(long)]
+    pub auth_tokens_file: Option<PathBuf>,
+    /// A connection must finish its handshake within this long [default: 10000].
+    #[arg(long)]
+    pub handshake_timeout_ms: Option<u64>,
+    /// Close a connection with nothing in flight that is silent this long [default: 300000].
+    #[arg(long)]
+    pub idle_timeout_ms: Option<u64>,
+    /// Connections the node holds at once [default: 8192].
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Requests in flight per connection; more get Overloaded [default: 1024].
+    #[arg(long)]
+    pub max_in_flight_per_connection: Option<usize>,
+    /// Unwritten response bytes per connection before it is no longer read [default: 16777216].
+    #[arg(long)]
+    pub max_output_buffer_bytes: Option<usize>,
+    /// Close a connection whose responses cannot be written this long [default: 30000].
+    #[arg(long)]
+    pub write_stall_timeout_ms: Option<u64>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -167,6 +191,12 @@ pub struct Endpoint {
     /// Give up after this long.
     #[arg(long, default_value_t = 10_000)]
     pub timeout_ms: u64,
+    /// Authenticate with this token (nodes with `auth_tokens`).
+    #[arg(long, env = ringkv_net::auth::TOKEN_ENV, hide_env_values = true)]
+    pub token: Option<String>,
+    /// Authenticate as this user; the password comes from $RINGKV_PASSWORD.
+    #[arg(long, env = ringkv_net::auth::USER_ENV)]
+    pub user: Option<String>,
 }
 
 #[derive(Args)]

@@ -5,6 +5,7 @@ use crate::cli::{DeleteArgs, Endpoint, GetArgs, PutArgs, RepairArgs, StatusArgs}
 use crate::Failure;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use ringkv_net::auth::Credentials;
 use ringkv_net::proto::{NodeInfo, PartitionRoot, Reply, Request};
 use ringkv_net::{Client, ClientConfig, ClientError, ErrorCode, Level, WriteOptions};
 use serde_json::json;
@@ -12,7 +13,15 @@ use std::io::{IsTerminal, Read, Write};
 use std::time::Duration;
 
 pub fn connect(e: &Endpoint) -> Result<Client, Failure> {
-    let cfg = ClientConfig { cluster: e.cluster.clone(), timeout: Duration::from_millis(e.timeout_ms), bind: None };
+    let password = std::env::var(ringkv_net::auth::PASSWORD_ENV).ok();
+    let credentials = Credentials::from_options(e.token.as_deref(), e.user.as_deref(), password.as_deref())
+        .map_err(Failure::Usage)?;
+    let cfg = ClientConfig {
+        cluster: e.cluster.clone(),
+        timeout: Duration::from_millis(e.timeout_ms),
+        credentials,
+        ..Default::default()
+    };
     Client::connect(e.endpoint.as_str(), &cfg).map_err(Failure::from)
 }
 
@@ -24,6 +33,10 @@ impl From<ClientError> for Failure {
                 _ => format!("{w}"),
             }),
             ClientError::Connect { .. } => Failure::Unreachable(e.to_string()),
+            // Wrong credentials, cluster or protocol: the node answered.
+            ClientError::Session(ringkv_net::session::SessionError::Refused(w)) => {
+                Failure::Refused(format!("the node refused the connection: {w}"))
+            }
             other => Failure::Unreachable(other.to_string()),
         }
     }

@@ -82,8 +82,38 @@ pub fn resolve(args: &ServerArgs) -> Result<NodeConfig, String> {
     if let Some(v) = a.stream_mb_per_s {
         c.stream_mb_per_s = v;
     }
+    if let Some(path) = &a.cluster_secret_file {
+        c.cluster_secret = Some(read_secret(path)?.trim().to_string());
+    }
+    if let Some(path) = &a.auth_tokens_file {
+        c.auth_tokens = read_secret(path)?.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+    }
+    let limits = [
+        (a.handshake_timeout_ms, &mut c.handshake_timeout_ms),
+        (a.idle_timeout_ms, &mut c.idle_timeout_ms),
+        (a.write_stall_timeout_ms, &mut c.write_stall_timeout_ms),
+    ];
+    for (flag, setting) in limits {
+        if let Some(v) = flag {
+            *setting = v;
+        }
+    }
+    let counts = [
+        (a.max_connections, &mut c.max_connections),
+        (a.max_in_flight_per_connection, &mut c.max_in_flight_per_connection),
+        (a.max_output_buffer_bytes, &mut c.max_output_buffer_bytes),
+    ];
+    for (flag, setting) in counts {
+        if let Some(v) = flag {
+            *setting = v;
+        }
+    }
     c.validate()?;
     Ok(c)
+}
+
+fn read_secret(path: &std::path::Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
 pub fn run(args: &ServerArgs) -> Result<(), String> {

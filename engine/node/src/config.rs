@@ -5,11 +5,17 @@
 
 use ringkv_core::keyspace::{self, DEFAULT_MAX_PAIR_BYTES, DEFAULT_PARTITIONS, MAX_PAIR_BYTES_LIMIT};
 use ringkv_net::frame::DEFAULT_MAX_FRAME_BYTES;
+use ringkv_net::proto::Role;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 pub const DEFAULT_PORT: u16 = 7070;
+
+/// The shortest cluster secret or client token accepted: shorter ones could
+/// be guessed by trying them against a recorded exchange offline.
+pub const MIN_SECRET_BYTES: usize = 16;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -64,6 +70,27 @@ pub struct NodeConfig {
     /// many MiB of keys and values per second from this node, shared by its
     /// shards; each shard streams one partition at a time.
     pub stream_mb_per_s: u64,
+
+    // Authentication and connection limits (docs/SECURITY.md). Without
+    // credentials a node listens on loopback addresses only.
+    /// Shared by every node of the cluster; peers prove they know it.
+    pub cluster_secret: Option<String>,
+    /// Tokens a client may authenticate with.
+    pub auth_tokens: Vec<String>,
+    /// Users and their passwords a client may authenticate with.
+    pub auth_users: BTreeMap<String, String>,
+    /// A connection must finish its handshake within this long.
+    pub handshake_timeout_ms: u64,
+    /// A connection with nothing in flight that sends nothing this long is closed.
+    pub idle_timeout_ms: u64,
+    /// Connections the node holds at once, over all its shards.
+    pub max_connections: usize,
+    /// Response bytes a connection may leave unread; past them the node
+    /// reads nothing more from it until they drain.
+    pub max_output_buffer_bytes: usize,
+    /// A connection whose pending responses cannot be written within this
+    /// long (the client does not read) is closed.
+    pub write_stall_timeout_ms: u64,
 }
 
 impl Default for NodeConfig {
@@ -95,6 +122,14 @@ impl Default for NodeConfig {
             compaction_garbage_ratio: 0.5,
             compaction_mb_per_s: 64,
             stream_mb_per_s: 32,
+            cluster_secret: None,
+            auth_tokens: Vec::new(),
+            auth_users: BTreeMap::new(),
+            handshake_timeout_ms: 10_000,
+            idle_timeout_ms: 300_000,
+            max_connections: 8192,
+            max_output_buffer_bytes: 16 << 20,
+            write_stall_timeout_ms: 30_000,
         }
     }
 }
@@ -172,6 +207,68 @@ impl NodeConfig {
         for s in &self.seeds {
             s.parse::<SocketAddr>().map_err(|_| format!("seed {s:?} is not an IP:PORT address"))?;
         }
+        self.validate_security()
+    }
+
+    /// Whether connections of `role` must prove who they are: peers when a
+    /// cluster secret is set, clients when tokens or users are.
+    pub fn authenticates(&self, role: Role) -> bool {
+        match role {
+            Role::Peer => self.cluster_secret.is_some(),
+            Role::Client => !self.auth_tokens.is_empty() || !self.auth_users.is_empty(),
+        }
+    }
+
+    fn validate_security(&self) -> Result<(), String> {
+        let (peers, clients) = (self.authenticates(Role::Peer), self.authenticates(Role::Client));
+        let trusted_network = self.listen.ip().is_loopback();
+        if !trusted_network && (!peers || !clients) {
+            let missing = match (peers, clients) {
+                (false, false) => "cluster_secret and client credentials (auth_tokens or auth_users)",
+                (false, true) => "cluster_secret",
+                _ => "client credentials (auth_tokens or auth_users)",
+            };
+            return Err(format!(
+                "refusing to listen on {} without {missing}: see docs/SECURITY.md, or listen on a loopback address",
+                self.listen.ip()
+            ));
+        }
+        if clients && !peers {
+            // Anyone may claim the peer role where peers need no proof, and
+            // a peer may do everything a client may: the client check
+            // would be for show.
+            return Err("auth_tokens and auth_users need cluster_secret too: without it, anyone could skip them \
+                        by connecting as a peer"
+                .into());
+        }
+        if self.cluster_secret.as_ref().is_some_and(|s| s.len() < MIN_SECRET_BYTES) {
+            return Err(format!("cluster_secret must be at least {MIN_SECRET_BYTES} bytes"));
+        }
+        if self.auth_tokens.iter().any(|t| t.len() < MIN_SECRET_BYTES) {
+            return Err(format!("auth_tokens: every token must be at least {MIN_SECRET_BYTES} bytes"));
+        }
+        for (user, password) in &self.auth_users {
+            if user.is_empty() || user.len() > 128 || user.chars().any(|c| c.is_control()) {
+                return Err(format!("auth_users: user name {user:?} must be 1 to 128 printable characters"));
+            }
+            if password.is_empty() {
+                return Err(format!("auth_users: user {user:?} has an empty password"));
+            }
+        }
+        if self.handshake_timeout_ms == 0 || self.idle_timeout_ms == 0 || self.write_stall_timeout_ms == 0 {
+            return Err("handshake_timeout_ms, idle_timeout_ms and write_stall_timeout_ms must be positive".into());
+        }
+        if self.max_connections == 0 || self.max_connections_per_shard == 0 || self.max_in_flight_per_connection == 0 {
+            return Err(
+                "max_connections, max_connections_per_shard and max_in_flight_per_connection must be positive".into()
+            );
+        }
+        if self.max_output_buffer_bytes < self.max_frame_bytes {
+            return Err(format!(
+                "max_output_buffer_bytes ({}) must be at least max_frame_bytes ({}): one response must fit",
+                self.max_output_buffer_bytes, self.max_frame_bytes
+            ));
+        }
         Ok(())
     }
 
@@ -214,5 +311,69 @@ mod tests {
         assert!(bad.validate().unwrap_err().contains("max_pair_bytes"));
         let bad = NodeConfig { seeds: vec!["nowhere".into()], ..Default::default() };
         assert!(bad.validate().unwrap_err().contains("seed"));
+    }
+
+    const SECRET: &str = "0123456789abcdef";
+
+    #[test]
+    fn without_credentials_a_node_listens_on_loopback_only() {
+        let public = NodeConfig { listen: "10.1.2.3:7070".parse().unwrap(), ..Default::default() };
+        let e = public.validate().unwrap_err();
+        assert_eq!(
+            e,
+            "refusing to listen on 10.1.2.3 without cluster_secret and client credentials (auth_tokens or \
+             auth_users): see docs/SECURITY.md, or listen on a loopback address"
+        );
+        let any = NodeConfig { listen: "0.0.0.0:7070".parse().unwrap(), ..Default::default() };
+        assert!(any.validate().is_err(), "the wildcard address is not loopback");
+        // A secret alone is not enough: clients would still be anonymous.
+        let half = NodeConfig { cluster_secret: Some(SECRET.into()), ..public.clone() };
+        assert!(half.validate().unwrap_err().contains("without client credentials"));
+        let tokens_only = NodeConfig { auth_tokens: vec![SECRET.into()], ..public.clone() };
+        assert!(tokens_only.validate().unwrap_err().contains("without cluster_secret:"));
+        // A secret alone is fine on loopback: peers are checked, local clients are not.
+        NodeConfig { cluster_secret: Some(SECRET.into()), ..Default::default() }.validate().unwrap();
+        NodeConfig { auth_tokens: vec![SECRET.into()], ..half.clone() }.validate().unwrap();
+        let users = BTreeMap::from([("alice".to_string(), "pw".to_string())]);
+        NodeConfig { auth_users: users, ..half }.validate().unwrap();
+        // Every loopback address needs nothing.
+        NodeConfig { listen: "127.0.0.5:7070".parse().unwrap(), ..Default::default() }.validate().unwrap();
+        NodeConfig { listen: "[::1]:7070".parse().unwrap(), ..Default::default() }.validate().unwrap();
+    }
+
+    #[test]
+    fn credentials_and_connection_limits_are_checked() {
+        let short = NodeConfig { cluster_secret: Some("short".into()), ..Default::default() };
+        assert!(short.validate().unwrap_err().contains("cluster_secret must be at least 16"));
+        let empty = NodeConfig { cluster_secret: Some(String::new()), ..Default::default() };
+        assert!(empty.validate().is_err(), "an empty secret is not 'no secret'");
+        let token = NodeConfig { auth_tokens: vec![SECRET.into()], ..Default::default() };
+        assert!(token.validate().unwrap_err().contains("need cluster_secret too"), "even on loopback");
+        let secret = || Some(SECRET.to_string());
+        let token = NodeConfig { auth_tokens: vec!["tok".into()], cluster_secret: secret(), ..Default::default() };
+        assert!(token.validate().unwrap_err().contains("every token must be at least 16"));
+        let users = |u: &str, p: &str| BTreeMap::from([(u.to_string(), p.to_string())]);
+        let nameless = NodeConfig { auth_users: users("", "pw"), cluster_secret: secret(), ..Default::default() };
+        assert!(nameless.validate().unwrap_err().contains("user name"));
+        let open = NodeConfig { auth_users: users("bob", ""), cluster_secret: secret(), ..Default::default() };
+        assert!(open.validate().unwrap_err().contains("\"bob\" has an empty password"));
+        let zero = NodeConfig { handshake_timeout_ms: 0, ..Default::default() };
+        assert!(zero.validate().unwrap_err().contains("handshake_timeout_ms"));
+        let zero = NodeConfig { max_connections: 0, ..Default::default() };
+        assert!(zero.validate().unwrap_err().contains("max_connections"));
+        let small = NodeConfig { max_output_buffer_bytes: 1000, ..Default::default() };
+        assert!(small.validate().unwrap_err().contains("max_output_buffer_bytes (1000)"));
+    }
+
+    #[test]
+    fn credentials_come_from_toml_and_say_which_roles_authenticate() {
+        let c: NodeConfig = toml::from_str(&format!(
+            "listen = \"10.0.0.1:7070\"\ncluster_secret = \"{SECRET}\"\n[auth_users]\nalice = \"pw\"\n"
+        ))
+        .unwrap();
+        c.validate().unwrap();
+        assert!(c.authenticates(Role::Peer) && c.authenticates(Role::Client));
+        let d = NodeConfig::default();
+        assert!(!d.authenticates(Role::Peer) && !d.authenticates(Role::Client));
     }
 }

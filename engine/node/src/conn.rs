@@ -7,18 +7,29 @@
 //! drains, batching whatever completed while the previous write was in
 //! flight.
 //!
-//! Limits: a frame over `max_frame_bytes` is refused before it is buffered,
-//! at most `max_in_flight_per_connection` requests run at once (the reader
-//! stops reading until one finishes), and the hello must arrive within
-//! [`HELLO_TIMEOUT`]. Anything that is not a verifiable frame of ours gets an
-//! error frame and the connection is closed; other connections never notice.
+//! Limits, each with its answer (docs/PROTOCOL.md, "What bad input gets"):
+//! a frame over `max_frame_bytes` (over [`HANDSHAKE_MAX_FRAME_BYTES`] until
+//! the handshake is done) is refused before it is buffered; the handshake
+//! (hello, and the answer to a challenge when the role must authenticate:
+//! `crate::auth`) must be done within `handshake_timeout_ms`, and no request
+//! is read before it is; a connection with nothing in flight that sends
+//! nothing for `idle_timeout_ms` is closed; a request counts as in flight
+//! from when it is read until its response is written to the socket, and
+//! past `max_in_flight_per_connection` a request is answered `Overloaded` at
+//! once; past `max_output_buffer_bytes` of unwritten responses the reader
+//! reads nothing more until they drain (the bytes of a write in progress
+//! count too), and a connection whose responses
+//! cannot be written within `write_stall_timeout_ms` is closed. So a client
+//! that pipelines without reading holds at most the buffer plus the answers
+//! of its in-flight requests. Anything that is not a verifiable frame of
+//! ours gets an error frame and the connection is closed; other connections
+//! never notice.
 
 use crate::service;
 use crate::shard::Shard;
 use futures::channel::oneshot;
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use glommio::net::TcpStream;
-use glommio::sync::{Semaphore, StaticPermit};
 use ringkv_net::frame::{FrameDecoder, FrameError};
 use ringkv_net::proto::{
     decode, DecodeError, DecodeLimits, Encoder, ErrorCode, Hello, HelloAck, Message, Response, Role, WireError, MAGIC,
@@ -26,19 +37,29 @@ use ringkv_net::proto::{
 };
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const READ_CHUNK: usize = 64 * 1024;
+/// The largest frame read before the handshake is done: a hello or the
+/// answer to a challenge is well under 1 KiB, so a stranger cannot make the
+/// node buffer a full-size frame before it has proved anything.
+const HANDSHAKE_MAX_FRAME_BYTES: usize = 4096;
 
 /// The response side of a connection.
 struct Output {
     buf: RefCell<Vec<u8>>,
     encoder: RefCell<Encoder>,
     kick: RefCell<Option<oneshot::Sender<()>>>,
+    /// Wakes a reader that paused because `buf` was over the bound.
+    drained: RefCell<Option<oneshot::Sender<()>>>,
     /// No more requests will be read; the writer exits once drained.
     closing: Cell<bool>,
+    /// Requests read whose response is not written to the socket yet.
     in_flight: Cell<usize>,
+    /// Responses to counted requests in `buf`, not yet handed to a write.
+    buffered_responses: Cell<usize>,
+    /// Bytes handed to the write in progress (out of `buf`, still held).
+    writing: Cell<usize>,
 }
 
 impl Output {
@@ -47,9 +68,17 @@ impl Output {
             buf: RefCell::new(Vec::with_capacity(4096)),
             encoder: RefCell::new(Encoder::new()),
             kick: RefCell::new(None),
+            drained: RefCell::new(None),
             closing: Cell::new(false),
             in_flight: Cell::new(0),
+            buffered_responses: Cell::new(0),
+            writing: Cell::new(0),
         })
+    }
+
+    /// Response bytes held for this connection: encoded, or being written.
+    fn unwritten(&self) -> usize {
+        self.buf.borrow().len() + self.writing.get()
     }
 
     fn send(&self, msg: &Message) {
@@ -63,6 +92,12 @@ impl Output {
         }
     }
 
+    fn wake_reader(&self) {
+        if let Some(k) = self.drained.borrow_mut().take() {
+            let _ = k.send(());
+        }
+    }
+
     /// Sends a connection-level error and closes after it.
     fn fail(&self, code: ErrorCode, msg: impl Into<String>) {
         self.send(&Message::Error(WireError::new(code, msg)));
@@ -72,13 +107,15 @@ impl Output {
     fn close(&self) {
         self.closing.set(true);
         self.wake();
+        self.wake_reader();
     }
 }
 
-async fn write_loop(out: Rc<Output>, mut wr: WriteHalf<TcpStream>) {
+async fn write_loop(out: Rc<Output>, mut wr: WriteHalf<TcpStream>, stall: Duration) {
     let mut spare = Vec::with_capacity(4096);
     loop {
         std::mem::swap(&mut spare, &mut *out.buf.borrow_mut());
+        let responses = out.buffered_responses.replace(0);
         if spare.is_empty() {
             if out.closing.get() && out.in_flight.get() == 0 {
                 break;
@@ -88,19 +125,35 @@ async fn write_loop(out: Rc<Output>, mut wr: WriteHalf<TcpStream>) {
             let _ = rx.await;
             continue;
         }
-        if wr.write_all(&spare).await.is_err() {
-            // The peer is gone: stop reading too.
-            out.closing.set(true);
-            break;
+        out.writing.set(spare.len());
+        let written = glommio::timer::timeout(stall, async { Ok(wr.write_all(&spare).await) }).await;
+        out.writing.set(0);
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                // The peer is gone: stop reading too.
+                out.close();
+                break;
+            }
+            Err(_) => {
+                tracing::info!(
+                    stall_ms = stall.as_millis() as u64,
+                    "closing a connection that does not read its responses"
+                );
+                out.close();
+                break;
+            }
         }
+        out.in_flight.set(out.in_flight.get() - responses);
         spare.clear();
+        out.wake_reader();
     }
     let _ = wr.close().await;
 }
 
-/// Turns away a connection over the shard's limit with an error frame.
-pub async fn refuse(mut stream: TcpStream, limit: usize) {
-    let msg = Message::Error(WireError::new(ErrorCode::Overloaded, format!("shard has {limit} connections already")));
+/// Turns away a connection over a limit with an error frame.
+pub async fn refuse(mut stream: TcpStream, why: String) {
+    let msg = Message::Error(WireError::new(ErrorCode::Overloaded, why));
     let bytes = Encoder::new().to_vec(&msg);
     let _ = glommio::timer::timeout(Duration::from_secs(1), async {
         let _ = stream.write_all(&bytes).await;
@@ -113,7 +166,8 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let (rd, wr) = futures_lite::io::split(stream);
     let out = Output::new();
-    let writer = glommio::spawn_local(write_loop(out.clone(), wr));
+    let stall = Duration::from_millis(shard.node.cfg.write_stall_timeout_ms);
+    let writer = glommio::spawn_local(write_loop(out.clone(), wr, stall));
     read_loop(&shard, rd, &out).await;
     out.close();
     writer.await;
@@ -131,6 +185,23 @@ async fn fill(rd: &mut ReadHalf<TcpStream>, dec: &mut FrameDecoder) -> bool {
     }
 }
 
+/// [`fill`], closing the connection (with an error frame) when it has had
+/// nothing in flight and sent nothing for the idle timeout.
+async fn fill_or_idle(rd: &mut ReadHalf<TcpStream>, dec: &mut FrameDecoder, out: &Output, idle: Duration) -> bool {
+    loop {
+        let read = glommio::timer::timeout(idle, async { Ok(fill(rd, dec).await) }).await;
+        match read {
+            Ok(more) => return more,
+            // Waiting on its own answers is not idling.
+            Err(_) if out.in_flight.get() > 0 => continue,
+            Err(_) => {
+                out.fail(ErrorCode::Timeout, format!("idle for {} ms: closing", idle.as_millis()));
+                return false;
+            }
+        }
+    }
+}
+
 fn frame_error(out: &Output, e: FrameError) {
     let code = match e {
         FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
@@ -139,9 +210,24 @@ fn frame_error(out: &Output, e: FrameError) {
     out.fail(code, e.to_string());
 }
 
-async fn read_loop(shard: &Rc<Shard>, mut rd: ReadHalf<TcpStream>, out: &Rc<Output>) {
-    let mut dec = FrameDecoder::new(shard.node.cfg.max_frame_bytes);
-    let hello = glommio::timer::timeout(HELLO_TIMEOUT, async {
+/// Why the handshake ended without a usable connection.
+enum Refusal {
+    /// Answer with this error and close.
+    Fail(WireError),
+    /// The other side went away or sent a frame we already answered.
+    Gone,
+}
+
+/// The next handshake message, before `deadline`.
+async fn handshake_message(
+    rd: &mut ReadHalf<TcpStream>,
+    dec: &mut FrameDecoder,
+    out: &Output,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<Message, Refusal> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    let got = glommio::timer::timeout(left, async {
         loop {
             match dec.next_frame() {
                 Ok(Some(f)) => return Ok(Some(decode(f, DecodeLimits::SERVER))),
@@ -151,35 +237,93 @@ async fn read_loop(shard: &Rc<Shard>, mut rd: ReadHalf<TcpStream>, out: &Rc<Outp
                     return Ok(None);
                 }
             }
-            if !fill(&mut rd, &mut dec).await {
+            if !fill(rd, dec).await {
                 return Ok(None);
             }
         }
     })
     .await;
-    let hello = match hello {
-        Ok(Some(Ok(Message::Hello(h)))) => h,
-        Ok(Some(Ok(_))) => return out.fail(ErrorCode::ProtocolMismatch, "a connection must open with a hello"),
-        Ok(Some(Err(e))) => return out.fail(ErrorCode::MalformedFrame, e.to_string()),
-        Ok(None) => return,
-        Err(_) => return out.fail(ErrorCode::Timeout, "no hello within 10s"),
-    };
-    if let Err(e) = check_hello(shard, &hello) {
-        return out.fail(e.code, e.message);
+    match got {
+        Ok(Some(Ok(m))) => Ok(m),
+        Ok(Some(Err(e))) => Err(Refusal::Fail(WireError::new(ErrorCode::MalformedFrame, e.to_string()))),
+        Ok(None) => Err(Refusal::Gone),
+        Err(_) => Err(Refusal::Fail(WireError::new(
+            ErrorCode::Timeout,
+            format!("handshake not done within {} ms", timeout.as_millis()),
+        ))),
     }
-    let role = hello.role;
-    let limits = if role == Role::Peer { DecodeLimits::PEER } else { DecodeLimits::SERVER };
+}
+
+/// Hello, the challenge if this role must authenticate, and the ack: the
+/// role the connection may act in.
+async fn handshake(
+    shard: &Rc<Shard>,
+    rd: &mut ReadHalf<TcpStream>,
+    dec: &mut FrameDecoder,
+    out: &Output,
+) -> Result<Role, Refusal> {
+    let cfg = &shard.node.cfg;
+    let timeout = Duration::from_millis(cfg.handshake_timeout_ms);
+    let deadline = Instant::now() + timeout;
+    let hello = match handshake_message(rd, dec, out, deadline, timeout).await? {
+        Message::Hello(h) => h,
+        _ => {
+            return Err(Refusal::Fail(WireError::new(
+                ErrorCode::ProtocolMismatch,
+                "a connection must open with a hello",
+            )))
+        }
+    };
+    check_hello(shard, &hello).map_err(Refusal::Fail)?;
+    let auth = &shard.node.auth;
+    if auth.required(hello.role) {
+        let (challenge, pending) = auth.challenge(&cfg.cluster, &hello).map_err(Refusal::Fail)?;
+        out.send(&Message::Challenge(challenge));
+        let proof = match handshake_message(rd, dec, out, deadline, timeout).await? {
+            Message::Auth { proof } => proof,
+            _ => {
+                return Err(Refusal::Fail(WireError::new(
+                    ErrorCode::Unauthorized,
+                    "expected the answer to the challenge",
+                )))
+            }
+        };
+        auth.verify(&cfg.cluster, &hello, &pending, &proof).map_err(Refusal::Fail)?;
+    }
     out.send(&Message::HelloAck(HelloAck {
         protocol_version: PROTOCOL_VERSION,
         node_id: shard.node.node_id.clone(),
         shard: shard.id as u16,
         shards: shard.node.shards as u16,
-        cluster: shard.node.cfg.cluster.clone(),
+        cluster: cfg.cluster.clone(),
     }));
+    Ok(hello.role)
+}
 
-    let permits = Rc::new(Semaphore::new(shard.node.cfg.max_in_flight_per_connection as u64));
+async fn read_loop(shard: &Rc<Shard>, mut rd: ReadHalf<TcpStream>, out: &Rc<Output>) {
+    let cfg = &shard.node.cfg;
+    let mut dec = FrameDecoder::new(HANDSHAKE_MAX_FRAME_BYTES);
+    let role = match handshake(shard, &mut rd, &mut dec, out).await {
+        Ok(role) => role,
+        Err(Refusal::Fail(e)) => return out.fail(e.code, e.message),
+        Err(Refusal::Gone) => return,
+    };
+    dec.set_max_frame(cfg.max_frame_bytes);
+    let limits = if role == Role::Peer { DecodeLimits::PEER } else { DecodeLimits::SERVER };
+    let idle = Duration::from_millis(cfg.idle_timeout_ms);
+    let (max_in_flight, max_buffered) = (cfg.max_in_flight_per_connection, cfg.max_output_buffer_bytes);
     loop {
         loop {
+            // Unwritten responses over the bound: read nothing more until
+            // the writer drains them (or gives up on this client).
+            while out.unwritten() > max_buffered && !out.closing.get() {
+                let (tx, rx) = oneshot::channel();
+                *out.drained.borrow_mut() = Some(tx);
+                let _ = rx.await;
+            }
+            if out.closing.get() {
+                return;
+            }
             let msg = match dec.next_frame() {
                 Ok(Some(f)) => decode(f, limits),
                 Ok(None) => break,
@@ -201,30 +345,38 @@ async fn read_loop(shard: &Rc<Shard>, mut rd: ReadHalf<TcpStream>, out: &Rc<Outp
                 }
                 Err(e) => return out.fail(e.to_wire().code, e.to_string()),
             };
-            let Ok(permit) = permits.acquire_static_permit(1).await else { return };
+            if out.in_flight.get() >= max_in_flight {
+                // Answered at once and not counted: the output bound above
+                // caps what these answers can hold.
+                let e = WireError::new(
+                    ErrorCode::Overloaded,
+                    format!("{max_in_flight} requests already in flight on this connection"),
+                );
+                out.send(&Message::Response(Response::new(req.id, Err(e))));
+                continue;
+            }
             out.in_flight.set(out.in_flight.get() + 1);
-            let respond = responder(shard, out, req.id, permit);
+            let respond = responder(shard, out, req.id);
             // Most requests are answered without a task of their own.
             if let Err((req, respond)) = service::try_fast(shard, role, req, respond) {
                 let shard = shard.clone();
                 glommio::spawn_local(async move { respond(service::handle(&shard, role, req).await) }).detach();
             }
         }
-        if out.closing.get() || !fill(&mut rd, &mut dec).await {
+        if out.closing.get() || !fill_or_idle(&mut rd, &mut dec, out, idle).await {
             return;
         }
     }
 }
 
-/// Where request `id`'s answer goes: encoded into the connection's output
-/// (which the writer sends, batched with whatever else is ready), then the
-/// request's in-flight permit is given back.
-fn responder(shard: &Rc<Shard>, out: &Rc<Output>, id: u64, permit: StaticPermit) -> service::Respond {
+/// Where request `id`'s answer goes: encoded into the connection's output,
+/// which the writer sends, batched with whatever else is ready. The request
+/// stays in flight until that write is done.
+fn responder(shard: &Rc<Shard>, out: &Rc<Output>, id: u64) -> service::Respond {
     let (shard, out) = (shard.clone(), out.clone());
     Box::new(move |result| {
-        out.in_flight.set(out.in_flight.get() - 1);
+        out.buffered_responses.set(out.buffered_responses.get() + 1);
         out.send(&Message::Response(Response { id, result, ring_version: shard.view().ring_version() }));
-        drop(permit);
     })
 }
 

@@ -4,6 +4,7 @@
 //! - [`shard`]: the per-core runtime that owns a store and serves connections;
 //! - [`server`]: starts the shards, checks the data directory, handles signals.
 
+pub mod auth;
 pub mod clock;
 pub mod cluster;
 pub mod config;

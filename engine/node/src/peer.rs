@@ -5,7 +5,10 @@
 //! Outgoing sockets are bound to this node's own listen address before they
 //! connect, so traffic between 127.0.0.x nodes carries the right source and
 //! network rules can match it. Connecting runs on the blocking pool with a
-//! timeout, so an unreachable peer never stalls the shard.
+//! timeout, so an unreachable peer never stalls the shard. The handshake
+//! (with the challenge and response when the cluster has a secret, checking
+//! the other node's proof too) is done before any request is written, within
+//! the connect timeout.
 //!
 //! Limits: at most [`MAX_PENDING`] requests waiting per connection; after a
 //! failed connect, calls to that address fail fast for a while that starts
@@ -17,12 +20,13 @@
 use futures::channel::oneshot;
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use glommio::net::TcpStream;
+use ringkv_net::auth::Credentials;
 use ringkv_net::frame::FrameDecoder;
 use ringkv_net::proto::{
     decode, DecodeLimits, Encoder, Hello, Message, Request, RequestFrame, Response, Role, WireError, MAGIC,
     PROTOCOL_VERSION,
 };
-use ringkv_net::session::CLIENT_MAX_FRAME_BYTES;
+use ringkv_net::session::{Event, Session, SessionError, CLIENT_MAX_FRAME_BYTES};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::fmt;
@@ -160,6 +164,7 @@ impl Conn {
 pub struct PeerPool {
     local_ip: IpAddr,
     hello: Hello,
+    secret: Option<String>,
     conns: RefCell<HashMap<SocketAddr, Rc<Conn>>>,
     /// Connect failures per address: when the last one was, why, and how
     /// many in a row; shared with the connecting tasks.
@@ -167,7 +172,7 @@ pub struct PeerPool {
 }
 
 impl PeerPool {
-    pub fn new(local_ip: IpAddr, node_id: &str, cluster: &str) -> PeerPool {
+    pub fn new(local_ip: IpAddr, node_id: &str, cluster: &str, secret: Option<&str>) -> PeerPool {
         let hello = Hello {
             magic: MAGIC,
             protocol_version: PROTOCOL_VERSION,
@@ -175,8 +180,11 @@ impl PeerPool {
             cluster: cluster.to_string(),
             node_id: node_id.to_string(),
             credentials: Vec::new(),
+            auth_nonce: Vec::new(),
+            user: String::new(),
         };
-        PeerPool { local_ip, hello, conns: RefCell::new(HashMap::new()), failed_at: Rc::default() }
+        let secret = secret.map(String::from);
+        PeerPool { local_ip, hello, secret, conns: RefCell::new(HashMap::new()), failed_at: Rc::default() }
     }
 
     /// Sends `body` to `addr` and waits for the response: the peer has
@@ -246,14 +254,27 @@ impl PeerPool {
             next_id: Cell::new(1),
             broken: Cell::new(false),
         });
-        // The hello goes first; requests queue behind it while connecting.
-        conn.encoder.borrow_mut().encode(&Message::Hello(self.hello.clone()), &mut conn.out.borrow_mut());
+        // Requests queue in `out` while connecting and the handshake runs.
         self.conns.borrow_mut().insert(addr, conn.clone());
         let local = SocketAddr::new(self.local_ip, 0);
         let c = conn.clone();
         let failures = self.failed_at.clone();
+        let session =
+            Session::with_credentials(self.hello.clone(), self.secret.clone().map(Credentials::ClusterSecret));
         glommio::spawn_local(async move {
-            match connect(local, addr).await {
+            let connected = match connect(local, addr).await {
+                Ok(mut stream) => {
+                    let shaken = glommio::timer::timeout(CONNECT_TIMEOUT, async {
+                        Ok(handshake(&mut stream, session).await.map(|()| stream))
+                    })
+                    .await;
+                    shaken.unwrap_or_else(|_| {
+                        Err(PeerError::Unreachable(format!("{addr}: no handshake within {CONNECT_TIMEOUT:?}")))
+                    })
+                }
+                Err(e) => Err(PeerError::Unreachable(e)),
+            };
+            match connected {
                 Ok(stream) => {
                     failures.borrow_mut().remove(&addr);
                     let (rd, wr) = futures_lite::io::split(stream);
@@ -262,16 +283,22 @@ impl PeerPool {
                 }
                 Err(e) => {
                     {
+                        // Kept as the reason later fast failures give,
+                        // which wrap it in `Unreachable` again.
+                        let why = match &e {
+                            PeerError::Unreachable(why) => why.clone(),
+                            other => other.to_string(),
+                        };
                         let mut f = failures.borrow_mut();
                         let streak = f.get(&addr).map_or(1, |x| x.streak + 1);
                         if streak == 1 {
-                            tracing::warn!(peer = %addr, error = e, "cannot connect to a peer");
+                            tracing::warn!(peer = %addr, error = why, "cannot connect to a peer");
                         }
-                        f.insert(addr, Failure { at: Instant::now(), why: e.clone(), streak });
+                        f.insert(addr, Failure { at: Instant::now(), why, streak });
                     }
                     // Callbacks run from here may send again (to this very
                     // address): no borrow of the pool may be held.
-                    c.break_with(PeerError::Unreachable(e));
+                    c.break_with(e);
                 }
             }
         })
@@ -293,6 +320,36 @@ async fn connect(local: SocketAddr, remote: SocketAddr) -> Result<TcpStream, Str
         .await
         .map_err(|e| format!("{remote}: {e}"))?;
     Ok(TcpStream::from(socket))
+}
+
+/// Runs the connecting side of the handshake on `stream`. A refusal keeps
+/// the node's error (another cluster's name, a wrong secret), which the
+/// caller may act on.
+async fn handshake(stream: &mut TcpStream, mut session: Session) -> Result<(), PeerError> {
+    let remote = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let lost = |e: String| PeerError::Unreachable(format!("{remote}: {e}"));
+    loop {
+        let out = session.take_output();
+        if !out.is_empty() {
+            stream.write_all(&out).await.map_err(|e| lost(e.to_string()))?;
+        }
+        match session.poll() {
+            Ok(Some(Event::Connected(_))) => return Ok(()),
+            Ok(Some(Event::Response(_))) => return Err(lost("a response before the handshake ended".into())),
+            Ok(None) => {}
+            Err(SessionError::Refused(w)) => return Err(PeerError::Refused(w)),
+            Err(e) => return Err(lost(e.to_string())),
+        }
+        if !session.output().is_empty() {
+            continue;
+        }
+        let buf = session.read_buffer(4096);
+        match stream.read(buf).await {
+            Ok(0) => return Err(lost("closed the connection during the handshake".into())),
+            Ok(n) => session.commit_read(n),
+            Err(e) => return Err(lost(e.to_string())),
+        }
+    }
 }
 
 async fn write_loop(conn: Rc<Conn>, mut wr: WriteHalf<TcpStream>) {
@@ -319,7 +376,6 @@ async fn write_loop(conn: Rc<Conn>, mut wr: WriteHalf<TcpStream>) {
 
 async fn read_loop(conn: Rc<Conn>, mut rd: ReadHalf<TcpStream>) {
     let mut dec = FrameDecoder::new(CLIENT_MAX_FRAME_BYTES);
-    let mut greeted = false;
     loop {
         loop {
             let msg = match dec.next_frame() {
@@ -328,8 +384,7 @@ async fn read_loop(conn: Rc<Conn>, mut rd: ReadHalf<TcpStream>) {
                 Err(e) => return conn.break_with(PeerError::Lost(e.to_string())),
             };
             match msg {
-                Ok(Message::HelloAck(_)) if !greeted => greeted = true,
-                Ok(Message::Response(r)) if greeted => {
+                Ok(Message::Response(r)) => {
                     let waiter = conn.pending.borrow_mut().remove(&r.id);
                     if let Some((_, w)) = waiter {
                         w.answer(Ok(r));

@@ -15,6 +15,7 @@ use crate::{clock, conn};
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{LocalExecutorBuilder, Placement};
 use ringkv_core::membership::{Gossip, GossipConfig, Load, Member};
+use ringkv_net::proto::Role;
 use std::net::SocketAddr;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -167,7 +168,21 @@ pub fn start(cfg: NodeConfig) -> Result<Running, String> {
             }
         }
     }
+    announce_security(&cfg);
     Ok(running)
+}
+
+/// Says at start-up who may connect (validation already refused a
+/// non-loopback address without credentials), so an operator reading the
+/// log knows whether strangers on this host are trusted.
+fn announce_security(cfg: &NodeConfig) {
+    let ip = cfg.listen.ip();
+    let who = match (cfg.authenticates(Role::Peer), cfg.authenticates(Role::Client)) {
+        (true, true) => "peers prove the cluster secret; clients authenticate",
+        (true, false) => "peers prove the cluster secret; clients are not authenticated (loopback only)",
+        _ => "no credentials configured: anyone who can reach this loopback address is trusted",
+    };
+    tracing::info!(%ip, "{who}");
 }
 
 /// How long between gossip rounds.
@@ -255,6 +270,7 @@ async fn run_shard(
     let acceptor = shard.clone();
     glommio::spawn_local(async move {
         let limit = acceptor.node.cfg.max_connections_per_shard;
+        let node_limit = acceptor.node.cfg.max_connections;
         loop {
             let stream = match listener.accept().await {
                 Ok(s) => s,
@@ -265,7 +281,14 @@ async fn run_shard(
                 }
             };
             if acceptor.connections.get() >= limit {
-                glommio::spawn_local(conn::refuse(stream, limit)).detach();
+                glommio::spawn_local(conn::refuse(stream, format!("shard has {limit} connections already"))).detach();
+                continue;
+            }
+            let node_conns = &acceptor.node.connections;
+            if node_conns.fetch_add(1, std::sync::atomic::Ordering::AcqRel) >= node_limit {
+                node_conns.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                glommio::spawn_local(conn::refuse(stream, format!("node has {node_limit} connections already")))
+                    .detach();
                 continue;
             }
             acceptor.connections.set(acceptor.connections.get() + 1);
@@ -273,6 +296,7 @@ async fn run_shard(
             glommio::spawn_local(async move {
                 conn::serve(s.clone(), stream).await;
                 s.connections.set(s.connections.get() - 1);
+                s.node.connections.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
             })
             .detach();
         }

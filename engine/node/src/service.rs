@@ -34,7 +34,10 @@ pub async fn handle(shard: &Rc<Shard>, role: Role, req: RequestFrame) -> Result<
     let timeout = requested_timeout(shard, req.timeout_ms);
     let kind = req.body.kind();
     if role == Role::Client && req.body.is_peer_only() {
-        return Err(bad_request(format!("{kind} is a node-to-node request")));
+        return Err(WireError::new(
+            ErrorCode::Unauthorized,
+            format!("{kind} is a node-to-node request; this connection is a client's"),
+        ));
     }
     if client_key(&req.body).is_some() {
         // The coordinator keeps the deadline itself (forwarding keeps the

@@ -25,7 +25,7 @@ use ringkv_net::proto::{ErrorCode, PartitionRoot, RepairReport, Reply, WireError
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,6 +35,10 @@ pub struct NodeContext {
     pub node_id: String,
     pub incarnation: u64,
     pub shards: usize,
+    /// Who may connect, and as what.
+    pub auth: crate::auth::Authenticator,
+    /// Connections open over all shards (bounded by `max_connections`).
+    pub connections: AtomicUsize,
     shutdown: AtomicBool,
     fatal: Mutex<Option<String>>,
 }
@@ -42,7 +46,17 @@ pub struct NodeContext {
 impl NodeContext {
     pub fn new(cfg: NodeConfig, node_id: String, incarnation: u64) -> NodeContext {
         let shards = cfg.shard_count();
-        NodeContext { cfg, node_id, incarnation, shards, shutdown: AtomicBool::new(false), fatal: Mutex::new(None) }
+        let auth = crate::auth::Authenticator::new(&cfg);
+        NodeContext {
+            cfg,
+            node_id,
+            incarnation,
+            shards,
+            auth,
+            connections: AtomicUsize::new(0),
+            shutdown: AtomicBool::new(false),
+            fatal: Mutex::new(None),
+        }
     }
 
     pub fn partition(&self, key: &[u8]) -> u32 {
@@ -247,7 +261,7 @@ impl Shard {
         // Mesh peer ids follow executor creation order, which is shard order.
         assert_eq!(requests.peer_id(), id, "shard executors were created out of order");
         assert_eq!(responses.peer_id(), id, "shard executors were created out of order");
-        let peers = PeerPool::new(node.cfg.listen.ip(), &node.node_id, &node.cfg.cluster);
+        let peers = PeerPool::new(node.cfg.listen.ip(), &node.node_id, &node.cfg.cluster, node.auth.cluster_secret());
         let shard = Rc::new(Shard {
             id,
             store,
