@@ -1,6 +1,7 @@
 //! Command-line definitions (DESIGN section 10).
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ringkv_core::autoscale::AutoscaleConfig;
 use ringkv_net::Level;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -44,6 +45,9 @@ pub enum Command {
     Commit(RingArgs),
     /// Forget the staged ring change.
     Cancel(RingArgs),
+    /// Scale the cluster from its load: add nodes when it runs hot, remove
+    /// one when it has been quiet, through a provisioner (docs/ELASTICITY.md).
+    Autoscale(Box<AutoscaleArgs>),
     /// Manage a local development cluster.
     #[command(subcommand)]
     Cluster(ClusterCmd),
@@ -254,6 +258,99 @@ pub struct InspectArgs {
     /// List every segment, not only a per-shard summary.
     #[arg(long)]
     pub segments: bool,
+}
+
+/// How the autoscaler starts and stops machines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProvisionerKind {
+    /// `ringkv server` processes on the next free 127.0.0.x address (development, tests).
+    Local,
+    /// The operator's own scripts (--add-cmd, --remove-cmd).
+    Command,
+}
+
+fn policy_default() -> AutoscaleConfig {
+    AutoscaleConfig::default()
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct AutoscaleArgs {
+    /// A member to read the cluster's load from (others are found from it).
+    #[command(flatten)]
+    pub endpoint: Endpoint,
+    #[arg(long, value_enum, default_value_t = ProvisionerKind::Local)]
+    pub provisioner: ProvisionerKind,
+    /// Command provisioner: run with `sh -c`, with $RINGKV_NODE_ID and $RINGKV_SEEDS;
+    /// it starts a node and prints its IP:PORT on its last line.
+    #[arg(long)]
+    pub add_cmd: Option<String>,
+    /// Command provisioner: run with $RINGKV_NODE_ID and $RINGKV_ADDR once the
+    /// node has left; it stops the machine.
+    #[arg(long)]
+    pub remove_cmd: Option<String>,
+    /// Command provisioner: the policy may pick any member to remove, not only
+    /// the ones this controller added.
+    #[arg(long)]
+    pub remove_any: bool,
+    /// A provisioner command that runs longer than this is killed and retried.
+    #[arg(long, default_value_t = 300)]
+    pub command_timeout_s: u64,
+    /// Local provisioner: where new nodes keep their data and logs (and the
+    /// controller its state).
+    #[arg(long, default_value = "ringkv-autoscale")]
+    pub local_dir: PathBuf,
+    /// Local provisioner: the port new nodes listen on.
+    #[arg(long, default_value_t = 7070)]
+    pub local_port: u16,
+    #[arg(long, default_value_t = 1)]
+    pub local_shards: u16,
+    /// Local provisioner: one more argument for `ringkv server` (repeat it).
+    #[arg(long, allow_hyphen_values = true)]
+    pub server_arg: Vec<String>,
+    /// Names of new nodes: this prefix and a number.
+    #[arg(long, default_value = "auto")]
+    pub name_prefix: String,
+    /// The controller's state (what it started, a remove in progress)
+    /// [default: LOCAL_DIR/autoscale.json].
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+    /// The busy share of the shards to run at.
+    #[arg(long, default_value_t = policy_default().target_cpu)]
+    pub target_cpu: f64,
+    /// Hold while utilisation is within this share of the target.
+    #[arg(long, default_value_t = policy_default().tolerance)]
+    pub tolerance: f64,
+    /// Add a node while the mean p99 is above this many µs.
+    #[arg(long)]
+    pub max_p99_us: Option<u64>,
+    /// Load must be high this long before nodes are added.
+    #[arg(long, default_value_t = policy_default().scale_out_window_ms / 1000)]
+    pub scale_out_window_s: u64,
+    /// Load must be low this long before a node is removed.
+    #[arg(long, default_value_t = policy_default().scale_in_window_ms / 1000)]
+    pub scale_in_window_s: u64,
+    /// Nothing changes this long after a change.
+    #[arg(long, default_value_t = policy_default().cooldown_ms / 1000)]
+    pub cooldown_s: u64,
+    #[arg(long, default_value_t = policy_default().min_nodes)]
+    pub min_nodes: usize,
+    #[arg(long, default_value_t = policy_default().max_nodes)]
+    pub max_nodes: usize,
+    /// The cluster's N: it never shrinks below it.
+    #[arg(long, default_value_t = policy_default().replicas)]
+    pub replicas: usize,
+    /// Seconds between readings.
+    #[arg(long, default_value_t = 5)]
+    pub interval_s: u64,
+    /// Print decisions, change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Stop after this many readings (default: run until killed).
+    #[arg(long)]
+    pub max_rounds: Option<u64>,
+    /// Stop after this many seconds (default: run until killed).
+    #[arg(long)]
+    pub duration_s: Option<u64>,
 }
 
 #[derive(Args)]

@@ -1,5 +1,6 @@
 //! The `ringkv` binary: the server and the command-line client.
 
+mod autoscale_cmd;
 mod cli;
 mod client_cmd;
 mod cluster_cmd;
@@ -49,6 +50,7 @@ fn main() -> ExitCode {
         Command::Plan(a) => ring_cmd::plan(a),
         Command::Commit(a) => ring_cmd::commit(a),
         Command::Cancel(a) => ring_cmd::cancel(a),
+        Command::Autoscale(a) => autoscale_cmd::run(a),
         Command::Cluster(ClusterCmd::Up(a)) => cluster_cmd::up(a).map_err(Failure::Server),
     };
     match result {

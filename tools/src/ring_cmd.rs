@@ -87,7 +87,7 @@ fn moving(n: &NodeInfo) -> (u64, u64) {
 
 /// The cluster as the first member that answers sees it: the node asked
 /// may be the one that leaves, and stop.
-fn any_info(endpoints: &mut Vec<Endpoint>) -> Result<NodeInfo, Failure> {
+pub fn any_info(endpoints: &mut Vec<Endpoint>) -> Result<NodeInfo, Failure> {
     let mut last = None;
     for (i, e) in endpoints.iter().enumerate() {
         match connect(e).and_then(|mut c| c.node_info().map_err(Failure::from)) {

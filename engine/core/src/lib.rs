@@ -9,6 +9,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod antientropy;
+pub mod autoscale;
 pub mod codec;
 pub mod coordinator;
 pub mod effects;
