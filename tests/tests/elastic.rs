@@ -246,3 +246,50 @@ fn a_stream_broken_by_a_restart_of_its_receiver_resumes_rather_than_restarts() {
     assert!((sent as f64) < 1.3 * moved as f64, "{sent} bytes sent for {moved} bytes moved");
     assert_preloaded(&c, 3, "s/", &keys, size);
 }
+
+#[test]
+fn bad_changes_are_refused_and_a_new_weight_survives_restarts_of_the_node_and_the_claimant() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::start(dir.path(), 3, 1, FAST);
+    let via = c.node(0).addr().to_string();
+    let refused = |args: &[&str], why: &str| {
+        let mut all = args.to_vec();
+        all.extend(["--endpoint", &via]);
+        let out = cli(&all, None);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(3), "{args:?} is refused: {err}");
+        assert!(err.contains(why), "{args:?}: {err}");
+    };
+    refused(&["leave"], "needs at least 3");
+    refused(&["remove", "n3"], "would have 2 members");
+    refused(&["weight", "n2", "0"], "between 1 and");
+    refused(&["weight", "nobody", "2"], "no member \"nobody\"");
+    refused(&["commit"], "no ring change is staged");
+    let staged = run_cli(&["weight", "n2", "3", "--endpoint", &via]);
+    assert!(staged.contains("weight n2 3"), "{staged}");
+    refused(&["weight", "n3", "2"], "already staged");
+    // Nothing changed while staged.
+    let share = |c: &Cluster, i: usize| {
+        let info = c.node(i).client().node_info().unwrap();
+        info.members.iter().find(|m| m.node_id == "n2").map(|m| (m.weight, m.partitions_owned)).unwrap()
+    };
+    assert_eq!(share(&c, 0).0, 1);
+    run_cli(&["commit", "--wait", "--wait-s", "60", "--endpoint", &via]);
+    // 3 of 5 weight units: about 60% of the 256 partitions.
+    eventually(Duration::from_secs(30), "the new ring", || {
+        let (w, owned) = share(&c, 2);
+        w == 3 && (148..=160).contains(&owned)
+    });
+    // n1 is the claimant (the lowest id); restart it and n2.
+    for i in [0, 1] {
+        c.nodes[i].stop();
+        c.nodes[i].restart();
+    }
+    c.wait_converged(3, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(3));
+    for i in 0..3 {
+        let (w, owned) = share(&c, i);
+        assert_eq!(w, 3, "n{} sees n2's weight after the restarts", i + 1);
+        assert!((148..=160).contains(&owned), "n2 owns {owned} as n{} sees it", i + 1);
+    }
+}

@@ -179,8 +179,9 @@ pub fn plan(
         }
         Change::Leave { .. } | Change::Remove { .. } if in_ring <= replicas => {
             return refuse(format!(
-                "{id} cannot go: the cluster has {in_ring} members and keeps {replicas} copies of every key, \
-                 so it needs at least {replicas} (add a node first)"
+                "{id} cannot go: the cluster would have {} members but keeps {replicas} copies of every key, \
+                 so it needs at least {replicas} (add a node first)",
+                in_ring - 1
             ));
         }
         Change::Leave { .. } if !alive(id) => {

@@ -196,12 +196,26 @@ fn initial_membership(cfg: &NodeConfig, dir: &DataDir) -> (Gossip, Arc<ClusterVi
     let persisted = cluster::load_state(&dir.root);
     let previous = persisted.as_ref().and_then(|s| s.members.get(&id));
     let now = clock::now_ms();
+    // Ring changes made while this node ran (`ringkv weight`, `leave`) are
+    // in its saved record and survive a restart; the configured weight is
+    // for a node's first start.
+    let weight = match previous {
+        Some(m) if m.weight != cfg.weight => {
+            tracing::warn!(
+                configured = cfg.weight,
+                kept = m.weight,
+                "keeping the weight the cluster gave this node (change it with `ringkv weight`)"
+            );
+            m.weight
+        }
+        _ => cfg.weight,
+    };
     let me = Member {
         id: id.clone(),
         addr: cfg.listen.to_string(),
         shards: cfg.shard_count() as u16,
-        weight: cfg.weight,
-        leaving: false,
+        weight,
+        leaving: previous.is_some_and(|m| m.leaving),
         generation: previous.map_or(now, |m| now.max(m.generation + 1)),
         heartbeat: 0,
         pins: previous.map(|m| m.pins.clone()).unwrap_or_default(),
