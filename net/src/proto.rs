@@ -90,6 +90,29 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code this build knows, for tallies by kind.
+    pub const ALL: [ErrorCode; 14] = [
+        ErrorCode::Internal,
+        ErrorCode::BadRequest,
+        ErrorCode::PairTooLarge,
+        ErrorCode::Unavailable,
+        ErrorCode::Timeout,
+        ErrorCode::Overloaded,
+        ErrorCode::Storage,
+        ErrorCode::UnknownMessage,
+        ErrorCode::ProtocolMismatch,
+        ErrorCode::ClusterMismatch,
+        ErrorCode::StaleTopology,
+        ErrorCode::FrameTooLarge,
+        ErrorCode::MalformedFrame,
+        ErrorCode::Unauthorized,
+    ];
+
+    /// Its place in [`ErrorCode::ALL`].
+    pub fn index(self) -> usize {
+        Self::ALL.iter().position(|&c| c == self).unwrap_or(0)
+    }
+
     fn to_fb(self) -> fb::ErrorCode {
         match self {
             ErrorCode::Internal => fb::ErrorCode::Internal,

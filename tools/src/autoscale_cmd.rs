@@ -420,12 +420,3 @@ pub fn run(a: &AutoscaleArgs) -> Result<(), Failure> {
         }
     }
 }
-
-impl Failure {
-    fn message(&self) -> String {
-        match self {
-            Failure::NotFound => "not found".into(),
-            Failure::Usage(m) | Failure::Refused(m) | Failure::Unreachable(m) | Failure::Server(m) => m.clone(),
-        }
-    }
-}

@@ -11,6 +11,16 @@ use std::path::PathBuf;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log lines as text, or as one JSON object each (for log shippers).
+    /// Levels: RINGKV_LOG or RUST_LOG (e.g. info, ringkv_engine=debug).
+    #[arg(long, global = true, value_enum, env = "RINGKV_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -158,6 +168,12 @@ pub struct ServerArgs {
     /// Partition stream budget of the node in MiB/s [default: 32].
     #[arg(long)]
     pub stream_mb_per_s: Option<u64>,
+    /// Serve Prometheus metrics over HTTP on IP:PORT (GET /metrics) [default: off].
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
+    /// Log client requests slower than this many ms; 0: never [default: 1000].
+    #[arg(long)]
+    pub slow_request_ms: Option<u64>,
     /// File holding the cluster secret that peers prove (docs/SECURITY.md).
     #[arg(long)]
     pub cluster_secret_file: Option<PathBuf>,
@@ -409,6 +425,10 @@ pub struct RepairArgs {
 pub struct StatusArgs {
     #[command(flatten)]
     pub endpoint: Endpoint,
+    /// Print the documented JSON (docs/OPERATIONS.md) instead of tables.
     #[arg(long)]
     pub json: bool,
+    /// Refresh every this many seconds, in place, until interrupted.
+    #[arg(long, num_args = 0..=1, default_missing_value = "2")]
+    pub watch: Option<u64>,
 }

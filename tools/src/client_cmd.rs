@@ -131,6 +131,18 @@ pub fn delete(a: &DeleteArgs) -> Result<(), Failure> {
 }
 
 pub fn status(a: &StatusArgs) -> Result<(), Failure> {
+    let Some(every) = a.watch else { return status_once(a).map(|s| print!("{s}")) };
+    let every = Duration::from_secs(every.max(1));
+    loop {
+        // Home and clear, then the whole view: a refresh in place.
+        let view = status_once(a).unwrap_or_else(|f| format!("ringkv: {}\n", f.message()));
+        print!("\x1b[H\x1b[2J{view}");
+        std::io::stdout().flush().map_err(write_failed)?;
+        std::thread::sleep(every);
+    }
+}
+
+fn status_once(a: &StatusArgs) -> Result<String, Failure> {
     let mut c = connect(&a.endpoint)?;
     let info = c.node_info()?;
     let roots = match c.call(Request::MerkleRoots)? {
@@ -144,11 +156,10 @@ pub fn status(a: &StatusArgs) -> Result<(), Failure> {
             .map(|r| json!({"partition": r.partition, "keys": r.keys, "merkle_root": format!("{:016x}", r.root),
                             "last_round_ms": r.last_sync_ms}))
             .collect::<Vec<_>>());
-        println!("{v}");
+        Ok(format!("{v}\n"))
     } else {
-        print!("{}{}", status_text(&info), anti_entropy_text(&roots));
+        Ok(format!("{}{}", status_text(&info), anti_entropy_text(&roots)))
     }
-    Ok(())
 }
 
 fn anti_entropy_text(roots: &[PartitionRoot]) -> String {

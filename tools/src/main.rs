@@ -26,16 +26,35 @@ pub enum Failure {
     Server(String),
 }
 
+impl Failure {
+    /// Its exit code, and what to say.
+    fn code(&self) -> u8 {
+        match self {
+            Failure::NotFound | Failure::Server(_) => 1,
+            Failure::Usage(_) => 2,
+            Failure::Refused(_) => 3,
+            Failure::Unreachable(_) => 4,
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            Failure::NotFound => "not found".into(),
+            Failure::Usage(m) | Failure::Refused(m) | Failure::Unreachable(m) | Failure::Server(m) => m.clone(),
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("RINGKV_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    match cli.log_format {
+        cli::LogFormat::Json => logs.json().with_current_span(false).init(),
+        cli::LogFormat::Text => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+    }
     let result = match &cli.command {
         Command::Server(a) => server_cmd::run(a).map_err(Failure::Server),
         Command::Put(a) => client_cmd::put(a),
@@ -56,15 +75,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            let (code, msg) = match f {
-                Failure::NotFound => (1, "not found".to_string()),
-                Failure::Usage(m) => (2, m),
-                Failure::Refused(m) => (3, m),
-                Failure::Unreachable(m) => (4, m),
-                Failure::Server(m) => (1, m),
-            };
-            eprintln!("ringkv: {msg}");
-            ExitCode::from(code)
+            eprintln!("ringkv: {}", f.message());
+            ExitCode::from(f.code())
         }
     }
 }

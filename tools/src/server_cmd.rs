@@ -82,6 +82,12 @@ pub fn resolve(args: &ServerArgs) -> Result<NodeConfig, String> {
     if let Some(v) = a.stream_mb_per_s {
         c.stream_mb_per_s = v;
     }
+    if let Some(v) = a.metrics {
+        c.metrics = Some(v);
+    }
+    if let Some(v) = a.slow_request_ms {
+        c.slow_request_ms = v;
+    }
     if let Some(path) = &a.cluster_secret_file {
         c.cluster_secret = Some(read_secret(path)?.trim().to_string());
     }

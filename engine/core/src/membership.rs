@@ -10,7 +10,8 @@
 //! the same one.
 //!
 //! Status is derived, not stored: a member is `Up` when the ring includes
-//! it, `Joining` before, `Leaving` once it asked to leave. `Down` is each
+//! it and its record shows it knows that ring (it pinned its partitions),
+//! `Joining` before, `Leaving` once it asked to leave (or was removed). `Down` is each
 //! node's own opinion, from its phi-accrual detectors ([`crate::failure`]).
 //!
 //! [`Gossip`] drives one node: every tick it bumps its heartbeat, lets the
@@ -150,9 +151,13 @@ impl ClusterState {
 
     pub fn status(&self, id: &str) -> Option<Status> {
         let m = self.members.get(id)?;
+        let ring = self.ring.as_ref();
+        // In the ring, and it has the ring itself: it pins the partitions it
+        // holds once it knows them, and serves only then.
+        let serving = ring.is_some_and(|r| r.contains(id) && (!m.pins.is_empty() || !r.counts().contains_key(id)));
         Some(if m.leaving {
             Status::Leaving
-        } else if self.ring.as_ref().is_some_and(|r| r.contains(id)) {
+        } else if serving {
             Status::Up
         } else {
             Status::Joining

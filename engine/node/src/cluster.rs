@@ -81,6 +81,8 @@ pub struct ClusterAgent {
     staged: RefCell<Option<Change>>,
     /// Consecutive load refreshes that found this leaving node empty.
     drained: Cell<u32>,
+    /// What the last look saw, to log what changed since (crate::events).
+    seen: RefCell<crate::events::Seen>,
 }
 
 /// Refreshes in a row a left node must find itself empty before it stops,
@@ -103,6 +105,7 @@ impl ClusterAgent {
             meter: RefCell::new(crate::load::LoadMeter::default()),
             staged: RefCell::new(None),
             drained: Cell::new(0),
+            seen: RefCell::new(crate::events::Seen::default()),
         })
     }
 
@@ -136,6 +139,11 @@ impl ClusterAgent {
     /// Publishes the new view and saves the state if it changed durably.
     fn after_change(self: &Rc<Self>) {
         let view = self.view();
+        {
+            let g = self.gossip.borrow();
+            let now = clock::now_ms();
+            self.seen.borrow_mut().membership(g.state(), |id| g.is_alive(id, now), |id| g.phi(id, now));
+        }
         let shard = self.shard.clone();
         glommio::spawn_local(async move { shard.broadcast_view(view).await }).detach();
         self.persist();
@@ -237,6 +245,9 @@ impl ClusterAgent {
             g.set_load(load);
             g.set_holding(stats.iter().flat_map(|s| s.holding.iter().copied()).collect());
         }
+        self.publish_metrics(&stats);
+        let dir = self.state_path.parent().unwrap_or(Path::new("."));
+        self.seen.borrow_mut().background(&stats, dir);
         self.check_drained(&stats);
     }
 
@@ -353,6 +364,40 @@ impl ClusterAgent {
         tracing::info!(change = %c, "ring change applied");
         self.after_change();
         Ok(())
+    }
+
+    /// Hands the slower-moving figures to the metrics endpoint.
+    fn publish_metrics(&self, stats: &[crate::shard::ShardSnapshot]) {
+        use crate::metrics::{Background, ShardFigures};
+        let shards = stats
+            .iter()
+            .map(|s| ShardFigures {
+                keys: s.store.keys,
+                tombstones: s.store.tombstones,
+                disk_bytes: s.store.log_bytes,
+                segments: s.store.segments as u64,
+                compactions: s.store.compactions,
+                hints_pending: s.store.hints,
+                hints_delivered: s.hinted.delivered,
+                repair_rounds: s.repaired.background_runs,
+                keys_repaired: s.repaired.keys_repaired,
+                tombstones_purged: s.repaired.tombstones_purged,
+                partitions_to_stream: u64::from(s.stream.partitions),
+                stream_bytes_sent: s.streamed.bytes_sent,
+                stream_keys_resumed: s.streamed.keys_resumed,
+                partitions_handed_off: s.streamed.partitions_handed_off,
+            })
+            .collect();
+        let view = self.view();
+        let mut members: Vec<(&'static str, u64)> =
+            ["up", "down", "joining", "leaving", "left"].iter().map(|s| (*s, 0)).collect();
+        for (id, r) in &view.members {
+            let state = crate::events::member_state(&view, id, r);
+            if let Some(slot) = members.iter_mut().find(|(s, _)| *s == state) {
+                slot.1 += 1;
+            }
+        }
+        self.shard.node.metrics.publish(Background { shards, members, ring_version: view.ring_version() });
     }
 
     /// A node that left stops once it holds nothing and said so.

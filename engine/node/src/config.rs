@@ -70,6 +70,11 @@ pub struct NodeConfig {
     /// many MiB of keys and values per second from this node, shared by its
     /// shards; each shard streams one partition at a time.
     pub stream_mb_per_s: u64,
+    /// Serve Prometheus metrics over HTTP on this address (GET /metrics);
+    /// off when unset.
+    pub metrics: Option<SocketAddr>,
+    /// Log client requests slower than this many ms; 0: never.
+    pub slow_request_ms: u64,
 
     // Authentication and connection limits (docs/SECURITY.md). Without
     // credentials a node listens on loopback addresses only.
@@ -122,6 +127,8 @@ impl Default for NodeConfig {
             compaction_garbage_ratio: 0.5,
             compaction_mb_per_s: 64,
             stream_mb_per_s: 32,
+            metrics: None,
+            slow_request_ms: 1000,
             cluster_secret: None,
             auth_tokens: Vec::new(),
             auth_users: BTreeMap::new(),

@@ -375,6 +375,9 @@ async fn read_loop(shard: &Rc<Shard>, mut rd: ReadHalf<TcpStream>, out: &Rc<Outp
 fn responder(shard: &Rc<Shard>, out: &Rc<Output>, id: u64) -> service::Respond {
     let (shard, out) = (shard.clone(), out.clone());
     Box::new(move |result| {
+        if let Err(e) = &result {
+            shard.metrics.error(e.code);
+        }
         out.buffered_responses.set(out.buffered_responses.get() + 1);
         out.send(&Message::Response(Response { id, result, ring_version: shard.view().ring_version() }));
     })

@@ -78,6 +78,7 @@ pub fn reply(outcome: Outcome, deleting: bool) -> Reply {
 pub type ClientSink = Box<dyn FnOnce(Result<Reply, WireError>)>;
 
 struct Waiting {
+    op: crate::metrics::Op,
     deleting: bool,
     started_us: u64,
     sink: ClientSink,
@@ -120,6 +121,9 @@ pub struct Driver {
     waiting: RefCell<HashMap<u64, Waiting>>,
     /// What this shard coordinated: operations and their latency.
     load: RefCell<crate::load::ShardLoad>,
+    metrics: std::sync::Arc<crate::metrics::ShardMetrics>,
+    /// Answers slower than this are logged (0: never).
+    slow_us: u64,
     repairs: RefCell<HashMap<u64, oneshot::Sender<Result<RepairReport, String>>>>,
     next_token: Cell<u64>,
     inbox: RefCell<VecDeque<(Tag, Answer)>>,
@@ -135,7 +139,11 @@ pub struct Driver {
 }
 
 impl Driver {
-    pub fn new(cfg: &crate::config::NodeConfig, shard: u16) -> Driver {
+    pub fn new(
+        cfg: &crate::config::NodeConfig,
+        shard: u16,
+        metrics: std::sync::Arc<crate::metrics::ShardMetrics>,
+    ) -> Driver {
         let now = clock::now_us();
         let coord = Coordinator::new(CoordinatorConfig { replicas: cfg.replicas, ..CoordinatorConfig::default() });
         let hints = HintDelivery::new(
@@ -170,6 +178,8 @@ impl Driver {
             repair: RefCell::new(repair),
             waiting: RefCell::new(HashMap::new()),
             load: RefCell::new(crate::load::ShardLoad::default()),
+            metrics,
+            slow_us: cfg.slow_request_ms * 1000,
             repairs: RefCell::new(HashMap::new()),
             next_token: Cell::new(1),
             inbox: RefCell::new(VecDeque::new()),
@@ -203,8 +213,13 @@ impl Driver {
     pub fn start(&self, shard: &Rc<Shard>, op: ClientOp, timeout: Duration, sink: ClientSink) {
         let token = self.token();
         let deleting = matches!(op, ClientOp::Write { value: None, .. });
+        let kind = match &op {
+            ClientOp::Get { .. } => crate::metrics::Op::Get,
+            ClientOp::Write { value: Some(_), .. } => crate::metrics::Op::Put,
+            ClientOp::Write { value: None, .. } => crate::metrics::Op::Delete,
+        };
         let now = clock::now_us();
-        self.waiting.borrow_mut().insert(token, Waiting { deleting, started_us: now, sink });
+        self.waiting.borrow_mut().insert(token, Waiting { op: kind, deleting, started_us: now, sink });
         let view = shard.view();
         let timeout_us = timeout.as_micros() as u64;
         let key = match &op {
@@ -241,6 +256,14 @@ impl Driver {
         let mut l = self.load.borrow().clone();
         l.cpu_ns = crate::load::thread_cpu_ns();
         l
+    }
+
+    pub fn hint_stats(&self) -> ringkv_core::hints::HintStats {
+        self.hints.borrow().stats()
+    }
+
+    pub fn repair_stats(&self) -> ringkv_core::antientropy::RepairStats {
+        self.repair.borrow().stats()
     }
 
     pub fn stream_stats(&self) -> ringkv_core::handoff::HandoffStats {
@@ -322,10 +345,20 @@ impl Driver {
             any = true;
             let waiting = self.waiting.borrow_mut().remove(&token);
             if let Some(w) = waiting {
+                let took = clock::now_us().saturating_sub(w.started_us);
                 {
                     let mut load = self.load.borrow_mut();
                     load.ops += 1;
-                    load.latency.record(clock::now_us().saturating_sub(w.started_us));
+                    load.latency.record(took);
+                }
+                self.metrics.request(w.op, took);
+                if took >= self.slow_us && self.slow_us > 0 {
+                    tracing::warn!(
+                        op = ?w.op,
+                        took_us = took,
+                        ok = result.is_ok(),
+                        "slow request: answered after more than the slow-request threshold"
+                    );
                 }
                 (w.sink)(result.map(|o| reply(o, w.deleting)).map_err(coord_error));
             }

@@ -108,6 +108,9 @@ pub fn start(cfg: NodeConfig) -> Result<Running, String> {
     let dir = datadir::open(&cfg)?;
     let shards = cfg.shard_count();
     let node = Arc::new(NodeContext::new(cfg.clone(), dir.meta.node_id.clone(), dir.meta.incarnation()));
+    if let Some(addr) = cfg.metrics {
+        crate::metrics::serve(addr, node.metrics.clone())?;
+    }
     let (gossip, view) = initial_membership(&cfg, &dir);
     let mut gossip = Some(gossip);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -306,10 +309,12 @@ async fn run_shard(
                 continue;
             }
             acceptor.connections.set(acceptor.connections.get() + 1);
+            acceptor.metrics.connection_opened();
             let s = acceptor.clone();
             glommio::spawn_local(async move {
                 conn::serve(s.clone(), stream).await;
                 s.connections.set(s.connections.get() - 1);
+                s.metrics.connection_closed();
                 s.node.connections.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
             })
             .detach();

@@ -373,13 +373,7 @@ async fn node_info(shard: &Rc<Shard>) -> Result<NodeInfo, WireError> {
         .iter()
         .map(|(id, r)| {
             let load = state.as_ref().and_then(|s| s.members.get(id)).map(|m| (m.weight, m.load)).unwrap_or_default();
-            let in_ring = view.ring.as_ref().is_some_and(|ring| ring.contains(id));
-            // A member that left and stopped shows as left, not leaving.
-            let status = if r.status.to_string() == "leaving" && !in_ring && !view.alive(id) {
-                "left".to_string()
-            } else {
-                r.status.to_string()
-            };
+            let status = crate::events::member_state(&view, id, r).to_string();
             MemberInfo {
                 node_id: id.clone(),
                 addr: r.addr.to_string(),

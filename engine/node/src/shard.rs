@@ -39,6 +39,8 @@ pub struct NodeContext {
     pub auth: crate::auth::Authenticator,
     /// Connections open over all shards (bounded by `max_connections`).
     pub connections: AtomicUsize,
+    /// What the metrics endpoint serves.
+    pub metrics: Arc<crate::metrics::NodeMetrics>,
     shutdown: AtomicBool,
     fatal: Mutex<Option<String>>,
 }
@@ -54,6 +56,7 @@ impl NodeContext {
             shards,
             auth,
             connections: AtomicUsize::new(0),
+            metrics: Arc::new(crate::metrics::NodeMetrics::new(shards)),
             shutdown: AtomicBool::new(false),
             fatal: Mutex::new(None),
         }
@@ -157,6 +160,8 @@ pub struct ShardSnapshot {
     pub store: StoreStats,
     pub load: crate::load::ShardLoad,
     pub stream: ringkv_core::handoff::Progress,
+    pub hinted: ringkv_core::hints::HintStats,
+    pub repaired: ringkv_core::antientropy::RepairStats,
     /// Partitions whose data here belongs elsewhere.
     pub holding: std::collections::BTreeSet<u32>,
     pub streamed: ringkv_core::handoff::HandoffStats,
@@ -216,6 +221,8 @@ pub struct Shard {
     pub agent: RefCell<Option<Rc<ClusterAgent>>>,
     /// The shard's protocol machines and the shell that runs them.
     pub driver: Rc<crate::driver::Driver>,
+    /// This shard's request-path counters (written here only).
+    pub metrics: Arc<crate::metrics::ShardMetrics>,
 }
 
 /// Removes a forwarded request's pending entry if its caller gives up.
@@ -273,7 +280,8 @@ impl Shard {
             connections: Cell::new(0),
             view: RefCell::new(view),
             agent: RefCell::new(None),
-            driver: Rc::new(crate::driver::Driver::new(&node.cfg, id as u16)),
+            driver: Rc::new(crate::driver::Driver::new(&node.cfg, id as u16, node.metrics.shard(id))),
+            metrics: node.metrics.shard(id),
             node,
         });
         // At most MESH_IN_FLIGHT operations from other shards run at once;
@@ -451,6 +459,8 @@ impl Shard {
                 stream: self.driver.stream_progress(),
                 holding: self.driver.holding(),
                 streamed: self.driver.stream_stats(),
+                hinted: self.driver.hint_stats(),
+                repaired: self.driver.repair_stats(),
             }))),
         }
     }
