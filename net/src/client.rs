@@ -210,6 +210,22 @@ impl Client {
         self.wait(id)
     }
 
+    /// Like [`Client::call`], but waits at most `wait` for the answer (the
+    /// request itself still carries the connection's timeout, so the node
+    /// keeps trying as long as the caller would overall). After a timeout
+    /// the connection must be dropped: the late answer would still arrive.
+    pub fn call_within(&mut self, body: Request, wait: Duration) -> Result<Reply, ClientError> {
+        let id = self.send(body)?;
+        let wait = wait.max(Duration::from_millis(1));
+        self.stream.set_read_timeout(Some(wait))?;
+        let answer = self.wait(id);
+        self.stream.set_read_timeout(Some(self.timeout))?;
+        match answer {
+            Err(ClientError::Timeout(_)) => Err(ClientError::Timeout(wait)),
+            other => other,
+        }
+    }
+
     pub fn get(&mut self, key: &[u8], r: Level) -> Result<GetResult, ClientError> {
         match self.call(Request::Get { key: key.to_vec(), r })? {
             Reply::Get(g) => Ok(g),

@@ -3,23 +3,84 @@
 //! It bootstraps from any node, learns the ring, members and shard pins, and
 //! sends each request straight to the owning shard of the key's first
 //! replica, so the node neither forwards it to another node nor hands it to
-//! another shard. Reads that fail to get an answer are retried on the next
-//! replica; writes are retried only when they could not be sent at all (a
-//! write that was sent and timed out may have been applied). Every response
-//! carries the node's ring version; a newer one than ours triggers a
-//! topology refresh.
+//! another shard. Every response carries the node's ring version; a newer
+//! one than ours triggers a topology refresh.
+//!
+//! Riding through failures: a replica that does not answer within a
+//! deadline derived from the latencies this client observed (twice their
+//! p99, at least [`MIN_ATTEMPT`], at most the request timeout) is given up
+//! on, and the request goes to the next replica, which coordinates it just
+//! as well. That holds for writes too: a write sent again elsewhere carries
+//! the same context, so a duplicate becomes at worst a sibling of equal
+//! value that the next read and write resolve. A reset or refused
+//! connection moves on the same way. An endpoint that failed is marked down
+//! and tried last, until a probe after a back-off (1 s, doubling to 8 s)
+//! finds it answering again. Errors the node itself answers (a quorum not
+//! met, a pair too large) are returned as they are.
 
 use crate::client::{Client, ClientConfig, ClientError, WriteOptions};
 use crate::proto::{GetResult, Level, Reply, Request};
 use crate::topology::Topology;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// The shortest wait for one replica before the next is asked.
+/// (High enough that a busy machine's ordinary jitter does not send
+/// requests elsewhere.)
+pub const MIN_ATTEMPT: Duration = Duration::from_millis(50);
+/// The wait before enough latencies were seen to derive one.
+const FIRST_ATTEMPT: Duration = Duration::from_millis(500);
+/// Latencies kept, and how many are needed before they set the deadline.
+const SAMPLES: usize = 512;
+const MIN_SAMPLES: usize = 32;
+
+/// Recent request latencies, and the deadline they give.
+struct Latencies {
+    ring: Vec<u32>,
+    next: usize,
+    deadline: Duration,
+    since_update: usize,
+}
+
+impl Latencies {
+    fn new() -> Latencies {
+        Latencies { ring: Vec::with_capacity(SAMPLES), next: 0, deadline: FIRST_ATTEMPT, since_update: 0 }
+    }
+
+    fn record(&mut self, took: Duration) {
+        let us = took.as_micros().min(u32::MAX as u128) as u32;
+        if self.ring.len() < SAMPLES {
+            self.ring.push(us);
+        } else {
+            self.ring[self.next] = us;
+            self.next = (self.next + 1) % SAMPLES;
+        }
+        self.since_update += 1;
+        if self.ring.len() >= MIN_SAMPLES && self.since_update >= MIN_SAMPLES {
+            self.since_update = 0;
+            let mut sorted = self.ring.clone();
+            sorted.sort_unstable();
+            let p99 = sorted[(sorted.len() * 99 / 100).min(sorted.len() - 1)];
+            self.deadline = Duration::from_micros(u64::from(p99) * 2).max(MIN_ATTEMPT);
+        }
+    }
+}
+
+/// What this client knows of one endpoint's health.
+#[derive(Clone, Copy)]
+struct Health {
+    failures: u32,
+    down_until: Instant,
+}
 
 pub struct ClusterClient {
     cfg: ClientConfig,
     seeds: Vec<String>,
     topology: Topology,
     conns: HashMap<SocketAddr, Client>,
+    latencies: Latencies,
+    health: HashMap<SocketAddr, Health>,
 }
 
 impl ClusterClient {
@@ -27,11 +88,23 @@ impl ClusterClient {
     pub fn connect(seeds: &[&str], cfg: ClientConfig) -> Result<ClusterClient, ClientError> {
         let seeds: Vec<String> = seeds.iter().map(|s| s.to_string()).collect();
         let topology = fetch(&seeds, &cfg)?;
-        Ok(ClusterClient { cfg, seeds, topology, conns: HashMap::new() })
+        Ok(ClusterClient {
+            cfg,
+            seeds,
+            topology,
+            conns: HashMap::new(),
+            latencies: Latencies::new(),
+            health: HashMap::new(),
+        })
     }
 
     pub fn topology(&self) -> &Topology {
         &self.topology
+    }
+
+    /// How long one replica gets before the next is asked, as now derived.
+    pub fn attempt_deadline(&self) -> Duration {
+        self.latencies.deadline.min(self.cfg.timeout)
     }
 
     /// Fetches the topology again, from any known member or seed.
@@ -42,50 +115,93 @@ impl ClusterClient {
         Ok(())
     }
 
-    fn conn(&mut self, addr: SocketAddr) -> Result<&mut Client, ClientError> {
-        if !self.conns.contains_key(&addr) {
-            let c = Client::connect(addr, &self.cfg)?;
-            self.conns.insert(addr, c);
-        }
-        Ok(self.conns.get_mut(&addr).expect("inserted above"))
+    fn is_down(&self, addr: &SocketAddr, now: Instant) -> bool {
+        self.health.get(addr).is_some_and(|h| h.down_until > now)
     }
 
-    /// Sends `req` for `key` along its replicas until one answers.
-    fn call(&mut self, key: &[u8], req: Request, retry_after_send: bool) -> Result<Reply, ClientError> {
-        let route = self.topology.route(key);
+    fn failed(&mut self, addr: SocketAddr) {
+        self.conns.remove(&addr);
+        let h = self.health.entry(addr).or_insert(Health { failures: 0, down_until: Instant::now() });
+        h.failures += 1;
+        let backoff = Duration::from_secs(1 << (h.failures - 1).min(3));
+        h.down_until = Instant::now() + backoff;
+    }
+
+    /// One attempt at `addr`, waiting at most `wait` (connecting included).
+    fn attempt(&mut self, addr: SocketAddr, req: &Request, wait: Duration) -> Result<Reply, ClientError> {
+        if !self.conns.contains_key(&addr) {
+            let quick = ClientConfig { timeout: wait.min(self.cfg.timeout), ..self.cfg.clone() };
+            let mut c = Client::connect(addr, &quick)?;
+            c.set_timeout(self.cfg.timeout)?;
+            self.conns.insert(addr, c);
+        }
+        let conn = self.conns.get_mut(&addr).expect("inserted above");
+        conn.call_within(req.clone(), wait)
+    }
+
+    /// Sends `req` for `key` along its replicas until one answers: first
+    /// each with the derived deadline (the last with whatever time is left),
+    /// then, if every one failed and some only by being slow (a fault can
+    /// slow every coordinator for a moment: a replica that just died is
+    /// still being given up on), those again with the time left shared out.
+    fn call(&mut self, key: &[u8], req: Request) -> Result<Reply, ClientError> {
+        let now = Instant::now();
+        let mut route = self.topology.route(key);
+        // Endpoints marked down go last: still tried, they may be all there is.
+        route.sort_by_key(|a| self.is_down(a, now));
+        let started = Instant::now();
         let mut last = None;
-        for addr in route {
-            let conn = match self.conn(addr) {
-                Ok(c) => c,
-                Err(e) => {
-                    last = Some(e);
-                    continue;
-                }
+        let mut slow = Vec::new();
+        let n = route.len();
+        let mut passes: Vec<(SocketAddr, Option<usize>)> = route.into_iter().map(|a| (a, None)).collect();
+        let mut i = 0;
+        while i < passes.len() {
+            let (addr, share) = passes[i];
+            i += 1;
+            let left = self.cfg.timeout.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                break;
+            }
+            let wait = match share {
+                Some(k) => left / k as u32,
+                None if i == n => left,
+                None => self.attempt_deadline().min(left),
             };
-            match conn.call(req.clone()) {
+            let t = Instant::now();
+            match self.attempt(addr, &req, wait) {
                 Ok(reply) => {
-                    let seen = conn.ring_version();
+                    self.latencies.record(t.elapsed());
+                    self.health.remove(&addr);
+                    let seen = self.conns.get(&addr).map_or(0, Client::ring_version);
                     if seen > self.topology.version() {
                         // A node knows a newer ring: route by it from now on.
                         let _ = self.refresh();
                     }
                     return Ok(reply);
                 }
-                Err(ClientError::Server(e)) => return Err(ClientError::Server(e)),
+                // The node answered: its verdict stands.
+                Err(ClientError::Server(e)) => {
+                    self.health.remove(&addr);
+                    return Err(ClientError::Server(e));
+                }
                 Err(e) => {
-                    self.conns.remove(&addr);
-                    if !retry_after_send {
-                        return Err(e);
+                    if matches!(e, ClientError::Timeout(_)) && share.is_none() {
+                        slow.push(addr);
                     }
+                    self.failed(addr);
                     last = Some(e);
                 }
+            }
+            if i == n && !slow.is_empty() {
+                let k = slow.len();
+                passes.extend(slow.drain(..).enumerate().map(|(j, a)| (a, Some(k - j))));
             }
         }
         Err(last.unwrap_or_else(|| ClientError::Io(std::io::Error::other("the key has no reachable replica"))))
     }
 
     pub fn get(&mut self, key: &[u8], r: Level) -> Result<GetResult, ClientError> {
-        match self.call(key, Request::Get { key: key.to_vec(), r }, true)? {
+        match self.call(key, Request::Get { key: key.to_vec(), r })? {
             Reply::Get(g) => Ok(g),
             other => Err(ClientError::UnexpectedReply { request: "get", reply: Box::new(other) }),
         }
@@ -99,7 +215,7 @@ impl ClusterClient {
             w: opts.w,
             durable: opts.durable,
         };
-        match self.call(key, req, false)? {
+        match self.call(key, req)? {
             Reply::Put { context } => Ok(context),
             other => Err(ClientError::UnexpectedReply { request: "put", reply: Box::new(other) }),
         }
@@ -108,7 +224,7 @@ impl ClusterClient {
     pub fn delete(&mut self, key: &[u8], opts: &WriteOptions) -> Result<(), ClientError> {
         let req =
             Request::Delete { key: key.to_vec(), context: opts.context.clone(), w: opts.w, durable: opts.durable };
-        match self.call(key, req, false)? {
+        match self.call(key, req)? {
             Reply::Delete => Ok(()),
             other => Err(ClientError::UnexpectedReply { request: "delete", reply: Box::new(other) }),
         }

@@ -44,8 +44,11 @@ pub struct CoordinatorConfig {
     /// N, the replication factor.
     pub replicas: usize,
     /// A read asks one more replica when its first ones have not all
-    /// answered within this long.
+    /// answered within twice the p99 of recent replica answers, at least
+    /// `min_hedge_us` and at most this long (this long until enough answers
+    /// were seen).
     pub hedge_after_us: u64,
+    pub min_hedge_us: u64,
     pub max_ops: usize,
     pub max_repairs: usize,
     /// How long a read repair's requests are waited for.
@@ -64,6 +67,7 @@ impl Default for CoordinatorConfig {
         CoordinatorConfig {
             replicas: 3,
             hedge_after_us: 20_000,
+            min_hedge_us: 1_000,
             max_ops: 65_536,
             max_repairs: 4_096,
             repair_timeout_us: 2_000_000,
@@ -183,6 +187,7 @@ struct ReadOp {
     failures: Vec<String>,
     hedge_at: Option<u64>,
     deadline: u64,
+    started_us: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -252,12 +257,44 @@ pub struct Coordinator {
     out: Outbox,
     answers: VecDeque<(u64, ClientResult)>,
     stats: CoordinatorStats,
+    hedge: HedgeDelay,
+}
+
+/// Recent replica answer times of reads, and the hedge delay they give.
+struct HedgeDelay {
+    ring: Vec<u32>,
+    next: usize,
+    since_update: usize,
+    delay_us: u64,
+}
+
+/// Answers kept, and how many are needed before they set the delay.
+const HEDGE_SAMPLES: usize = 256;
+const HEDGE_MIN_SAMPLES: usize = 32;
+
+impl HedgeDelay {
+    fn record(&mut self, us: u64, cfg: &CoordinatorConfig) {
+        let us = us.min(u64::from(u32::MAX)) as u32;
+        if self.ring.len() < HEDGE_SAMPLES {
+            self.ring.push(us);
+        } else {
+            self.ring[self.next] = us;
+            self.next = (self.next + 1) % HEDGE_SAMPLES;
+        }
+        self.since_update += 1;
+        if self.ring.len() >= HEDGE_MIN_SAMPLES && self.since_update >= HEDGE_MIN_SAMPLES {
+            self.since_update = 0;
+            let mut sorted = self.ring.clone();
+            sorted.sort_unstable();
+            let p99 = u64::from(sorted[(sorted.len() * 99 / 100).min(sorted.len() - 1)]);
+            self.delay_us = (2 * p99).clamp(cfg.min_hedge_us, cfg.hedge_after_us);
+        }
+    }
 }
 
 impl Coordinator {
     pub fn new(cfg: CoordinatorConfig) -> Coordinator {
         Coordinator {
-            cfg,
             ops: HashMap::new(),
             next_op: 1,
             client_ops: 0,
@@ -265,8 +302,15 @@ impl Coordinator {
             timers: Deadlines::default(),
             out: Outbox::default(),
             answers: VecDeque::new(),
+            hedge: HedgeDelay { ring: Vec::new(), next: 0, since_update: 0, delay_us: cfg.hedge_after_us },
             stats: CoordinatorStats::default(),
+            cfg,
         }
+    }
+
+    /// How long a read waits before it asks one more replica, as now derived.
+    pub fn hedge_delay_us(&self) -> u64 {
+        self.hedge.delay_us
     }
 
     pub fn stats(&self) -> CoordinatorStats {
@@ -364,7 +408,7 @@ impl Coordinator {
             quorum = quorum.counting_duplicates(self.cfg.bugs.count_duplicate_acks);
         }
         let deadline = now_us + timeout_us;
-        let hedge_at = (!spare.is_empty()).then_some(now_us + self.cfg.hedge_after_us);
+        let hedge_at = (!spare.is_empty()).then_some(now_us + self.hedge.delay_us);
         let mut op = ReadOp {
             token,
             key,
@@ -378,6 +422,7 @@ impl Coordinator {
             failures: Vec::new(),
             hedge_at,
             deadline,
+            started_us: now_us,
         };
         for t in targets {
             Self::ask(&mut self.out, id, &mut op, t);
@@ -472,7 +517,12 @@ impl Coordinator {
         let bugs = (self.bug_ack_before_sync(), self.bug_count_duplicates());
         let Some(op) = self.ops.get_mut(&tag.op) else { return };
         let done = match op {
-            Op::Read(r) => Self::read_answer(&mut self.out, &mut self.answers, tag, r, answer),
+            Op::Read(r) => {
+                if matches!(answer, Ok(Response::Object(_))) {
+                    self.hedge.record(now_us.saturating_sub(r.started_us), &self.cfg);
+                }
+                Self::read_answer(&mut self.out, &mut self.answers, tag, r, answer)
+            }
             Op::Write(w) => {
                 Self::write_answer(&mut self.out, &mut self.answers, &mut self.stats, topo, tag, w, answer, bugs)
             }
@@ -879,6 +929,28 @@ mod tests {
         c.handle_response(20_003, &t, hedge[0].tag, Ok(Response::Object(None)));
         assert_eq!(c.poll_answer().unwrap().1, Ok(Outcome::Read(None)));
         assert_eq!(c.stats().hedges, 1);
+    }
+
+    #[test]
+    fn the_hedge_delay_follows_the_replicas_observed_answer_times() {
+        let t = topo("a", &[]);
+        let mut c = Coordinator::new(CoordinatorConfig::default());
+        assert_eq!(c.hedge_delay_us(), 20_000, "the configured delay until answers were seen");
+        // 40 reads whose replicas answer in 300 µs.
+        let mut now = 0;
+        for token in 0..40 {
+            c.get(now, &t, token, b"k".to_vec(), Level::Quorum, T);
+            for o in drain(&mut c) {
+                c.handle_response(now + 300, &t, o.tag, Ok(Response::Object(None)));
+            }
+            while c.poll_answer().is_some() {}
+            now += 1_000;
+        }
+        assert_eq!(c.hedge_delay_us(), 1_000, "2 x 300 µs, raised to the 1 ms floor");
+        c.get(now, &t, 99, b"k".to_vec(), Level::Quorum, T);
+        drain(&mut c);
+        c.handle_timeout(now + 1_000, &t);
+        assert_eq!(drain(&mut c).len(), 1, "hedged after 1 ms, not 20");
     }
 
     #[test]
