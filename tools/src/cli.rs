@@ -168,6 +168,9 @@ pub struct ServerArgs {
     /// Partition stream budget of the node in MiB/s [default: 32].
     #[arg(long)]
     pub stream_mb_per_s: Option<u64>,
+    /// Shards that may stream partitions at once [default: 2].
+    #[arg(long)]
+    pub stream_concurrency: Option<usize>,
     /// Serve Prometheus metrics over HTTP on IP:PORT (GET /metrics) [default: off].
     #[arg(long)]
     pub metrics: Option<SocketAddr>,

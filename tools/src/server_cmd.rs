@@ -82,6 +82,9 @@ pub fn resolve(args: &ServerArgs) -> Result<NodeConfig, String> {
     if let Some(v) = a.stream_mb_per_s {
         c.stream_mb_per_s = v;
     }
+    if let Some(v) = a.stream_concurrency {
+        c.stream_concurrency = v;
+    }
     if let Some(v) = a.metrics {
         c.metrics = Some(v);
     }

@@ -43,6 +43,9 @@ impl Default for HandoffConfig {
     }
 }
 
+/// How soon a round held back by the node's stream limit is tried again.
+const ROUND_RETRY_US: u64 = 500_000;
+
 /// Partitions whose acknowledged records are remembered for a resume.
 pub const RESUME_KEPT: usize = 16;
 
@@ -127,6 +130,9 @@ pub struct Handoff {
     /// The earliest time the next chunk may be read (pacing).
     pace_at: u64,
     resume: BTreeMap<u32, Resume>,
+    /// Whether a new round may start (the node's limit on concurrent
+    /// streams, which the shell keeps); a round that may not waits.
+    may_start: bool,
     /// Targets that failed a call this round: partitions that stream to
     /// them wait for the next round rather than hammer a dead node.
     failed: HashSet<MemberId>,
@@ -152,6 +158,7 @@ impl Handoff {
             deadline: None,
             pace_at: 0,
             resume: BTreeMap::new(),
+            may_start: true,
             failed: HashSet::new(),
             left: BTreeSet::new(),
             timers,
@@ -181,6 +188,13 @@ impl Handoff {
     /// listing found them, less those handed off since.
     pub fn holding(&self) -> BTreeSet<u32> {
         self.left.clone()
+    }
+
+    /// Whether the next round may start: false while the node streams as
+    /// many partitions as it may at once. A round that may not start is
+    /// tried again within half a second.
+    pub fn set_may_start(&mut self, may: bool) {
+        self.may_start = may;
     }
 
     /// Whether a partition is being streamed or waits in this round.
@@ -220,6 +234,9 @@ impl Handoff {
     pub fn handle_timeout(&mut self, now_us: u64, topo: &Topology) {
         while let Some((_, kind)) = self.timers.pop_due(now_us) {
             match kind {
+                Timer::Round if !self.may_start && !self.busy() => {
+                    self.timers.arm(now_us + self.cfg.interval_us.min(ROUND_RETRY_US), 0, Timer::Round);
+                }
                 Timer::Round => {
                     self.timers.arm(now_us + self.cfg.interval_us, 0, Timer::Round);
                     if !self.busy() && topo.has_ring() {
@@ -630,5 +647,19 @@ mod tests {
         assert!(!h.busy());
         h.handle_timeout(5_000_000, &t);
         assert!(matches!(drain(&mut h)[0].req, Request::PartitionsWithData), "the next round tries again");
+    }
+
+    #[test]
+    fn a_round_waits_while_the_node_streams_as_much_as_it_may() {
+        let walk = ["a", "b", "c", "x"].map(String::from).to_vec();
+        let t = Topology::from_walks("x", 3, vec![walk; 1], &[]);
+        let mut h = Handoff::new(HandoffConfig::default(), 0, 0);
+        h.set_may_start(false);
+        h.handle_timeout(2_000_000, &t);
+        assert!(drain(&mut h).is_empty(), "no listing while other shards use the node's streams");
+        assert_eq!(h.next_deadline(), Some(2_500_000), "tried again soon");
+        h.set_may_start(true);
+        h.handle_timeout(2_500_000, &t);
+        assert!(matches!(drain(&mut h)[0].req, Request::PartitionsWithData));
     }
 }

@@ -70,6 +70,9 @@ pub struct NodeConfig {
     /// many MiB of keys and values per second from this node, shared by its
     /// shards; each shard streams one partition at a time.
     pub stream_mb_per_s: u64,
+    /// Shards of this node that may stream partitions at once (each streams
+    /// one partition at a time).
+    pub stream_concurrency: usize,
     /// Serve Prometheus metrics over HTTP on this address (GET /metrics);
     /// off when unset.
     pub metrics: Option<SocketAddr>,
@@ -127,6 +130,7 @@ impl Default for NodeConfig {
             compaction_garbage_ratio: 0.5,
             compaction_mb_per_s: 64,
             stream_mb_per_s: 32,
+            stream_concurrency: 2,
             metrics: None,
             slow_request_ms: 1000,
             cluster_secret: None,
@@ -197,8 +201,8 @@ impl NodeConfig {
                 self.compaction_garbage_ratio
             ));
         }
-        if self.stream_mb_per_s == 0 {
-            return Err("stream_mb_per_s must be positive".into());
+        if self.stream_mb_per_s == 0 || self.stream_concurrency == 0 {
+            return Err("stream_mb_per_s and stream_concurrency must be positive".into());
         }
         if self.compaction_mb_per_s == 0 {
             return Err("compaction_mb_per_s must be positive".into());

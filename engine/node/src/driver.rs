@@ -124,6 +124,8 @@ pub struct Driver {
     metrics: std::sync::Arc<crate::metrics::ShardMetrics>,
     /// Answers slower than this are logged (0: never).
     slow_us: u64,
+    /// Whether this shard holds one of the node's stream slots.
+    slot: Cell<bool>,
     repairs: RefCell<HashMap<u64, oneshot::Sender<Result<RepairReport, String>>>>,
     next_token: Cell<u64>,
     inbox: RefCell<VecDeque<(Tag, Answer)>>,
@@ -180,6 +182,7 @@ impl Driver {
             load: RefCell::new(crate::load::ShardLoad::default()),
             metrics,
             slow_us: cfg.slow_request_ms * 1000,
+            slot: Cell::new(false),
             repairs: RefCell::new(HashMap::new()),
             next_token: Cell::new(1),
             inbox: RefCell::new(VecDeque::new()),
@@ -413,10 +416,30 @@ impl Driver {
             let (now, topo) = (clock::now_us(), &view.topo);
             self.coord.borrow_mut().handle_timeout(now, topo);
             self.hints.borrow_mut().handle_timeout(now, topo);
+            let may = self.stream_slot(&shard, true);
+            self.handoff.borrow_mut().set_may_start(may);
             self.handoff.borrow_mut().handle_timeout(now, topo);
             self.repair.borrow_mut().handle_timeout(now, clock::now_ms(), topo);
             self.drain(&shard);
+            self.stream_slot(&shard, false);
         }
+    }
+
+    /// Holds one of the node's stream slots while this shard's handoff is
+    /// busy: takes one when `want` and it has none, gives it back once the
+    /// handoff is idle. Returns whether it holds one.
+    fn stream_slot(&self, shard: &Shard, want: bool) -> bool {
+        use std::sync::atomic::Ordering;
+        let slots = &shard.node.stream_slots;
+        if self.slot.get() && !self.handoff.borrow().busy() {
+            slots.fetch_add(1, Ordering::AcqRel);
+            self.slot.set(false);
+        }
+        if want && !self.slot.get() {
+            let took = slots.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1)).is_ok();
+            self.slot.set(took);
+        }
+        self.slot.get()
     }
 
     fn name(&self, shard: &Shard, m: MemberId) -> Option<String> {

@@ -41,6 +41,8 @@ pub struct NodeContext {
     pub connections: AtomicUsize,
     /// What the metrics endpoint serves.
     pub metrics: Arc<crate::metrics::NodeMetrics>,
+    /// Streams the node's shards may still start (`stream_concurrency`).
+    pub stream_slots: AtomicUsize,
     shutdown: AtomicBool,
     fatal: Mutex<Option<String>>,
 }
@@ -48,6 +50,7 @@ pub struct NodeContext {
 impl NodeContext {
     pub fn new(cfg: NodeConfig, node_id: String, incarnation: u64) -> NodeContext {
         let shards = cfg.shard_count();
+        let slots = cfg.stream_concurrency;
         let auth = crate::auth::Authenticator::new(&cfg);
         NodeContext {
             cfg,
@@ -57,6 +60,7 @@ impl NodeContext {
             auth,
             connections: AtomicUsize::new(0),
             metrics: Arc::new(crate::metrics::NodeMetrics::new(shards)),
+            stream_slots: AtomicUsize::new(slots),
             shutdown: AtomicBool::new(false),
             fatal: Mutex::new(None),
         }
