@@ -67,6 +67,13 @@ impl Drop for Controller {
 }
 
 fn start_controller(dir: &Path, seed: &str, port: u16) -> Controller {
+    // Any real load is far above a 5% target; an idle node far below.
+    let policy = ["--target-cpu", "0.05", "--max-nodes", "4", "--scale-out-window-s", "6", "--scale-in-window-s", "15"];
+    let timing = ["--cooldown-s", "10", "--interval-s", "2", "--duration-s", "200"];
+    start_controller_with(dir, seed, port, &[&policy[..], &timing[..]].concat())
+}
+
+fn start_controller_with(dir: &Path, seed: &str, port: u16, args: &[&str]) -> Controller {
     let log = dir.join("autoscale.log");
     let out = std::fs::File::create(&log).unwrap();
     let mut cmd = Command::new(ringkv_bin());
@@ -74,10 +81,7 @@ fn start_controller(dir: &Path, seed: &str, port: u16) -> Controller {
         .arg("--local-dir")
         .arg(dir.join("auto"))
         .args(["--local-port", &port.to_string()])
-        // Any real load is far above a 5% target; an idle node far below.
-        .args(["--target-cpu", "0.05", "--max-nodes", "4"])
-        .args(["--scale-out-window-s", "6", "--scale-in-window-s", "15", "--cooldown-s", "10", "--interval-s", "2"])
-        .args(["--duration-s", "200"]);
+        .args(args);
     for a in FAST {
         cmd.arg(format!("--server-arg={a}"));
     }
@@ -224,4 +228,51 @@ fn a_controller_restarted_in_the_middle_of_a_removal_finishes_it() {
     assert!(saved["removing"].is_null() && saved["nodes"].as_array().unwrap().is_empty(), "{saved}");
     let info = c.node(0).client().node_info().unwrap();
     assert_eq!(info.members.iter().filter(|m| m.status == "up").count(), 3);
+}
+
+#[test]
+fn an_oscillating_load_does_not_make_the_cluster_flap() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cluster::start(dir.path(), 3, 1, FAST);
+    let args = [
+        "--target-cpu",
+        "0.05",
+        "--max-nodes",
+        "5",
+        "--scale-out-window-s",
+        "4",
+        "--scale-in-window-s",
+        "20",
+        "--cooldown-s",
+        "15",
+        "--interval-s",
+        "1",
+        "--duration-s",
+        "75",
+    ];
+    let ctl = start_controller_with(dir.path(), &c.node(0).addr().to_string(), c.node(0).spec.port, &args);
+    let history = History::new();
+    // Five bursts of 6 s, 6 s apart: longer than the scale-out window,
+    // shorter than the scale-in one.
+    for burst in 0..5 {
+        let mut spec = LoadSpec::new(c.nodes.iter().map(|n| n.addr()).collect(), &format!("osc{burst}/"));
+        spec.clients = 4;
+        spec.duration = Duration::from_secs(6);
+        spec.max_ops = 10_000;
+        spec.pause = Duration::from_millis(1);
+        for w in load::start(&spec, &history, &Arc::new(AtomicBool::new(false)), burst * 10) {
+            w.join().unwrap();
+        }
+        std::thread::sleep(Duration::from_secs(6));
+    }
+    let changes: Vec<serde_json::Value> =
+        ctl.of("decision").into_iter().filter(|e| e["decision"]["decision"] != "hold").collect();
+    assert!(!changes.is_empty(), "the bursts were over the target: {:#?}", ctl.events());
+    assert!(changes.iter().all(|e| e["decision"]["decision"] == "add"), "no node removed between bursts: {changes:#?}");
+    for pair in changes.windows(2) {
+        let gap = pair[1]["ts_ms"].as_u64().unwrap() - pair[0]["ts_ms"].as_u64().unwrap();
+        assert!(gap >= 15_000, "two changes within the cool-down ({gap} ms): {changes:#?}");
+    }
+    let report = check(&history.events(), &c.read_all(0, &history.written_keys()), false);
+    report.assert_ok();
 }
