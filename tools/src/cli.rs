@@ -3,30 +3,25 @@
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ringkv_core::autoscale::AutoscaleConfig;
 use ringkv_net::Level;
-use std::net::SocketAddr;
 use std::path::PathBuf;
+
+pub use crate::server_args::ServerArgs;
 
 #[derive(Parser)]
 #[command(name = "ringkv", version, about = "ringkv: a Dynamo-style distributed key-value store")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
-    /// Log lines as text, or as one JSON object each (for log shippers).
-    /// Levels: RINGKV_LOG or RUST_LOG (e.g. info, ringkv_engine=debug).
-    #[arg(long, global = true, value_enum, env = "RINGKV_LOG_FORMAT", default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Run a node in the foreground.
+    /// Run a node in the foreground. Every setting is also a TOML key of
+    /// --config FILE; docs/CONFIG.md lists them.
     Server(Box<ServerArgs>),
+    /// Print the configuration reference (docs/CONFIG.md), generated from
+    /// the settings' declarations.
+    ConfigReference,
     /// Write a value (VALUE, or - to read it from stdin).
     Put(PutArgs),
     /// Read a key's value(s); exits 1 when the key is not found.
@@ -91,116 +86,6 @@ pub struct ClusterUpArgs {
     /// to taskset around this command).
     #[arg(long)]
     pub no_pin: bool,
-}
-
-#[derive(Args, Debug, Clone, Default)]
-pub struct ServerArgs {
-    /// Unique node name (default: the one stored in the data directory, or
-    /// the listen address for a new one).
-    #[arg(long)]
-    pub node_id: Option<String>,
-    /// Address of shard 0; shard i listens on port + i [default: 127.0.0.1:7070].
-    #[arg(long)]
-    pub listen: Option<SocketAddr>,
-    /// Where the node keeps its data [default: ./ringkv-data].
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
-    /// Nodes to join through, as IP:PORT,IP:PORT.
-    #[arg(long, value_delimiter = ',')]
-    pub seeds: Option<Vec<String>>,
-    /// Shards (one per core) [default: number of cores].
-    #[arg(long)]
-    pub shards: Option<usize>,
-    /// Relative capacity of this node [default: 1].
-    #[arg(long)]
-    pub weight: Option<u32>,
-    /// A TOML file with any of these settings (flags override it).
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Cluster name; clients and peers must use the same [default: ringkv].
-    #[arg(long)]
-    pub cluster: Option<String>,
-    /// Partitions of the hash ring, fixed at cluster creation [default: 256].
-    #[arg(long)]
-    pub partitions: Option<u32>,
-    /// Replication factor N [default: 3].
-    #[arg(long)]
-    pub replicas: Option<usize>,
-    /// Largest key plus value accepted, in bytes [default: 10240].
-    #[arg(long)]
-    pub max_pair_bytes: Option<usize>,
-    /// Size of each log segment file, in MiB [default: 64].
-    #[arg(long)]
-    pub segment_mb: Option<u64>,
-    /// Record cache per shard, in MiB [default: 64].
-    #[arg(long)]
-    pub cache_mb: Option<usize>,
-    /// Default request timeout [default: 5000].
-    #[arg(long)]
-    pub request_timeout_ms: Option<u64>,
-    /// Do not pin shard threads to cores.
-    #[arg(long)]
-    pub no_pin: bool,
-    /// First core to pin shard 0 to [default: 0].
-    #[arg(long)]
-    pub cpu_offset: Option<usize>,
-    /// Seconds between anti-entropy passes [default: 60].
-    #[arg(long)]
-    pub anti_entropy_interval_s: Option<u64>,
-    /// Seconds between hinted-handoff attempts [default: 3].
-    #[arg(long)]
-    pub handoff_interval_s: Option<u64>,
-    /// Seconds a tombstone is kept after every replica has it [default: 3600].
-    #[arg(long)]
-    pub tombstone_grace_s: Option<u64>,
-    /// Hints a shard holds at most for unreachable replicas [default: 1000000].
-    #[arg(long)]
-    pub max_hints_per_shard: Option<u64>,
-    /// Seconds between compaction passes [default: 10].
-    #[arg(long)]
-    pub compaction_interval_s: Option<u64>,
-    /// Rewrite a sealed segment once this share of it is garbage [default: 0.5].
-    #[arg(long)]
-    pub compaction_garbage_ratio: Option<f64>,
-    /// Compaction I/O budget in MiB/s [default: 64].
-    #[arg(long)]
-    pub compaction_mb_per_s: Option<u64>,
-    /// Partition stream budget of the node in MiB/s [default: 32].
-    #[arg(long)]
-    pub stream_mb_per_s: Option<u64>,
-    /// Shards that may stream partitions at once [default: 2].
-    #[arg(long)]
-    pub stream_concurrency: Option<usize>,
-    /// Serve Prometheus metrics over HTTP on IP:PORT (GET /metrics) [default: off].
-    #[arg(long)]
-    pub metrics: Option<SocketAddr>,
-    /// Log client requests slower than this many ms; 0: never [default: 1000].
-    #[arg(long)]
-    pub slow_request_ms: Option<u64>,
-    /// File holding the cluster secret that peers prove (docs/SECURITY.md).
-    #[arg(long)]
-    pub cluster_secret_file: Option<PathBuf>,
-    /// File of tokens clients may authenticate with, one per line.
-    #[arg(long)]
-    pub auth_tokens_file: Option<PathBuf>,
-    /// A connection must finish its handshake within this long [default: 10000].
-    #[arg(long)]
-    pub handshake_timeout_ms: Option<u64>,
-    /// Close a connection with nothing in flight that is silent this long [default: 300000].
-    #[arg(long)]
-    pub idle_timeout_ms: Option<u64>,
-    /// Connections the node holds at once [default: 8192].
-    #[arg(long)]
-    pub max_connections: Option<usize>,
-    /// Requests in flight per connection; more get Overloaded [default: 1024].
-    #[arg(long)]
-    pub max_in_flight_per_connection: Option<usize>,
-    /// Unwritten response bytes per connection before it is no longer read [default: 16777216].
-    #[arg(long)]
-    pub max_output_buffer_bytes: Option<usize>,
-    /// Close a connection whose responses cannot be written this long [default: 30000].
-    #[arg(long)]
-    pub write_stall_timeout_ms: Option<u64>,
 }
 
 #[derive(Args, Debug, Clone)]

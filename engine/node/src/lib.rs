@@ -2,7 +2,8 @@
 //!
 //! - [`store`]: one log-structured store per shard on glommio DMA files;
 //! - [`shard`]: the per-core runtime that owns a store and serves connections;
-//! - [`server`]: starts the shards, checks the data directory, handles signals.
+//! - [`server`]: starts the shards, checks the data directory, handles signals;
+//! - [`config`]: every setting, declared once, and its checks.
 
 pub mod auth;
 pub mod clock;

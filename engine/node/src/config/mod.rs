@@ -1,15 +1,24 @@
-//! A node's settings: defaults, TOML loading and validation.
+//! A node's settings: the one list that declares them, TOML loading and
+//! validation.
 //!
-//! Every setting can come from a TOML file (`--config`) and be overridden by
-//! a command-line flag; the names are the same in both (flags use dashes).
+//! Each setting is declared once below (doc, key, type, default, flag form);
+//! `NodeConfig`, its defaults, its TOML keys, the `ringkv server` flags and
+//! docs/CONFIG.md are all derived from that declaration ([`setting`]). A
+//! value comes from the default, then the TOML file (`--config`), then a flag
+//! given on the command line. `validate` checks the values, alone and
+//! against each other, and names the setting in its one-line error.
+
+pub mod setting;
 
 use ringkv_core::keyspace::{self, DEFAULT_MAX_PAIR_BYTES, DEFAULT_PARTITIONS, MAX_PAIR_BYTES_LIMIT};
 use ringkv_net::frame::DEFAULT_MAX_FRAME_BYTES;
 use ringkv_net::proto::Role;
-use serde::{Deserialize, Serialize};
+use setting::{declare_settings, Flag};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+
+pub use setting::{LogFormat, Setting};
 
 pub const DEFAULT_PORT: u16 = 7070;
 
@@ -17,132 +26,105 @@ pub const DEFAULT_PORT: u16 = 7070;
 /// be guessed by trying them against a recorded exchange offline.
 pub const MIN_SECRET_BYTES: usize = 16;
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct NodeConfig {
-    /// Unique name of the node; defaults to the one in the data directory,
-    /// or to the listen address for a new directory.
-    pub node_id: Option<String>,
+declare_settings! {
+    /// Unique name of the node. Unset: the one stored in the data
+    /// directory, or the listen address for a new directory.
+    node_id: Option<String> = None, Flag::Value;
     /// Address of shard 0; shard i listens on port + i.
-    pub listen: SocketAddr,
-    pub data_dir: PathBuf,
+    listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)), Flag::Value;
+    /// Where the node keeps its data.
+    data_dir: PathBuf = PathBuf::from("ringkv-data"), Flag::Value;
     /// Other nodes to join through, as IP:PORT.
-    pub seeds: Vec<String>,
-    /// Shards (executors, one per core); defaults to the number of cores.
-    pub shards: Option<usize>,
-    /// Relative capacity: partitions are claimed in proportion to it.
-    pub weight: u32,
-    pub cluster: String,
-    /// Q, fixed when the cluster is created.
-    pub partitions: u32,
-    /// N, the replication factor.
-    pub replicas: usize,
-    pub max_pair_bytes: usize,
-    pub max_frame_bytes: usize,
-    pub segment_mb: u64,
-    /// Record cache per shard.
-    pub cache_mb: usize,
-    pub request_timeout_ms: u64,
-    /// Pin each shard's thread to a core.
-    pub pin_cpus: bool,
-    /// First core to pin to (shard i goes to core (offset + i) mod cores), so
-    /// several nodes on one machine can be spread out.
-    pub cpu_offset: usize,
-    pub max_connections_per_shard: usize,
-    pub max_in_flight_per_connection: usize,
+    seeds: Vec<String> = Vec::new(), Flag::List("IP:PORT");
+    /// Shards (executors, one per core). Unset: the number of cores.
+    shards: Option<usize> = None, Flag::Value;
+    /// Relative capacity: partitions are claimed in proportion to it (1 to 10000).
+    weight: u32 = 1, Flag::Value;
+    /// Cluster name; clients and peers must present the same one.
+    cluster: String = ringkv_net::client::DEFAULT_CLUSTER.to_string(), Flag::Value;
+    /// Partitions of the hash ring (Q, a power of two), fixed when the cluster is created.
+    partitions: u32 = DEFAULT_PARTITIONS, Flag::Value;
+    /// Replication factor N.
+    replicas: usize = 3, Flag::Value;
+    /// Largest key plus value a client may write, in bytes (at most 1 MiB).
+    max_pair_bytes: usize = DEFAULT_MAX_PAIR_BYTES, Flag::Value;
+    /// Largest frame accepted on a connection, in bytes; at least
+    /// max_pair_bytes + 4096.
+    max_frame_bytes: usize = DEFAULT_MAX_FRAME_BYTES, Flag::Value;
+    /// Size of each log segment file, in MiB.
+    segment_mb: u64 = 64, Flag::Value;
+    /// Record cache per shard, in MiB.
+    cache_mb: usize = 64, Flag::Value;
+    /// Timeout of a request that does not set its own, in milliseconds.
+    request_timeout_ms: u64 = 5_000, Flag::Value;
+    /// Pin each shard's thread to a core. Off, placement is left to the OS
+    /// (or to taskset, or systemd's CPUAffinity).
+    pin_cpus: bool = true, Flag::Switch("no-pin");
+    /// First core to pin to (shard i goes to core (offset + i) mod cores),
+    /// so that several nodes on one machine can be spread out.
+    cpu_offset: usize = 0, Flag::Value;
+    /// Client connections a shard holds at once.
+    max_connections_per_shard: usize = 4096, Flag::Value;
+    /// Requests in flight per connection; more get Overloaded.
+    max_in_flight_per_connection: usize = 1024, Flag::Value;
     /// Hints (writes held for unreachable replicas) a shard keeps at most.
-    pub max_hints_per_shard: u64,
+    max_hints_per_shard: u64 = 1_000_000, Flag::Value;
     /// Seconds between anti-entropy passes over a shard's partitions.
-    pub anti_entropy_interval_s: u64,
+    anti_entropy_interval_s: u64 = 60, Flag::Value;
     /// Seconds between hinted-handoff attempts.
-    pub handoff_interval_s: u64,
+    handoff_interval_s: u64 = 3, Flag::Value;
     /// A tombstone is purged once every replica holds it and it is this
-    /// old: longer than hints and partitions are expected to last, so no
-    /// older version of the key is still on its way.
-    pub tombstone_grace_s: u64,
+    /// many seconds old: longer than hints and partitions are expected to
+    /// last, so that no older version of the key is still on its way.
+    tombstone_grace_s: u64 = 3600, Flag::Value;
     /// Seconds between compaction passes.
-    pub compaction_interval_s: u64,
-    /// A sealed segment is rewritten once this share of its bytes is garbage.
-    pub compaction_garbage_ratio: f64,
+    compaction_interval_s: u64 = 10, Flag::Value;
+    /// A sealed segment is rewritten once this share of its bytes is garbage (0 to 1).
+    compaction_garbage_ratio: f64 = 0.5, Flag::Value;
     /// Compaction reads plus writes at most this many MiB per second.
-    pub compaction_mb_per_s: u64,
+    compaction_mb_per_s: u64 = 64, Flag::Value;
     /// Partition streams (handoff after a ring change) send at most this
     /// many MiB of keys and values per second from this node, shared by its
     /// shards; each shard streams one partition at a time.
-    pub stream_mb_per_s: u64,
+    stream_mb_per_s: u64 = 32, Flag::Value;
     /// Shards of this node that may stream partitions at once (each streams
     /// one partition at a time).
-    pub stream_concurrency: usize,
-    /// Serve Prometheus metrics over HTTP on this address (GET /metrics);
-    /// off when unset.
-    pub metrics: Option<SocketAddr>,
-    /// Log client requests slower than this many ms; 0: never.
-    pub slow_request_ms: u64,
+    stream_concurrency: usize = 2, Flag::Value;
 
     // Authentication and connection limits (docs/SECURITY.md). Without
     // credentials a node listens on loopback addresses only.
-    /// Shared by every node of the cluster; peers prove they know it.
-    pub cluster_secret: Option<String>,
-    /// Tokens a client may authenticate with.
-    pub auth_tokens: Vec<String>,
-    /// Users and their passwords a client may authenticate with.
-    pub auth_users: BTreeMap<String, String>,
-    /// A connection must finish its handshake within this long.
-    pub handshake_timeout_ms: u64,
-    /// A connection with nothing in flight that sends nothing this long is closed.
-    pub idle_timeout_ms: u64,
+    /// Shared by every node of the cluster; peers prove they know it (at
+    /// least 16 bytes). The flag reads it from a file.
+    cluster_secret: Option<String> = None, Flag::SecretFile("cluster-secret-file"), secret;
+    /// Tokens a client may authenticate with (each at least 16 bytes). The
+    /// flag reads them from a file, one per line.
+    auth_tokens: Vec<String> = Vec::new(), Flag::SecretLines("auth-tokens-file"), secret;
+    /// Users and their passwords a client may authenticate with, as a TOML
+    /// table `[auth_users]` of `name = "password"`.
+    auth_users: BTreeMap<String, String> = BTreeMap::new(), Flag::FileOnly, secret;
+    /// A connection must finish its handshake within this many milliseconds.
+    handshake_timeout_ms: u64 = 10_000, Flag::Value;
+    /// A connection with nothing in flight that sends nothing for this many
+    /// milliseconds is closed.
+    idle_timeout_ms: u64 = 300_000, Flag::Value;
     /// Connections the node holds at once, over all its shards.
-    pub max_connections: usize,
+    max_connections: usize = 8192, Flag::Value;
     /// Response bytes a connection may leave unread; past them the node
     /// reads nothing more from it until they drain.
-    pub max_output_buffer_bytes: usize,
+    max_output_buffer_bytes: usize = 16 << 20, Flag::Value;
     /// A connection whose pending responses cannot be written within this
-    /// long (the client does not read) is closed.
-    pub write_stall_timeout_ms: u64,
-}
+    /// many milliseconds (the client does not read) is closed.
+    write_stall_timeout_ms: u64 = 30_000, Flag::Value;
 
-impl Default for NodeConfig {
-    fn default() -> Self {
-        NodeConfig {
-            node_id: None,
-            listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)),
-            data_dir: PathBuf::from("ringkv-data"),
-            seeds: Vec::new(),
-            shards: None,
-            weight: 1,
-            cluster: ringkv_net::client::DEFAULT_CLUSTER.to_string(),
-            partitions: DEFAULT_PARTITIONS,
-            replicas: 3,
-            max_pair_bytes: DEFAULT_MAX_PAIR_BYTES,
-            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
-            segment_mb: 64,
-            cache_mb: 64,
-            request_timeout_ms: 5_000,
-            pin_cpus: true,
-            cpu_offset: 0,
-            max_connections_per_shard: 4096,
-            max_in_flight_per_connection: 1024,
-            max_hints_per_shard: 1_000_000,
-            anti_entropy_interval_s: 60,
-            tombstone_grace_s: 3600,
-            handoff_interval_s: 3,
-            compaction_interval_s: 10,
-            compaction_garbage_ratio: 0.5,
-            compaction_mb_per_s: 64,
-            stream_mb_per_s: 32,
-            stream_concurrency: 2,
-            metrics: None,
-            slow_request_ms: 1000,
-            cluster_secret: None,
-            auth_tokens: Vec::new(),
-            auth_users: BTreeMap::new(),
-            handshake_timeout_ms: 10_000,
-            idle_timeout_ms: 300_000,
-            max_connections: 8192,
-            max_output_buffer_bytes: 16 << 20,
-            write_stall_timeout_ms: 30_000,
-        }
-    }
+    // Operations (docs/OPERATIONS.md).
+    /// Serve Prometheus metrics over HTTP on this address (GET /metrics);
+    /// off when unset.
+    metrics: Option<SocketAddr> = None, Flag::Value;
+    /// How log lines are written: text for people, json (one object per
+    /// line) for log shippers.
+    log_format: LogFormat = LogFormat::Text, Flag::Env("RINGKV_LOG_FORMAT");
+    /// Log client requests slower than this many milliseconds; 0: never.
+    slow_request_ms: u64 = 1000, Flag::Value;
 }
 
 impl NodeConfig {
@@ -218,7 +200,22 @@ impl NodeConfig {
         for s in &self.seeds {
             s.parse::<SocketAddr>().map_err(|_| format!("seed {s:?} is not an IP:PORT address"))?;
         }
+        if let Some(metrics) = self.metrics {
+            self.validate_metrics(metrics, shards)?;
+        }
         self.validate_security()
+    }
+
+    /// The metrics listener must not take one of the shards' ports.
+    fn validate_metrics(&self, metrics: SocketAddr, shards: usize) -> Result<(), String> {
+        let same_host =
+            metrics.ip() == self.listen.ip() || metrics.ip().is_unspecified() || self.listen.ip().is_unspecified();
+        let first = usize::from(self.listen.port());
+        let last = first + shards - 1;
+        if same_host && (first..=last).contains(&usize::from(metrics.port())) {
+            return Err(format!("metrics address {metrics} takes one of the shard ports {first}..={last}"));
+        }
+        Ok(())
     }
 
     /// Whether connections of `role` must prove who they are: peers when a
@@ -374,6 +371,84 @@ mod tests {
         assert!(zero.validate().unwrap_err().contains("max_connections"));
         let small = NodeConfig { max_output_buffer_bytes: 1000, ..Default::default() };
         assert!(small.validate().unwrap_err().contains("max_output_buffer_bytes (1000)"));
+    }
+
+    #[test]
+    fn every_setting_has_a_doc_a_toml_key_and_a_flag_form_that_round_trips() {
+        let defaults = NodeConfig::default();
+        let json = serde_json::to_value(&defaults).unwrap();
+        let keys: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
+        let settings = NodeConfig::settings();
+        assert_eq!(settings.len(), keys.len(), "one row per field");
+        for s in &settings {
+            assert!(!s.doc_line().is_empty(), "{} has no doc", s.key);
+            assert!(keys.contains(&s.key), "{} is not a TOML key", s.key);
+            // A default a flag can spell reads back as the same default.
+            if let (Some(d), Flag::Value | Flag::Env(_) | Flag::List(_)) = (&s.default, s.flag) {
+                (s.check)(d).unwrap_or_else(|e| panic!("{}: default {d:?} does not parse: {e}", s.key));
+                let mut c = NodeConfig::default();
+                let values: Vec<String> = if matches!(s.flag, Flag::List(_)) {
+                    d.split(',').map(String::from).collect()
+                } else {
+                    vec![d.clone()]
+                };
+                c.set_from_flag(s.key, &values).unwrap();
+                assert_eq!(c, defaults, "{}", s.key);
+            }
+        }
+        let flags: Vec<String> = settings.iter().filter_map(Setting::flag_name).collect();
+        for kept in
+            ["listen", "data-dir", "seeds", "no-pin", "cluster-secret-file", "auth-tokens-file", "max-connections"]
+        {
+            assert!(flags.iter().any(|f| f == kept), "--{kept} is gone");
+        }
+        let mut c = NodeConfig::default();
+        c.set_from_flag("weight", &["5".into()]).unwrap();
+        assert_eq!(c.weight, 5);
+        assert_eq!(
+            c.set_from_flag("weight", &["five".into()]).unwrap_err(),
+            "weight: \"five\" is not a whole number up to 4294967295"
+        );
+        assert!(c.set_from_flag("wieght", &["5".into()]).is_err());
+    }
+
+    #[test]
+    fn debug_output_redacts_secrets() {
+        let c = NodeConfig {
+            cluster_secret: Some("the-cluster-secret-0123".into()),
+            auth_tokens: vec!["a-client-token-0123456".into()],
+            auth_users: BTreeMap::from([("alice".to_string(), "wonderland".to_string())]),
+            ..Default::default()
+        };
+        let shown = format!("{c:?}");
+        for secret in ["the-cluster-secret", "a-client-token", "alice", "wonderland"] {
+            assert!(!shown.contains(secret), "{secret} leaked: {shown}");
+        }
+        assert!(shown.contains("cluster_secret: <redacted>") && shown.contains("listen: 127.0.0.1:7070"), "{shown}");
+        // Unset secrets show as unset, so a reader can tell they are off.
+        let plain = format!("{:?}", NodeConfig::default());
+        assert!(plain.contains("cluster_secret: None") && !plain.contains("redacted"), "{plain}");
+    }
+
+    #[test]
+    fn operations_settings_are_read_and_checked() {
+        let c: NodeConfig =
+            toml::from_str("metrics = \"127.0.0.1:9100\"\nlog_format = \"json\"\nslow_request_ms = 0\n").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.metrics, Some("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.slow_request_ms, 0);
+        let d = NodeConfig::default();
+        assert_eq!((d.metrics, d.log_format, d.slow_request_ms), (None, LogFormat::Text, 1000));
+        assert!(toml::from_str::<NodeConfig>("log_format = \"xml\"").is_err());
+        let clash = NodeConfig { shards: Some(2), metrics: Some("127.0.0.1:7071".parse().unwrap()), ..d.clone() };
+        assert_eq!(
+            clash.validate().unwrap_err(),
+            "metrics address 127.0.0.1:7071 takes one of the shard ports 7070..=7071"
+        );
+        let wildcard = NodeConfig { metrics: Some("0.0.0.0:7070".parse().unwrap()), ..d.clone() };
+        assert!(wildcard.validate().is_err());
+        NodeConfig { metrics: Some("127.0.0.2:7070".parse().unwrap()), ..d }.validate().unwrap();
     }
 
     #[test]
