@@ -7,6 +7,7 @@ mod cluster_cmd;
 mod config_reference;
 mod inspect_cmd;
 mod ring_cmd;
+mod sd_notify;
 mod server_args;
 mod server_cmd;
 

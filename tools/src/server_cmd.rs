@@ -1,4 +1,5 @@
-//! `ringkv server`: resolve the settings, then run the node until a signal.
+//! `ringkv server`: resolve the settings, run the node until a signal, and
+//! tell systemd when it serves.
 
 use ringkv_engine::config::NodeConfig;
 use ringkv_engine::server;
@@ -17,6 +18,9 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
         running.shards(),
         running.listen().port()
     );
+    // Only now does the node serve every shard port: a `Type=notify` unit
+    // (deploy/ringkv.service) counts it as started from here.
+    crate::sd_notify::notify(&format!("READY=1\nSTATUS=serving {} shard(s) on {}", running.shards(), running.listen()));
     let stopper = running.stopper();
     let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(|e| format!("cannot install signal handlers: {e}"))?;
     std::thread::Builder::new()
@@ -27,6 +31,7 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
                 seen += 1;
                 if seen == 1 {
                     tracing::info!(signal = sig, "stopping: flushing and closing shards");
+                    crate::sd_notify::notify("STOPPING=1");
                     stopper.shut_down();
                 } else {
                     // A second signal means the operator does not want to wait.

@@ -3,7 +3,8 @@
 //! - [`store`]: one log-structured store per shard on glommio DMA files;
 //! - [`shard`]: the per-core runtime that owns a store and serves connections;
 //! - [`server`]: starts the shards, checks the data directory, handles signals;
-//! - [`config`]: every setting, declared once, and its checks.
+//! - [`config`]: every setting, declared once, and its checks;
+//! - [`preflight`]: what the host must offer glommio (kernel, io_uring, memlock).
 
 pub mod auth;
 pub mod clock;
@@ -16,6 +17,7 @@ pub mod events;
 pub mod load;
 pub mod metrics;
 pub mod peer;
+pub mod preflight;
 pub mod server;
 pub mod service;
 pub mod shard;

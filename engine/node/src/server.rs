@@ -105,6 +105,9 @@ impl Running {
 /// Starts a node and returns once every shard serves its port.
 pub fn start(cfg: NodeConfig) -> Result<Running, String> {
     cfg.validate()?;
+    for warning in crate::preflight::check_host(cfg.shard_count())? {
+        tracing::warn!("{warning}");
+    }
     let dir = datadir::open(&cfg)?;
     let shards = cfg.shard_count();
     let node = Arc::new(NodeContext::new(cfg.clone(), dir.meta.node_id.clone(), dir.meta.incarnation()));
