@@ -20,13 +20,15 @@ fn repo_file(path: &str) -> PathBuf {
 
 /// `ringkv server` on a fresh 127.0.0.1 port with data under `dir`, its
 /// output in `dir/server.log`; `memlock` lowers RLIMIT_MEMLOCK for it alone.
-fn server(dir: &Path, memlock: Option<u64>, env: &[(&str, &Path)]) -> (Child, SocketAddr) {
+fn server(dir: &Path, memlock: Option<u64>, env: &[(&str, &str)], extra: &[&str]) -> (Child, SocketAddr) {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_ports(Ipv4Addr::LOCALHOST, 1)));
     let log = std::fs::File::create(dir.join("server.log")).unwrap();
     let mut cmd = Command::new(ringkv_bin());
     cmd.args(["server", "--listen", &addr.to_string(), "--shards", "1", "--no-pin", "--data-dir"])
         .arg(dir.join("data"))
+        .args(extra)
         .env("RINGKV_LOG", "info")
+        .env_remove("RINGKV_LOG_FORMAT")
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log);
@@ -64,6 +66,12 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> ExitStatus {
     }
 }
 
+fn stop(child: &mut Child) -> ExitStatus {
+    // SAFETY: kill only signals the child we started.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    wait_exit(child, Duration::from_secs(60))
+}
+
 fn log(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("server.log")).unwrap_or_default()
 }
@@ -75,7 +83,7 @@ fn log(dir: &Path) -> String {
 #[test]
 fn a_memlock_limit_too_low_for_io_uring_stops_start_up_with_one_line() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, _) = server(dir.path(), Some(256 << 10), &[]);
+    let (mut child, _) = server(dir.path(), Some(256 << 10), &[], &[]);
     let status = wait_exit(&mut child, Duration::from_secs(30));
     assert!(!status.success(), "started with a 256 KiB memlock limit: {}", log(dir.path()));
     let out = log(dir.path());
@@ -98,7 +106,7 @@ fn the_node_tells_systemd_it_is_ready_only_once_it_serves_and_when_it_stops() {
     let socket = dir.path().join("notify");
     let systemd = UnixDatagram::bind(&socket).unwrap();
     systemd.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let (mut child, addr) = server(dir.path(), None, &[("NOTIFY_SOCKET", &socket)]);
+    let (mut child, addr) = server(dir.path(), None, &[("NOTIFY_SOCKET", socket.to_str().unwrap())], &[]);
     let mut buf = [0u8; 512];
     let n = systemd.recv(&mut buf).unwrap_or_else(|e| panic!("no notification ({e}); log:\n{}", log(dir.path())));
     let ready = String::from_utf8_lossy(&buf[..n]).to_string();
@@ -107,11 +115,43 @@ fn the_node_tells_systemd_it_is_ready_only_once_it_serves_and_when_it_stops() {
     let mut c = Client::connect(addr, &ClientConfig::default()).expect("ready but not serving");
     c.ping().unwrap();
     drop(c);
-    // SAFETY: kill only signals the child we started.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    assert!(stop(&mut child).success(), "{}", log(dir.path()));
+    // The datagram waits in the socket after the sender is gone.
     let n = systemd.recv(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"STOPPING=1");
-    assert!(wait_exit(&mut child, Duration::from_secs(60)).success(), "{}", log(dir.path()));
+}
+
+/// log_format is a setting like the others, with an environment variable
+/// for log shippers' unit files: the flag beats $RINGKV_LOG_FORMAT, which
+/// beats the file. The line that says the node serves shows which won.
+#[test]
+fn the_log_format_comes_from_the_flag_then_the_environment_then_the_file() {
+    let cases = [
+        ("json", None, None, true),
+        ("json", Some("text"), None, false),
+        ("text", Some("json"), None, true),
+        ("text", Some("json"), Some("text"), false),
+    ];
+    for (file, env, flag, json) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("node.toml");
+        std::fs::write(&config, format!("log_format = \"{file}\"\n")).unwrap();
+        let mut args = vec!["--config", config.to_str().unwrap()];
+        args.extend(flag.iter().flat_map(|f| ["--log-format", *f]));
+        let env: Vec<(&str, &str)> = env.iter().map(|v| ("RINGKV_LOG_FORMAT", *v)).collect();
+        let (mut child, _) = server(dir.path(), None, &env, &args);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let line = loop {
+            if let Some(l) = log(dir.path()).lines().find(|l| l.contains("serving 1 shard(s)")) {
+                break l.to_string();
+            }
+            assert!(Instant::now() < deadline, "never served; log:\n{}", log(dir.path()));
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        stop(&mut child);
+        let parsed = serde_json::from_str::<serde_json::Value>(&line).is_ok();
+        assert_eq!(parsed, json, "file {file}, env {env:?}, flag {flag:?}: {line}");
+    }
 }
 
 /// systemd-analyze verify exits 0 even for unknown keys and bad values (it
