@@ -57,6 +57,17 @@ pub struct Setting {
 }
 
 impl Setting {
+    /// The row of a setting of type `T`. A list flag names the shape of its
+    /// items itself (`IP:PORT`), since the items may be plain strings.
+    pub fn of<T: SettingValue>(key: &'static str, doc: &'static str, default: &T, flag: Flag, secret: bool) -> Setting {
+        let (kind, placeholder) = match flag {
+            Flag::List(item) => (format!("list of strings ({item})"), item),
+            _ => (T::kind(), T::placeholder()),
+        };
+        let check: fn(&str) -> Result<(), String> = |s| T::from_flag(&[s.to_string()]).map(drop);
+        Setting { key, doc, kind, placeholder, default: default.render(), flag, secret, check }
+    }
+
     /// The flag's name without dashes, or `None` for a setting only the file sets.
     pub fn flag_name(&self) -> Option<String> {
         match self.flag {
@@ -304,25 +315,15 @@ macro_rules! declare_settings {
         impl NodeConfig {
             /// Every setting, in declaration order, with its default.
             pub fn settings() -> Vec<$crate::config::setting::Setting> {
-                use $crate::config::setting::SettingValue;
                 let defaults = NodeConfig::default();
                 vec![$(
-                    $crate::config::setting::Setting {
-                        key: stringify!($key),
-                        doc: concat!($($doc, "\n"),+),
-                        kind: match $flag {
-                            $crate::config::setting::Flag::List(item) => format!("list of strings ({item})"),
-                            _ => <$ty as SettingValue>::kind(),
-                        },
-                        placeholder: match $flag {
-                            $crate::config::setting::Flag::List(item) => item,
-                            _ => <$ty as SettingValue>::placeholder(),
-                        },
-                        default: defaults.$key.render(),
-                        flag: $flag,
-                        secret: declare_settings!(@secret $($secret)?),
-                        check: |s| <$ty as SettingValue>::from_flag(&[s.to_string()]).map(drop),
-                    },
+                    $crate::config::setting::Setting::of::<$ty>(
+                        stringify!($key),
+                        concat!($($doc, "\n"),+),
+                        &defaults.$key,
+                        $flag,
+                        declare_settings!(@secret $($secret)?),
+                    ),
                 )*]
             }
 
