@@ -187,3 +187,22 @@ fn events_are_json_lines_and_a_member_going_down_is_logged_with_its_phi() {
     assert!(down["fields"]["phi"].as_f64().is_some_and(|phi| phi > 0.0), "{down}");
     assert_eq!(down["level"], "WARN");
 }
+
+#[test]
+fn hint_delivery_is_logged_when_it_starts_and_when_it_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cluster::start(dir.path(), 4, 1, &["--request-timeout-ms", "2000", "--handoff-interval-s", "1"]);
+    c.nodes[3].pause();
+    // Writes whose replicas include n4 leave hints on a fallback.
+    let mut client = c.node(0).client();
+    let opts = WriteOptions { w: Level::Count(2), ..Default::default() };
+    for i in 0..60 {
+        client.put(format!("h{i}").as_bytes(), b"v", &opts).unwrap();
+    }
+    eventually(Duration::from_secs(20), "hints to be held", || c.hints_pending() > 0);
+    c.nodes[3].resume();
+    let logs = || c.nodes[..3].iter().map(Node::log).collect::<String>();
+    eventually(Duration::from_secs(60), "hint delivery to finish", || logs().contains("hint delivery finished"));
+    assert!(logs().contains("hint delivery started"), "{}", logs());
+    eventually(Duration::from_secs(30), "no hints left", || c.hints_pending() == 0);
+}

@@ -265,6 +265,10 @@ impl Driver {
         self.hints.borrow().stats()
     }
 
+    pub fn hints_delivering(&self) -> usize {
+        self.hints.borrow().delivering()
+    }
+
     pub fn repair_stats(&self) -> ringkv_core::antientropy::RepairStats {
         self.repair.borrow().stats()
     }

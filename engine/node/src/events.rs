@@ -42,6 +42,8 @@ pub struct Seen {
 
 #[derive(Default, Clone, Copy)]
 struct Totals {
+    /// Members hints are being delivered to, over all shards.
+    delivering: usize,
     hints_delivered: u64,
     keys_repaired: u64,
     handed_off: u64,
@@ -87,6 +89,7 @@ impl Seen {
     pub fn background(&mut self, stats: &[ShardSnapshot], data_dir: &Path) {
         self.refreshes += 1;
         let now = Totals {
+            delivering: stats.iter().map(|s| s.delivering).sum(),
             hints_delivered: stats.iter().map(|s| s.hinted.delivered).sum(),
             keys_repaired: stats.iter().map(|s| s.repaired.keys_repaired).sum(),
             handed_off: stats.iter().map(|s| s.streamed.partitions_handed_off).sum(),
@@ -97,6 +100,12 @@ impl Seen {
         let to_stream: u32 = stats.iter().map(|s| s.stream.partitions).sum();
         let bytes_left: u64 = stats.iter().map(|s| s.stream.bytes_left).sum();
         if let Some(before) = self.totals {
+            if now.delivering > 0 && before.delivering == 0 {
+                tracing::info!(to_members = now.delivering, pending = pending_hints, "hint delivery started");
+            }
+            if now.delivering == 0 && before.delivering > 0 {
+                tracing::info!(pending = pending_hints, "hint delivery finished");
+            }
             if now.hints_delivered > before.hints_delivered {
                 tracing::info!(
                     delivered = now.hints_delivered - before.hints_delivered,

@@ -165,6 +165,8 @@ pub struct ShardSnapshot {
     pub load: crate::load::ShardLoad,
     pub stream: ringkv_core::handoff::Progress,
     pub hinted: ringkv_core::hints::HintStats,
+    /// Members this shard is delivering hints to now.
+    pub delivering: usize,
     pub repaired: ringkv_core::antientropy::RepairStats,
     /// Partitions whose data here belongs elsewhere.
     pub holding: std::collections::BTreeSet<u32>,
@@ -464,6 +466,7 @@ impl Shard {
                 holding: self.driver.holding(),
                 streamed: self.driver.stream_stats(),
                 hinted: self.driver.hint_stats(),
+                delivering: self.driver.hints_delivering(),
                 repaired: self.driver.repair_stats(),
             }))),
         }
