@@ -21,6 +21,7 @@
 use crate::client::{Client, ClientConfig, ClientError, WriteOptions};
 use crate::proto::{GetResult, Level, Reply, Request};
 use crate::topology::Topology;
+use ringkv_core::latency::RecentLatencies;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -31,41 +32,8 @@ use std::time::{Duration, Instant};
 pub const MIN_ATTEMPT: Duration = Duration::from_millis(50);
 /// The wait before enough latencies were seen to derive one.
 const FIRST_ATTEMPT: Duration = Duration::from_millis(500);
-/// Latencies kept, and how many are needed before they set the deadline.
+/// Request latencies kept for the deadline.
 const SAMPLES: usize = 512;
-const MIN_SAMPLES: usize = 32;
-
-/// Recent request latencies, and the deadline they give.
-struct Latencies {
-    ring: Vec<u32>,
-    next: usize,
-    deadline: Duration,
-    since_update: usize,
-}
-
-impl Latencies {
-    fn new() -> Latencies {
-        Latencies { ring: Vec::with_capacity(SAMPLES), next: 0, deadline: FIRST_ATTEMPT, since_update: 0 }
-    }
-
-    fn record(&mut self, took: Duration) {
-        let us = took.as_micros().min(u32::MAX as u128) as u32;
-        if self.ring.len() < SAMPLES {
-            self.ring.push(us);
-        } else {
-            self.ring[self.next] = us;
-            self.next = (self.next + 1) % SAMPLES;
-        }
-        self.since_update += 1;
-        if self.ring.len() >= MIN_SAMPLES && self.since_update >= MIN_SAMPLES {
-            self.since_update = 0;
-            let mut sorted = self.ring.clone();
-            sorted.sort_unstable();
-            let p99 = sorted[(sorted.len() * 99 / 100).min(sorted.len() - 1)];
-            self.deadline = Duration::from_micros(u64::from(p99) * 2).max(MIN_ATTEMPT);
-        }
-    }
-}
 
 /// What this client knows of one endpoint's health.
 #[derive(Clone, Copy)]
@@ -79,7 +47,7 @@ pub struct ClusterClient {
     seeds: Vec<String>,
     topology: Topology,
     conns: HashMap<SocketAddr, Client>,
-    latencies: Latencies,
+    latencies: RecentLatencies,
     health: HashMap<SocketAddr, Health>,
 }
 
@@ -93,7 +61,7 @@ impl ClusterClient {
             seeds,
             topology,
             conns: HashMap::new(),
-            latencies: Latencies::new(),
+            latencies: RecentLatencies::new(SAMPLES),
             health: HashMap::new(),
         })
     }
@@ -104,7 +72,9 @@ impl ClusterClient {
 
     /// How long one replica gets before the next is asked, as now derived.
     pub fn attempt_deadline(&self) -> Duration {
-        self.latencies.deadline.min(self.cfg.timeout)
+        let derived =
+            self.latencies.p99_us().map_or(FIRST_ATTEMPT, |p99| Duration::from_micros(2 * p99).max(MIN_ATTEMPT));
+        derived.min(self.cfg.timeout)
     }
 
     /// Fetches the topology again, from any known member or seed.
@@ -170,7 +140,7 @@ impl ClusterClient {
             let t = Instant::now();
             match self.attempt(addr, &req, wait) {
                 Ok(reply) => {
-                    self.latencies.record(t.elapsed());
+                    self.latencies.record(t.elapsed().as_micros().min(u128::from(u64::MAX)) as u64);
                     self.health.remove(&addr);
                     let seen = self.conns.get(&addr).map_or(0, Client::ring_version);
                     if seen > self.topology.version() {

@@ -257,40 +257,12 @@ pub struct Coordinator {
     out: Outbox,
     answers: VecDeque<(u64, ClientResult)>,
     stats: CoordinatorStats,
-    hedge: HedgeDelay,
+    /// Recent replica answer times of reads: the hedge delay follows them.
+    hedge: crate::latency::RecentLatencies,
 }
 
-/// Recent replica answer times of reads, and the hedge delay they give.
-struct HedgeDelay {
-    ring: Vec<u32>,
-    next: usize,
-    since_update: usize,
-    delay_us: u64,
-}
-
-/// Answers kept, and how many are needed before they set the delay.
+/// Replica answers of reads kept for the hedge delay.
 const HEDGE_SAMPLES: usize = 256;
-const HEDGE_MIN_SAMPLES: usize = 32;
-
-impl HedgeDelay {
-    fn record(&mut self, us: u64, cfg: &CoordinatorConfig) {
-        let us = us.min(u64::from(u32::MAX)) as u32;
-        if self.ring.len() < HEDGE_SAMPLES {
-            self.ring.push(us);
-        } else {
-            self.ring[self.next] = us;
-            self.next = (self.next + 1) % HEDGE_SAMPLES;
-        }
-        self.since_update += 1;
-        if self.ring.len() >= HEDGE_MIN_SAMPLES && self.since_update >= HEDGE_MIN_SAMPLES {
-            self.since_update = 0;
-            let mut sorted = self.ring.clone();
-            sorted.sort_unstable();
-            let p99 = u64::from(sorted[(sorted.len() * 99 / 100).min(sorted.len() - 1)]);
-            self.delay_us = (2 * p99).clamp(cfg.min_hedge_us, cfg.hedge_after_us);
-        }
-    }
-}
 
 impl Coordinator {
     pub fn new(cfg: CoordinatorConfig) -> Coordinator {
@@ -302,7 +274,7 @@ impl Coordinator {
             timers: Deadlines::default(),
             out: Outbox::default(),
             answers: VecDeque::new(),
-            hedge: HedgeDelay { ring: Vec::new(), next: 0, since_update: 0, delay_us: cfg.hedge_after_us },
+            hedge: crate::latency::RecentLatencies::new(HEDGE_SAMPLES),
             stats: CoordinatorStats::default(),
             cfg,
         }
@@ -310,7 +282,10 @@ impl Coordinator {
 
     /// How long a read waits before it asks one more replica, as now derived.
     pub fn hedge_delay_us(&self) -> u64 {
-        self.hedge.delay_us
+        match self.hedge.p99_us() {
+            Some(p99) => (2 * p99).clamp(self.cfg.min_hedge_us, self.cfg.hedge_after_us),
+            None => self.cfg.hedge_after_us,
+        }
     }
 
     pub fn stats(&self) -> CoordinatorStats {
@@ -408,7 +383,7 @@ impl Coordinator {
             quorum = quorum.counting_duplicates(self.cfg.bugs.count_duplicate_acks);
         }
         let deadline = now_us + timeout_us;
-        let hedge_at = (!spare.is_empty()).then_some(now_us + self.hedge.delay_us);
+        let hedge_at = (!spare.is_empty()).then_some(now_us + self.hedge_delay_us());
         let mut op = ReadOp {
             token,
             key,
@@ -519,7 +494,7 @@ impl Coordinator {
         let done = match op {
             Op::Read(r) => {
                 if matches!(answer, Ok(Response::Object(_))) {
-                    self.hedge.record(now_us.saturating_sub(r.started_us), &self.cfg);
+                    self.hedge.record(now_us.saturating_sub(r.started_us));
                 }
                 Self::read_answer(&mut self.out, &mut self.answers, tag, r, answer)
             }

@@ -17,6 +17,7 @@ pub mod failure;
 pub mod handoff;
 pub mod hints;
 pub mod keyspace;
+pub mod latency;
 pub mod membership;
 pub mod merkle;
 pub mod plan;
