@@ -279,9 +279,15 @@ impl Handoff {
 
     /// Keeps the acknowledged records of a broken transfer for a resume.
     fn remember(&mut self, t: Transfer) {
-        let Transfer { p, targets, mut pending, at, mut acked, .. } = t;
-        pending.truncate(at);
-        acked.extend(pending);
+        let Transfer { p, targets, snapshot, mut pending, at, mut acked, step, .. } = t;
+        if matches!(step, Step::Drop) {
+            // The drop is asked only once every record of the snapshot is at
+            // every target: the sent ones just now, the others earlier.
+            acked.extend(snapshot);
+        } else {
+            pending.truncate(at);
+            acked.extend(pending);
+        }
         if acked.is_empty() {
             return;
         }
@@ -417,13 +423,7 @@ impl Handoff {
                 return self.start_next(now_us, topo);
             }
             t.step = Step::Drop;
-            // Every record of the snapshot is at every target now: the sent
-            // ones just now, the others in an earlier attempt.
-            t.acked.clear();
-            t.pending.clear();
-            t.at = 0;
             let (p, snapshot) = (t.p, t.snapshot.clone());
-            t.acked.extend(snapshot.iter().cloned());
             self.current = Some(t);
             return self.send(now_us, me, p, Request::DropPartition { p, snapshot });
         }
