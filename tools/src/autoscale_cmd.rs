@@ -21,6 +21,7 @@
 
 use crate::cli::{AutoscaleArgs, Endpoint, ProvisionerKind};
 use crate::client_cmd::connect;
+use crate::cluster_cmd::local_server;
 use crate::ring_cmd::any_info;
 use crate::Failure;
 use ringkv_core::autoscale::{AutoscaleConfig, Decision, MemberLoad, Observation, Policy};
@@ -185,24 +186,9 @@ fn provision(a: &AutoscaleArgs, state: &mut State, n: &NodeInfo) -> Result<Manag
             let addr = SocketAddr::from((ip, a.local_port));
             std::fs::create_dir_all(&a.local_dir)
                 .map_err(|e| format!("cannot create {}: {e}", a.local_dir.display()))?;
-            let log_path = a.local_dir.join(format!("{id}.log"));
-            let out = std::fs::File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
-            let err = out.try_clone().map_err(|e| e.to_string())?;
-            let exe = std::env::current_exe().map_err(|e| format!("cannot find the ringkv binary: {e}"))?;
-            let mut cmd = Command::new(exe);
-            cmd.arg("server")
-                .args(["--node-id", &id])
-                .args(["--listen", &addr.to_string()])
-                .arg("--data-dir")
-                .arg(a.local_dir.join(&id))
-                .args(["--shards", &a.local_shards.to_string()])
-                .args(["--replicas", &a.replicas.to_string()])
-                .args(["--seeds", &seeds.join(",")])
-                .arg("--no-pin")
-                .args(&a.server_arg)
-                .stdin(Stdio::null())
-                .stdout(out)
-                .stderr(err);
+            let shards = usize::from(a.local_shards);
+            let (mut cmd, _log) = local_server(&id, addr, &a.local_dir, shards, a.replicas, &seeds)?;
+            cmd.arg("--no-pin").args(&a.server_arg);
             // No parent-death signal: nodes outlive a controller restart.
             let child = cmd.spawn().map_err(|e| format!("cannot start {id}: {e}"))?;
             Ok(Managed { id, addr: addr.to_string(), pid: Some(child.id() as i32) })

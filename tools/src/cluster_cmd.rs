@@ -28,30 +28,44 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-fn spawn(args: &ClusterUpArgs, i: usize, addrs: &[SocketAddr], dir: &Path) -> Result<LocalNode, String> {
-    let id = format!("n{}", i + 1);
-    let addr = addrs[i];
+/// A `ringkv server` of this binary for node `id` on `addr`, its data in
+/// `dir/id` and its output in `dir/id.log` (returned); the caller adds what
+/// is particular to it and spawns it.
+pub fn local_server(
+    id: &str,
+    addr: SocketAddr,
+    dir: &Path,
+    shards: usize,
+    replicas: usize,
+    seeds: &[String],
+) -> Result<(Command, PathBuf), String> {
     let log = dir.join(format!("{id}.log"));
     let out = std::fs::File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
     let err = out.try_clone().map_err(|e| e.to_string())?;
-    let seeds: Vec<String> = addrs.iter().filter(|a| **a != addr).map(ToString::to_string).collect();
     let exe = std::env::current_exe().map_err(|e| format!("cannot find the ringkv binary: {e}"))?;
     let mut cmd = Command::new(exe);
     cmd.arg("server")
-        .args(["--node-id", &id])
+        .args(["--node-id", id])
         .args(["--listen", &addr.to_string()])
         .arg("--data-dir")
-        .arg(dir.join(&id))
-        .args(["--shards", &args.shards.to_string()])
-        .args(["--replicas", &args.replicas.to_string()])
-        .args(["--cpu-offset", &i.to_string()])
-        .args(if args.no_pin { &["--no-pin"][..] } else { &[][..] })
+        .arg(dir.join(id))
+        .args(["--shards", &shards.to_string()])
+        .args(["--replicas", &replicas.to_string()])
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err);
     if !seeds.is_empty() {
         cmd.args(["--seeds", &seeds.join(",")]);
     }
+    Ok((cmd, log))
+}
+
+fn spawn(args: &ClusterUpArgs, i: usize, addrs: &[SocketAddr], dir: &Path) -> Result<LocalNode, String> {
+    let id = format!("n{}", i + 1);
+    let addr = addrs[i];
+    let seeds: Vec<String> = addrs.iter().filter(|a| **a != addr).map(ToString::to_string).collect();
+    let (mut cmd, log) = local_server(&id, addr, dir, args.shards, args.replicas, &seeds)?;
+    cmd.args(["--cpu-offset", &i.to_string()]).args(if args.no_pin { &["--no-pin"][..] } else { &[][..] });
     // SAFETY: prctl is async-signal-safe; if this command dies, so do its nodes.
     unsafe {
         cmd.pre_exec(|| {
