@@ -13,7 +13,7 @@
 //!   partition while there are enough of them;
 //! - few partitions move: nodes over their new target release exactly their
 //!   excess, preferring partitions spread around the ring, rounding ties keep
-//!   the current owner, and mending the spacing may cost at most 20% more;
+//!   the current owner, and mending the spacing may cost at most 10% more;
 //! - where it can, a node's partitions are at least N apart, so a preference
 //!   list is usually just N consecutive owners and every node replicates
 //!   about N times its owned share (checked by the property tests, since a
@@ -80,27 +80,42 @@ impl Ring {
     /// Distinct nodes in walk order from partition `p`: the first N are the
     /// preference list, the rest are fallbacks.
     pub fn walk(&self, p: u32) -> Vec<&str> {
-        let q = self.owners.len();
-        let mut seen = vec![false; self.members.len()];
-        let mut out = Vec::with_capacity(self.members.len());
-        for i in 0..q {
-            let o = usize::from(self.owners[(p as usize + i) % q]);
-            if !seen[o] {
-                seen[o] = true;
-                out.push(self.members[o].id.as_str());
-                if out.len() == self.members.len() {
-                    break;
-                }
-            }
-        }
-        out
+        self.walk_until(p, self.members.len())
     }
 
     /// The first `n` distinct nodes from `p` (fewer if the ring has fewer).
     pub fn preference_list(&self, p: u32, n: usize) -> Vec<&str> {
-        let mut w = self.walk(p);
-        w.truncate(n);
-        w
+        self.walk_until(p, n)
+    }
+
+    /// The first `n` distinct owners from `p`; stops as soon as it has them
+    /// (a well-spaced ring has them in the next `n` partitions).
+    fn walk_until(&self, p: u32, n: usize) -> Vec<&str> {
+        let q = self.owners.len();
+        let want = n.min(self.members.len());
+        let mut out: Vec<&str> = Vec::with_capacity(want);
+        // Few wanted (a preference list): a short list to search; many (a
+        // whole walk): a flag per member.
+        let mut few: Vec<u16> = Vec::with_capacity(want.min(16));
+        let mut many = vec![false; if want > 16 { self.members.len() } else { 0 }];
+        for i in 0..q {
+            if out.len() == want {
+                break;
+            }
+            let o = self.owners[(p as usize + i) % q];
+            let new = if many.is_empty() {
+                !few.contains(&o) && {
+                    few.push(o);
+                    true
+                }
+            } else {
+                !std::mem::replace(&mut many[usize::from(o)], true)
+            };
+            if new {
+                out.push(self.members[usize::from(o)].id.as_str());
+            }
+        }
+        out
     }
 
     /// Partitions whose preference list (of `n`) includes `node`.
@@ -244,14 +259,23 @@ pub fn claim(prev: Option<&Ring>, members: &[Claimant], q: u32, n: usize) -> Rin
     let window = n.saturating_sub(1).max(1);
 
     // Release excess: badly spaced partitions first, then spread evenly.
+    // The first two passes keep the freed partitions more than `window`
+    // apart, so whoever takes them (a joiner takes them all) is well spaced
+    // without the swaps below, each of which moves data twice.
     let order = spread_order(q);
-    for pass in 0..2 {
+    let free_near = |owner: &[Option<usize>], p: usize| {
+        (1..=window.min(q / 2)).any(|d| owner[(p + d) % q].is_none() || owner[(p + q - d) % q].is_none())
+    };
+    for pass in 0..3 {
         for &p in &order {
             let Some(o) = owner[p] else { continue };
             if count[o] <= target[o] {
                 continue;
             }
             if pass == 0 && nearest_same(&owner, p, o, window) > window {
+                continue;
+            }
+            if pass < 2 && free_near(&owner, p) {
                 continue;
             }
             owner[p] = None;
@@ -283,7 +307,7 @@ pub fn claim(prev: Option<&Ring>, members: &[Claimant], q: u32, n: usize) -> Rin
     debug_assert_eq!(count, target);
 
     // Mend spacing by swapping owners. A fresh ring may move anything; a new
-    // claim may spend 20% more moves than the minimum it just made, so a
+    // claim may spend 10% more moves than the minimum it just made, so a
     // cluster that grows one node at a time keeps its replica balance.
     let prev_owner: Option<Vec<Option<usize>>> =
         prev.filter(|r| r.owners.len() == q).map(|r| (0..q as u32).map(|p| index.get(r.owner(p)).copied()).collect());
@@ -292,7 +316,7 @@ pub fn claim(prev: Option<&Ring>, members: &[Claimant], q: u32, n: usize) -> Rin
         None => 0,
     };
     let budget = match &prev_owner {
-        Some(_) => moved(&owner) + moved(&owner) / 5,
+        Some(_) => moved(&owner) + moved(&owner) / 10,
         None => usize::MAX,
     };
     repair_spacing(&mut owner, window, |o| moved(o) <= budget);
@@ -431,8 +455,8 @@ mod tests {
         let after = claim(Some(&before), &remaining, 256, 3);
         let owned = before.counts()["n02"];
         let moved = after.moved_from(&before);
-        // The leaver's partitions, plus at most 20% for mending the spacing.
-        assert!(moved >= owned && moved <= owned + owned / 5, "moved {moved} for {owned}");
+        // The leaver's partitions, plus at most 10% for mending the spacing.
+        assert!(moved >= owned && moved <= owned + owned / 10, "moved {moved} for {owned}");
         assert!(!after.contains("n02"));
     }
 

@@ -51,7 +51,7 @@ proptest! {
     }
 
     #[test]
-    fn adding_a_node_moves_at_most_1_2x_its_ideal_share(
+    fn adding_a_node_moves_at_most_1_1x_its_ideal_share(
         weights in proptest::collection::vec(1u32..=8, 1..=63),
         new_weight in 1u32..=8,
     ) {
@@ -64,7 +64,7 @@ proptest! {
         let ideal = exact_share(&grown, grown.len() - 1);
         let moved = after.moved_from(&before) as f64;
         // Whole partitions: a share under one still needs one partition.
-        prop_assert!(moved <= (1.2 * ideal).max(ideal.ceil()), "moved {moved} for an ideal {ideal:.2}");
+        prop_assert!(moved <= (1.1 * ideal).max(ideal.ceil() + 1.0), "moved {moved} for an ideal {ideal:.2}");
     }
 
     #[test]
@@ -77,9 +77,9 @@ proptest! {
         let owned = before.counts().get(all[gone].id.as_str()).copied().unwrap_or(0);
         prop_assert!(!after.contains(&all[gone].id));
         // Its partitions move; rounding may shift a few more between others,
-        // and mending the spacing may cost up to 20% more.
+        // and mending the spacing may cost up to 10% more.
         let minimum = owned + rest.len().min(owned + 1);
-        prop_assert!(after.moved_from(&before) <= minimum + minimum / 5, "moved {} for {} owned", after.moved_from(&before), owned);
+        prop_assert!(after.moved_from(&before) <= minimum + minimum / 10, "moved {} for {} owned", after.moved_from(&before), owned);
         assert_preference_lists(&after, rest.len())?;
     }
 
