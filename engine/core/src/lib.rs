@@ -13,6 +13,7 @@ pub mod autoscale;
 pub mod codec;
 pub mod coordinator;
 pub mod effects;
+pub mod exchange;
 pub mod failure;
 pub mod handoff;
 pub mod hints;

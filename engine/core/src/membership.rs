@@ -42,6 +42,30 @@ pub struct Load {
     pub moving_bytes: u64,
 }
 
+/// The longest a member goes without republishing its load when nothing
+/// changed materially: the figures are that fresh at worst.
+pub const LOAD_REPUBLISH_MS: u64 = 30_000;
+
+impl Load {
+    /// Whether these figures differ from the `published` ones enough to be
+    /// worth gossiping: every republication is a record every member has to
+    /// fetch, so noise stays local (at 1,000 members a change per member
+    /// every few seconds would be most of what gossip carries).
+    pub fn differs_materially(&self, published: &Load) -> bool {
+        // Relative change over 10%, or from or to zero.
+        let moved = |new: u64, old: u64| (new == 0) != (old == 0) || new.abs_diff(old) * 10 > old.max(1);
+        moved(self.ops_per_sec, published.ops_per_sec)
+            || self.p99_us.abs_diff(published.p99_us) * 5 > published.p99_us.max(1)
+            || moved(self.disk_bytes, published.disk_bytes)
+            || moved(self.keys, published.keys)
+            || moved(self.hints, published.hints)
+            || self.cpu_permille.abs_diff(published.cpu_permille) >= 20
+            // Streams drive plans and the autoscaler's wait: always news.
+            || self.moving_partitions != published.moving_partitions
+            || moved(self.moving_bytes, published.moving_bytes)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Member {
     pub id: String,
@@ -52,8 +76,15 @@ pub struct Member {
     pub leaving: bool,
     /// Increases with every start of the node.
     pub generation: u64,
-    /// Increases with every change and every gossip round.
+    /// Liveness: advances every gossip round (to at least the node's clock
+    /// in seconds, so the heartbeats of live members sit close together and
+    /// a digest carries each in a byte or two). Within a generation the
+    /// highest wins, whatever the record's content.
     pub heartbeat: u64,
+    /// The record's content (everything but the heartbeat) increases with
+    /// every change of it; `(generation, version)` orders two copies
+    /// (format 3; older formats read it as the heartbeat).
+    pub version: u64,
     /// The shard holding each partition this member replicates.
     pub pins: BTreeMap<u32, u16>,
     pub load: Load,
@@ -64,8 +95,18 @@ pub struct Member {
 }
 
 impl Member {
-    fn version(&self) -> (u64, u64) {
-        (self.generation, self.heartbeat)
+    /// Takes a heartbeat of `generation` if it is ours and newer.
+    pub(crate) fn beat(&mut self, generation: u64, heartbeat: u64) -> bool {
+        let newer = generation == self.generation && heartbeat > self.heartbeat;
+        if newer {
+            self.heartbeat = heartbeat;
+        }
+        newer
+    }
+
+    /// A change of the record's content, to be gossiped.
+    pub(crate) fn changed(&mut self) {
+        self.version += 1;
     }
 
     pub fn shard_of(&self, p: u32) -> Option<u16> {
@@ -138,7 +179,8 @@ pub struct Merged {
     pub ring_changed: bool,
 }
 
-fn ring_key(r: &Ring) -> (u64, u64) {
+/// Orders rings: version, then a hash of the content (see the module doc).
+pub(crate) fn ring_key(r: &Ring) -> (u64, u64) {
     let mut b = Vec::new();
     r.encode(&mut b);
     (r.version, xxhash_rust::xxh3::xxh3_64(&b))
@@ -179,26 +221,48 @@ impl ClusterState {
     pub fn merge(&mut self, other: &ClusterState) -> Result<Merged, Mismatch> {
         self.compatible(other)?;
         let mut out = Merged::default();
-        for (id, theirs) in &other.members {
-            match self.members.get(id) {
-                Some(ours) if ours.version() >= theirs.version() => {}
-                _ => {
-                    self.members.insert(id.clone(), theirs.clone());
-                    out.newer.push(id.clone());
-                }
+        for theirs in other.members.values() {
+            if self.merge_member(theirs) {
+                out.newer.push(theirs.id.clone());
             }
         }
-        if let Some(theirs) = &other.ring {
-            let take = match &self.ring {
-                None => true,
-                Some(ours) => ring_key(theirs) > ring_key(ours),
-            };
-            if take {
-                self.ring = Some(theirs.clone());
-                out.ring_changed = true;
-            }
+        if let Some(theirs) = other.ring.as_ref().filter(|r| self.takes_ring(r)) {
+            self.ring = Some(theirs.clone());
+            out.ring_changed = true;
         }
         Ok(out)
+    }
+
+    /// Takes `theirs` where it is newer: its content if its record version
+    /// is higher, its heartbeat if that is higher within the generation.
+    /// Returns whether anything advanced.
+    pub(crate) fn merge_member(&mut self, theirs: &Member) -> bool {
+        match self.members.get_mut(&theirs.id) {
+            None => {
+                self.members.insert(theirs.id.clone(), theirs.clone());
+                true
+            }
+            Some(ours) if theirs.generation > ours.generation => {
+                *ours = theirs.clone();
+                true
+            }
+            Some(ours) if theirs.generation == ours.generation => {
+                let mut advanced = false;
+                if theirs.version > ours.version {
+                    let beat = ours.heartbeat.max(theirs.heartbeat);
+                    *ours = theirs.clone();
+                    ours.heartbeat = beat;
+                    advanced = true;
+                }
+                advanced | ours.beat(theirs.generation, theirs.heartbeat)
+            }
+            Some(_) => false,
+        }
+    }
+
+    /// Whether the ring `theirs` should replace ours.
+    pub(crate) fn takes_ring(&self, theirs: &Ring) -> bool {
+        self.ring.as_ref().is_none_or(|ours| ring_key(theirs) > ring_key(ours))
     }
 
     /// The members that should own partitions now: every member not leaving.
@@ -218,39 +282,7 @@ impl ClusterState {
         put_varint(&mut out, u64::from(self.partitions));
         put_varint(&mut out, self.members.len() as u64);
         for m in self.members.values() {
-            put_str(&mut out, &m.id);
-            put_str(&mut out, &m.addr);
-            put_varint(&mut out, u64::from(m.shards));
-            put_varint(&mut out, u64::from(m.weight));
-            out.push(u8::from(m.leaving));
-            put_varint(&mut out, m.generation);
-            put_varint(&mut out, m.heartbeat);
-            put_varint(&mut out, m.pins.len() as u64);
-            let mut prev = 0u32;
-            for (&p, &s) in &m.pins {
-                put_varint(&mut out, u64::from(p - prev));
-                put_varint(&mut out, u64::from(s));
-                prev = p;
-            }
-            let l = &m.load;
-            for v in [
-                l.ops_per_sec,
-                l.p99_us,
-                l.disk_bytes,
-                l.keys,
-                l.hints,
-                u64::from(l.cpu_permille),
-                u64::from(l.moving_partitions),
-                l.moving_bytes,
-            ] {
-                put_varint(&mut out, v);
-            }
-            put_varint(&mut out, m.holding.len() as u64);
-            let mut prev = 0u32;
-            for &p in &m.holding {
-                put_varint(&mut out, u64::from(p - prev));
-                prev = p;
-            }
+            encode_member(m, &mut out);
         }
         match &self.ring {
             None => out.push(0),
@@ -266,72 +298,15 @@ impl ClusterState {
         let mut r = Reader::new(bytes);
         let format = r.u8()?;
         if !(1..=STATE_FORMAT).contains(&format) {
-            return err("cluster state format is not supported (this build reads formats 1 and 2)");
+            return err("cluster state format is not supported (this build reads formats 1 to 3)");
         }
         let cluster = get_str(&mut r)?;
         let partitions = u32::try_from(r.varint()?).map_err(|_| DecodeError { what: "partitions over u32" })?;
         let count = r.len(r.remaining())?;
         let mut members = BTreeMap::new();
         for _ in 0..count {
-            let id = get_str(&mut r)?;
-            let addr = get_str(&mut r)?;
-            let shards = u16::try_from(r.varint()?).map_err(|_| DecodeError { what: "shards over u16" })?;
-            let weight = u32::try_from(r.varint()?).map_err(|_| DecodeError { what: "weight over u32" })?;
-            let leaving = r.u8()? != 0;
-            let generation = r.varint()?;
-            let heartbeat = r.varint()?;
-            let npins = r.len(partitions as usize)?;
-            let mut pins = BTreeMap::new();
-            let mut p = 0u64;
-            for _ in 0..npins {
-                p += r.varint()?;
-                let s = r.varint()?;
-                if p >= u64::from(partitions) || s >= u64::from(shards) {
-                    return err("pin out of range");
-                }
-                pins.insert(p as u32, s as u16);
-            }
-            // Format 1 had the first five figures only.
-            let mut load = [0u64; 8];
-            for v in load.iter_mut().take(if format == 1 { 5 } else { 8 }) {
-                *v = r.varint()?;
-            }
-            let [ops_per_sec, p99_us, disk_bytes, keys, hints, cpu, moving_partitions, moving_bytes] = load;
-            let small = |v: u64| u32::try_from(v).map_err(|_| DecodeError { what: "load figure over u32" });
-            let mut holding = BTreeSet::new();
-            if format >= 2 {
-                let n = r.len(partitions as usize)?;
-                let mut p = 0u64;
-                for _ in 0..n {
-                    p += r.varint()?;
-                    if p >= u64::from(partitions) {
-                        return err("held partition out of range");
-                    }
-                    holding.insert(p as u32);
-                }
-            }
-            let m = Member {
-                id: id.clone(),
-                addr,
-                shards,
-                weight,
-                leaving,
-                generation,
-                heartbeat,
-                pins,
-                load: Load {
-                    ops_per_sec,
-                    p99_us,
-                    disk_bytes,
-                    keys,
-                    hints,
-                    cpu_permille: small(cpu)?,
-                    moving_partitions: small(moving_partitions)?,
-                    moving_bytes,
-                },
-                holding,
-            };
-            members.insert(id, m);
+            let m = decode_member(&mut r, format, partitions)?;
+            members.insert(m.id.clone(), m);
         }
         let ring = match r.u8()? {
             0 => None,
@@ -349,15 +324,119 @@ impl ClusterState {
 }
 
 /// Format 2 added cpu_permille, moving_partitions and moving_bytes to each
-/// member's load; format 1 is still read.
-const STATE_FORMAT: u8 = 2;
+/// member's load, format 3 the record version apart from the heartbeat;
+/// formats 1 and 2 are still read.
+pub(crate) const STATE_FORMAT: u8 = 3;
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
+/// One member's record, as the state and gossip deltas carry it.
+pub(crate) fn encode_member(m: &Member, out: &mut Vec<u8>) {
+    put_str(out, &m.id);
+    put_str(out, &m.addr);
+    put_varint(out, u64::from(m.shards));
+    put_varint(out, u64::from(m.weight));
+    out.push(u8::from(m.leaving));
+    put_varint(out, m.generation);
+    put_varint(out, m.heartbeat);
+    put_varint(out, m.version);
+    put_varint(out, m.pins.len() as u64);
+    let mut prev = 0u32;
+    for (&p, &s) in &m.pins {
+        put_varint(out, u64::from(p - prev));
+        put_varint(out, u64::from(s));
+        prev = p;
+    }
+    let l = &m.load;
+    for v in [
+        l.ops_per_sec,
+        l.p99_us,
+        l.disk_bytes,
+        l.keys,
+        l.hints,
+        u64::from(l.cpu_permille),
+        u64::from(l.moving_partitions),
+        l.moving_bytes,
+    ] {
+        put_varint(out, v);
+    }
+    put_varint(out, m.holding.len() as u64);
+    let mut prev = 0u32;
+    for &p in &m.holding {
+        put_varint(out, u64::from(p - prev));
+        prev = p;
+    }
+}
+
+/// Reads a record written in state format `format` (see [`STATE_FORMAT`]).
+pub(crate) fn decode_member(r: &mut Reader<'_>, format: u8, partitions: u32) -> Result<Member, DecodeError> {
+    let id = get_str(r)?;
+    let addr = get_str(r)?;
+    let shards = u16::try_from(r.varint()?).map_err(|_| DecodeError { what: "shards over u16" })?;
+    let weight = u32::try_from(r.varint()?).map_err(|_| DecodeError { what: "weight over u32" })?;
+    let leaving = r.u8()? != 0;
+    let generation = r.varint()?;
+    let heartbeat = r.varint()?;
+    // Before format 3 the heartbeat versioned the content too.
+    let version = if format >= 3 { r.varint()? } else { heartbeat };
+    let npins = r.len(partitions as usize)?;
+    let mut pins = BTreeMap::new();
+    let mut p = 0u64;
+    for _ in 0..npins {
+        p += r.varint()?;
+        let s = r.varint()?;
+        if p >= u64::from(partitions) || s >= u64::from(shards) {
+            return err("pin out of range");
+        }
+        pins.insert(p as u32, s as u16);
+    }
+    // Format 1 had the first five figures only.
+    let mut load = [0u64; 8];
+    for v in load.iter_mut().take(if format == 1 { 5 } else { 8 }) {
+        *v = r.varint()?;
+    }
+    let [ops_per_sec, p99_us, disk_bytes, keys, hints, cpu, moving_partitions, moving_bytes] = load;
+    let small = |v: u64| u32::try_from(v).map_err(|_| DecodeError { what: "load figure over u32" });
+    let mut holding = BTreeSet::new();
+    if format >= 2 {
+        let n = r.len(partitions as usize)?;
+        let mut p = 0u64;
+        for _ in 0..n {
+            p += r.varint()?;
+            if p >= u64::from(partitions) {
+                return err("held partition out of range");
+            }
+            holding.insert(p as u32);
+        }
+    }
+    Ok(Member {
+        id,
+        addr,
+        shards,
+        weight,
+        leaving,
+        generation,
+        heartbeat,
+        version,
+        pins,
+        load: Load {
+            ops_per_sec,
+            p99_us,
+            disk_bytes,
+            keys,
+            hints,
+            cpu_permille: small(cpu)?,
+            moving_partitions: small(moving_partitions)?,
+            moving_bytes,
+        },
+        holding,
+    })
+}
+
+pub(crate) fn put_str(out: &mut Vec<u8>, s: &str) {
     put_varint(out, s.len() as u64);
     out.extend_from_slice(s.as_bytes());
 }
 
-fn get_str(r: &mut Reader<'_>) -> Result<String, DecodeError> {
+pub(crate) fn get_str(r: &mut Reader<'_>) -> Result<String, DecodeError> {
     let len = r.len(1024)?;
     std::str::from_utf8(r.bytes(len)?).map(str::to_string).map_err(|_| DecodeError { what: "string is not UTF-8" })
 }
@@ -379,13 +458,14 @@ impl Default for GossipConfig {
 
 /// One node's view of the cluster and its gossip duties.
 pub struct Gossip {
-    me: String,
-    state: ClusterState,
+    pub(crate) me: String,
+    pub(crate) state: ClusterState,
     cfg: GossipConfig,
     seeds: Vec<String>,
     detectors: BTreeMap<String, PhiAccrual>,
     started_ms: u64,
     heard_from_peer: bool,
+    load_published_ms: u64,
 }
 
 impl Gossip {
@@ -415,6 +495,7 @@ impl Gossip {
             detectors: BTreeMap::new(),
             started_ms: now_ms,
             heard_from_peer: false,
+            load_published_ms: now_ms,
         };
         g.refresh_pins();
         g
@@ -441,9 +522,19 @@ impl Gossip {
         self.detectors.get(id).map_or(0.0, |d| d.phi(now_ms))
     }
 
-    pub fn set_load(&mut self, load: Load) {
+    /// Publishes new load figures if they changed materially (see
+    /// [`Load::differs_materially`]) or the published ones are
+    /// [`LOAD_REPUBLISH_MS`] old. Returns whether it published.
+    pub fn set_load(&mut self, load: Load, now_ms: u64) -> bool {
         let m = self.state.members.get_mut(&self.me).expect("own record");
+        let stale = now_ms.saturating_sub(self.load_published_ms) >= LOAD_REPUBLISH_MS;
+        if load == m.load || !(stale || load.differs_materially(&m.load)) {
+            return false;
+        }
         m.load = load;
+        m.changed();
+        self.load_published_ms = now_ms;
+        true
     }
 
     /// The partitions this node holds misplaced data of (see
@@ -452,7 +543,7 @@ impl Gossip {
         let m = self.state.members.get_mut(&self.me).expect("own record");
         if m.holding != holding {
             m.holding = holding;
-            m.heartbeat += 1;
+            m.changed();
         }
     }
 
@@ -460,7 +551,7 @@ impl Gossip {
     pub fn leave(&mut self) {
         let m = self.state.members.get_mut(&self.me).expect("own record");
         m.leaving = true;
-        m.heartbeat += 1;
+        m.changed();
     }
 
     /// A new share of the partitions for this node; the claimant re-claims.
@@ -468,7 +559,7 @@ impl Gossip {
         let m = self.state.members.get_mut(&self.me).expect("own record");
         if m.weight != weight {
             m.weight = weight;
-            m.heartbeat += 1;
+            m.changed();
         }
     }
 
@@ -483,7 +574,7 @@ impl Gossip {
         let Some(m) = self.state.members.get_mut(id) else { return false };
         if !m.leaving {
             m.leaving = true;
-            m.heartbeat += 1;
+            m.changed();
         }
         true
     }
@@ -491,7 +582,8 @@ impl Gossip {
     /// One gossip round: heartbeat, maybe a new ring, and the address to
     /// exchange state with (`random` picks the peer).
     pub fn tick(&mut self, now_ms: u64, random: u64) -> Option<String> {
-        self.state.members.get_mut(&self.me).expect("own record").heartbeat += 1;
+        let m = self.state.members.get_mut(&self.me).expect("own record");
+        m.heartbeat = (m.heartbeat + 1).max(now_ms / 1000);
         self.maybe_claim(now_ms);
         self.pick_peer(now_ms, random)
     }
@@ -518,25 +610,59 @@ impl Gossip {
     /// Merges state received from a peer; returns whether anything that is
     /// worth persisting (ring, membership, pins) changed.
     pub fn receive(&mut self, now_ms: u64, remote: &ClusterState) -> Result<bool, Mismatch> {
+        self.state.compatible(remote)?;
+        Ok(self.absorb(now_ms, remote.members.values(), remote.ring.as_ref()))
+    }
+
+    /// Takes what is newer among `members` and `ring` (from a compatible
+    /// peer); returns whether anything worth persisting changed.
+    pub(crate) fn absorb<'a>(
+        &mut self,
+        now_ms: u64,
+        members: impl IntoIterator<Item = &'a Member>,
+        ring: Option<&Ring>,
+    ) -> bool {
         let before_members: Vec<(String, bool, u32, usize)> = self.durable_view();
-        let mut remote = remote.clone();
-        // Our own record is ours alone: never take a stale copy of it. One
-        // that says we are leaving means we were removed while away (or
-        // left before a restart that lost the record): we leave, handing
-        // over what we hold, rather than rejoin.
-        if remote.members.remove(&self.me).is_some_and(|m| m.leaving) && !self.member().leaving {
-            self.leave();
+        for m in members {
+            // Our own record is ours alone: never take a stale copy of it.
+            // One that says we are leaving means we were removed while away
+            // (or left before a restart that lost the record): we leave,
+            // handing over what we hold, rather than rejoin.
+            if m.id == self.me {
+                if m.leaving && !self.member().leaving {
+                    self.leave();
+                }
+                continue;
+            }
+            if self.state.merge_member(m) {
+                self.heard(&m.id, now_ms);
+            }
         }
-        let merged = self.state.merge(&remote)?;
+        let ring_changed = match ring.filter(|r| r.partitions() == self.state.partitions && self.state.takes_ring(r)) {
+            Some(r) => {
+                self.state.ring = Some(r.clone());
+                true
+            }
+            None => false,
+        };
         self.heard_from_peer = true;
-        for id in &merged.newer {
-            self.detectors.entry(id.clone()).or_insert_with(|| PhiAccrual::new(self.cfg.phi)).heartbeat(now_ms);
-        }
-        if merged.ring_changed {
+        if ring_changed {
             self.refresh_pins();
         }
         self.maybe_claim(now_ms);
-        Ok(merged.ring_changed || self.durable_view() != before_members)
+        ring_changed || self.durable_view() != before_members
+    }
+
+    /// Something newer of `id` arrived: evidence that it is alive.
+    pub(crate) fn heard(&mut self, id: &str, now_ms: u64) {
+        match self.detectors.get_mut(id) {
+            Some(d) => d.heartbeat(now_ms),
+            None => {
+                let mut d = PhiAccrual::new(self.cfg.phi);
+                d.heartbeat(now_ms);
+                self.detectors.insert(id.to_string(), d);
+            }
+        }
     }
 
     fn durable_view(&self) -> Vec<(String, bool, u32, usize)> {
@@ -585,7 +711,7 @@ impl Gossip {
             all.extend(pins);
             all.retain(|p, _| held.contains(p));
             m.pins = all;
-            m.heartbeat += 1;
+            m.changed();
         }
     }
 }
@@ -603,6 +729,7 @@ mod tests {
             leaving: false,
             generation: 1,
             heartbeat: 0,
+            version: 0,
             pins: BTreeMap::new(),
             load: Load::default(),
             holding: BTreeSet::new(),
@@ -721,21 +848,72 @@ mod tests {
         let mut nodes = vec![node("a", 1, &[2]), node("b", 2, &[1])];
         nodes[0].tick(20_000, 0);
         exchange_all(&mut nodes, 20_000);
-        nodes[0].set_load(Load {
-            ops_per_sec: 5,
-            p99_us: 900,
-            disk_bytes: 1 << 30,
-            keys: 7,
-            hints: 1,
-            cpu_permille: 420,
-            ..Load::default()
-        });
+        nodes[0].set_load(
+            Load {
+                ops_per_sec: 5,
+                p99_us: 900,
+                disk_bytes: 1 << 30,
+                keys: 7,
+                hints: 1,
+                cpu_permille: 420,
+                ..Load::default()
+            },
+            20_000,
+        );
         let s = nodes[0].state().clone();
         assert_eq!(ClusterState::decode(&s.encode()).unwrap(), s);
         let bytes = s.encode();
         for cut in 0..bytes.len() {
             assert!(ClusterState::decode(&bytes[..cut]).is_err());
         }
+    }
+
+    #[test]
+    fn load_is_republished_only_when_it_moved_or_has_aged() {
+        let mut n = node("a", 1, &[]);
+        let busy = Load { ops_per_sec: 1000, p99_us: 900, cpu_permille: 400, keys: 10_000, ..Load::default() };
+        assert!(n.set_load(busy, 1000), "the first figures are news");
+        let v = n.member().version;
+        // Noise: 5% more requests, 10% more p99, 1.5 points of CPU.
+        let noise = Load { ops_per_sec: 1050, p99_us: 990, cpu_permille: 415, keys: 10_050, ..busy };
+        assert!(!n.set_load(noise, 3000));
+        assert_eq!((n.member().version, n.member().load), (v, busy), "nothing gossiped for noise");
+        for moved in [
+            Load { ops_per_sec: 1200, ..busy },
+            Load { p99_us: 2000, ..busy },
+            Load { cpu_permille: 430, ..busy },
+            Load { moving_partitions: 1, ..busy },
+            Load { hints: 1, ..busy },
+        ] {
+            let mut n = node("a", 1, &[]);
+            n.set_load(busy, 1000);
+            assert!(n.set_load(moved, 3000), "{moved:?} is news");
+            assert_eq!(n.member().load, moved);
+        }
+        assert!(n.set_load(noise, 1000 + LOAD_REPUBLISH_MS), "aged figures are republished");
+        assert_eq!(n.member().load, noise);
+    }
+
+    #[test]
+    fn a_heartbeat_never_replaces_content_and_content_keeps_the_newest_heartbeat() {
+        let mut s = ClusterState::new("c", 64);
+        let mut m = member("a", 1);
+        m.version = 5;
+        m.heartbeat = 100;
+        s.merge_member(&m);
+        // A copy with a newer heartbeat but older content: only the beat.
+        let beat = Member { version: 4, heartbeat: 120, weight: 9, ..m.clone() };
+        assert!(s.merge_member(&beat));
+        assert_eq!((s.members["a"].weight, s.members["a"].heartbeat), (1, 120));
+        // Newer content with an older heartbeat: the content, and the beat stays.
+        let content = Member { version: 6, heartbeat: 101, weight: 3, ..m.clone() };
+        assert!(s.merge_member(&content));
+        assert_eq!((s.members["a"].weight, s.members["a"].heartbeat), (3, 120));
+        assert!(!s.merge_member(&content), "idempotent");
+        // A new generation replaces everything.
+        let restarted = Member { generation: 2, version: 0, heartbeat: 7, ..m };
+        assert!(s.merge_member(&restarted));
+        assert_eq!(s.members["a"], restarted);
     }
 
     fn settle(nodes: &mut [Gossip], rounds: std::ops::RangeInclusive<u64>) {

@@ -142,7 +142,7 @@ pub fn apply(state: &ClusterState, change: &Change) -> ClusterState {
             Change::Leave { .. } | Change::Remove { .. } => m.leaving = true,
             Change::Weight { weight, .. } => m.weight = *weight,
         }
-        m.heartbeat += 1;
+        m.version += 1;
     }
     after
 }
@@ -322,6 +322,7 @@ mod tests {
                 leaving: false,
                 generation: 1,
                 heartbeat: 1,
+                version: 1,
                 pins,
                 load: Load { disk_bytes: 64 << 20, ..Load::default() },
                 holding: Default::default(),

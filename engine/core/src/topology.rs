@@ -241,6 +241,7 @@ mod tests {
                     leaving: false,
                     generation: 1,
                     heartbeat: 1,
+                    version: 1,
                     pins: BTreeMap::new(),
                     load: Load::default(),
                     holding: Default::default(),

@@ -21,6 +21,7 @@
 use crate::clock;
 use crate::shard::Shard;
 use crate::view::ClusterView;
+use ringkv_core::exchange::Message;
 use ringkv_core::membership::{ClusterState, Gossip, Load};
 use ringkv_core::plan::{self, Change};
 use ringkv_net::proto::{ErrorCode, Reply, Request, RingAction, WireError};
@@ -119,14 +120,33 @@ impl ClusterAgent {
         }))
     }
 
-    /// Gossip from a peer: merge it and answer with our state.
+    /// Gossip from a peer: a digest to answer, the initiator's last message
+    /// of an exchange (answered with nothing), or, from a node of an older
+    /// build, a whole state to merge and answer with ours.
     pub fn receive(self: &Rc<Self>, bytes: &[u8]) -> Result<Vec<u8>, WireError> {
-        let remote = ClusterState::decode(bytes).map_err(|e| WireError::new(ErrorCode::BadRequest, e.to_string()))?;
-        let merged = self.gossip.borrow_mut().receive(clock::now_ms(), &remote);
-        match merged {
-            Ok(_) => {
+        let bad = |e: ringkv_core::codec::DecodeError| WireError::new(ErrorCode::BadRequest, e.to_string());
+        let now = clock::now_ms();
+        let answer = if Message::is_exchange(bytes) {
+            let partitions = self.gossip.borrow().state().partitions;
+            match Message::decode(bytes, partitions).map_err(bad)? {
+                Message::Syn(syn) => {
+                    let ack = self.gossip.borrow_mut().on_syn(now, &syn);
+                    ack.map(|a| Message::Ack(a).encode())
+                }
+                Message::Ack2(ack2) => self.gossip.borrow_mut().on_ack2(now, &ack2).map(|()| Vec::new()),
+                Message::Ack(_) => {
+                    return Err(WireError::new(ErrorCode::BadRequest, "a gossip answer sent as a request"));
+                }
+            }
+        } else {
+            let remote = ClusterState::decode(bytes).map_err(bad)?;
+            let merged = self.gossip.borrow_mut().receive(now, &remote);
+            merged.map(|_| self.gossip.borrow().state().encode())
+        };
+        match answer {
+            Ok(bytes) => {
                 self.after_change();
-                Ok(self.gossip.borrow().state().encode())
+                Ok(bytes)
             }
             Err(m) => {
                 tracing::warn!(error = %m, "refused gossip from a node of another cluster");
@@ -171,46 +191,76 @@ impl ClusterAgent {
         .detach();
     }
 
-    /// One gossip round; returns the peer to talk to and our state.
+    /// One gossip round; returns the peer to talk to and the digest that
+    /// opens the exchange.
     fn tick(self: &Rc<Self>) -> Option<(SocketAddr, Vec<u8>)> {
         let target = self.gossip.borrow_mut().tick(clock::now_ms(), rand::random());
         self.after_change();
         let addr = target?.parse().ok()?;
-        Some((addr, self.gossip.borrow().state().encode()))
+        Some((addr, Message::Syn(self.gossip.borrow().syn()).encode()))
     }
 
-    async fn exchange(self: Rc<Self>, addr: SocketAddr, state: Vec<u8>) {
-        let resp = self.shard.peers.call(addr, Request::Gossip { state }, 0, Duration::from_secs(2)).await;
-        let refusal = match resp {
-            Ok(r) => match r.result {
-                Ok(Reply::Gossip { state }) => match ClusterState::decode(&state) {
-                    Ok(remote) => {
-                        let merged = self.gossip.borrow_mut().receive(clock::now_ms(), &remote);
-                        match merged {
-                            Ok(_) => {
-                                self.after_change();
-                                None
-                            }
-                            Err(m) => Some(m.to_string()),
-                        }
-                    }
-                    Err(e) => {
-                        tracing::debug!(peer = %addr, error = %e, "undecodable gossip");
-                        None
-                    }
-                },
-                Err(e) if e.code == ErrorCode::ClusterMismatch => Some(e.message),
-                _ => None,
+    /// Sends the digest, takes the answer, and sends what the peer asked
+    /// for (see `ringkv_core::exchange`).
+    async fn exchange(self: Rc<Self>, addr: SocketAddr, syn: Vec<u8>) {
+        let refusal = match self.gossip_call(addr, syn).await {
+            Ok(answer) => match self.take_answer(&answer) {
+                Ok(Some(last)) => self.gossip_call(addr, last).await.err().flatten(),
+                Ok(None) => None,
+                Err(why) => Some(why),
             },
-            Err(crate::peer::PeerError::Refused(e)) if e.code == ErrorCode::ClusterMismatch => Some(e.message),
-            Err(e) => {
-                tracing::debug!(peer = %addr, error = %e, "gossip exchange failed");
-                None
-            }
+            Err(why) => why,
         };
         if let Some(why) = refusal {
             self.refused_by(addr, why);
         }
+    }
+
+    /// One gossip request: the answer's bytes, or why not (`Some` when the
+    /// peer refused us as a stranger).
+    async fn gossip_call(&self, addr: SocketAddr, state: Vec<u8>) -> Result<Vec<u8>, Option<String>> {
+        let resp = self.shard.peers.call(addr, Request::Gossip { state }, 0, Duration::from_secs(2)).await;
+        match resp {
+            Ok(r) => match r.result {
+                Ok(Reply::Gossip { state }) => Ok(state),
+                Err(e) if e.code == ErrorCode::ClusterMismatch => Err(Some(e.message)),
+                _ => Err(None),
+            },
+            Err(crate::peer::PeerError::Refused(e)) if e.code == ErrorCode::ClusterMismatch => Err(Some(e.message)),
+            Err(e) => {
+                tracing::debug!(peer = %addr, error = %e, "gossip exchange failed");
+                Err(None)
+            }
+        }
+    }
+
+    /// Takes a peer's answer to our digest (or, from an older build, its
+    /// whole state); returns our last message if one is due.
+    fn take_answer(self: &Rc<Self>, answer: &[u8]) -> Result<Option<Vec<u8>>, String> {
+        let now = clock::now_ms();
+        let partitions = self.gossip.borrow().state().partitions;
+        let last = if Message::is_exchange(answer) {
+            match Message::decode(answer, partitions) {
+                Ok(Message::Ack(ack)) => self.gossip.borrow_mut().on_ack(now, &ack).map_err(|m| m.to_string())?,
+                Ok(_) | Err(_) => {
+                    tracing::debug!("undecodable gossip answer");
+                    return Ok(None);
+                }
+            }
+        } else {
+            match ClusterState::decode(answer) {
+                Ok(remote) => {
+                    self.gossip.borrow_mut().receive(now, &remote).map_err(|m| m.to_string())?;
+                    None
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "undecodable gossip");
+                    return Ok(None);
+                }
+            }
+        };
+        self.after_change();
+        Ok(last.map(|m| Message::Ack2(m).encode()))
     }
 
     /// A peer says we cannot be one cluster. A node still joining through a
@@ -242,7 +292,7 @@ impl ClusterAgent {
         };
         {
             let mut g = self.gossip.borrow_mut();
-            g.set_load(load);
+            g.set_load(load, clock::now_ms());
             g.set_holding(stats.iter().flat_map(|s| s.holding.iter().copied()).collect());
         }
         self.publish_metrics(&stats);

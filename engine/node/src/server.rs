@@ -224,6 +224,7 @@ fn initial_membership(cfg: &NodeConfig, dir: &DataDir) -> (Gossip, Arc<ClusterVi
         leaving: previous.is_some_and(|m| m.leaving),
         generation: previous.map_or(now, |m| now.max(m.generation + 1)),
         heartbeat: 0,
+        version: 0,
         pins: previous.map(|m| m.pins.clone()).unwrap_or_default(),
         load: Load::default(),
         holding: Default::default(),

@@ -7,7 +7,7 @@
 //!   (object records only);
 //! - `fixtures/store-v2`: format 2, with every record kind (objects, hints,
 //!   a retired hint, a purge, a dropped partition) and hint files;
-//! - `fixtures/cluster-state-v1.bin` and `-v2.bin`: saved `cluster.state` files (formats 1 and 2);
+//! - `fixtures/cluster-state-v1.bin`, `-v2.bin` and `-v3.bin`: saved `cluster.state` files (formats 1 to 3);
 //! - `fixtures/meta-v1/ringkv.meta`: a data directory's identity file.
 //!
 //! To regenerate the current version's files (only when adding a version,
@@ -238,6 +238,7 @@ fn state_v1() -> ClusterState {
             leaving: false,
             generation: 1_700_000_000_000 + i as u64,
             heartbeat: 77,
+            version: 77,
             pins,
             load,
             holding: Default::default(),
@@ -262,22 +263,36 @@ fn state_v2() -> ClusterState {
     s
 }
 
+/// Format 3: the same state with record versions apart from heartbeats.
+fn state_v3() -> ClusterState {
+    let mut s = state_v2();
+    for (i, m) in s.members.values_mut().enumerate() {
+        m.heartbeat = 1_700_000_100 + i as u64;
+        m.version = 5 + i as u64;
+    }
+    s
+}
+
 #[test]
-fn cluster_state_files_of_formats_1_and_2_still_load_and_others_are_refused() {
-    // Format 1 was written by an older build: it is never rewritten.
+fn cluster_state_files_of_formats_1_to_3_still_load_and_others_are_refused() {
+    // Formats 1 and 2 were written by older builds: never rewritten. Their
+    // heartbeat versioned the record, and is read as its version.
     let v1 = std::fs::read(fixtures().join("cluster-state-v1.bin")).expect("fixture exists");
     assert_eq!(v1[0], 1, "format byte");
     assert_eq!(ClusterState::decode(&v1).unwrap(), state_v1(), "new load figures read as 0");
-    let path = fixtures().join("cluster-state-v2.bin");
+    let v2 = std::fs::read(fixtures().join("cluster-state-v2.bin")).expect("fixture exists");
+    assert_eq!(v2[0], 2, "format byte");
+    assert_eq!(ClusterState::decode(&v2).unwrap(), state_v2());
+    let path = fixtures().join("cluster-state-v3.bin");
     if writing() {
-        std::fs::write(&path, state_v2().encode()).unwrap();
+        std::fs::write(&path, state_v3().encode()).unwrap();
     }
     let bytes = std::fs::read(&path).expect("fixture exists");
-    assert_eq!(bytes[0], 2, "format byte");
-    assert_eq!(ClusterState::decode(&bytes).unwrap(), state_v2());
-    assert_eq!(state_v2().encode(), bytes, "this build writes format 2 byte for byte");
+    assert_eq!(bytes[0], 3, "format byte");
+    assert_eq!(ClusterState::decode(&bytes).unwrap(), state_v3());
+    assert_eq!(state_v3().encode(), bytes, "this build writes format 3 byte for byte");
     let mut future = bytes.clone();
-    future[0] = 3;
+    future[0] = 4;
     let e = ClusterState::decode(&future).unwrap_err();
     assert!(e.to_string().contains("cluster state format is not supported"), "{e}");
 }

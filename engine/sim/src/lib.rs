@@ -9,6 +9,7 @@
 
 pub mod check;
 pub mod rng;
+pub mod scaling;
 pub mod store;
 pub mod world;
 

@@ -30,6 +30,7 @@ use crate::store::ModelStore;
 use ringkv_core::antientropy::{RepairConfig, Repairer};
 use ringkv_core::coordinator::{Bugs, ClientResult, CoordError, Coordinator, CoordinatorConfig, Outcome as Done};
 use ringkv_core::effects::{Answer, Failure, Machine, Outgoing, Request, Response, Tag, WriteContext};
+use ringkv_core::exchange::Message;
 use ringkv_core::failure::PhiConfig;
 use ringkv_core::handoff::{Handoff, HandoffConfig};
 use ringkv_core::hints::{HintConfig, HintDelivery};
@@ -199,10 +200,18 @@ enum ClientReq {
 
 #[derive(Debug, Clone)]
 enum Payload {
-    Req { tag: Tag, req: Request, life: u64 },
-    Resp { tag: Tag, answer: Answer, life: u64 },
-    GossipPush(Box<ClusterState>),
-    GossipReply(Box<ClusterState>),
+    Req {
+        tag: Tag,
+        req: Request,
+        life: u64,
+    },
+    Resp {
+        tag: Tag,
+        answer: Answer,
+        life: u64,
+    },
+    /// A message of the digest exchange (ringkv_core::exchange).
+    Gossip(Box<Message>),
 }
 
 enum Ev {
@@ -659,9 +668,9 @@ impl World {
         m.gossip.set_holding(m.handoff.holding());
         let target = m.gossip.tick(now / 1000, random);
         m.topo = topology(&node.name, self.opts.replicas, &m.gossip, now / 1000);
-        let state = Box::new(m.gossip.state().clone());
+        let syn = Box::new(Message::Syn(m.gossip.syn()));
         if let Some(j) = target.and_then(|t| self.nodes.iter().position(|n| n.name == t)) {
-            self.send(i, j, Payload::GossipPush(state));
+            self.send(i, j, Payload::Gossip(syn));
         }
         let life = self.nodes[i].life;
         let next = self.nodes[i].clock.global(now + GOSSIP_INTERVAL_US);
@@ -919,23 +928,22 @@ impl World {
                     self.pump(to);
                 }
             }
-            Payload::GossipPush(state) => {
+            Payload::Gossip(msg) => {
                 let now_ms = self.local_now(to) / 1000;
                 let node = &mut self.nodes[to];
                 let m = node.m.as_mut().expect("running");
-                if m.gossip.receive(now_ms, &state).is_ok() {
-                    m.topo = topology(&node.name, self.opts.replicas, &m.gossip, now_ms);
-                }
-                let reply = Box::new(m.gossip.state().clone());
-                self.send(to, from, Payload::GossipReply(reply));
-                self.pump(to);
-            }
-            Payload::GossipReply(state) => {
-                let now_ms = self.local_now(to) / 1000;
-                let node = &mut self.nodes[to];
-                let m = node.m.as_mut().expect("running");
-                if m.gossip.receive(now_ms, &state).is_ok() {
-                    m.topo = topology(&node.name, self.opts.replicas, &m.gossip, now_ms);
+                // A refusal (another cluster) never happens here: one name.
+                let next = match *msg {
+                    Message::Syn(syn) => m.gossip.on_syn(now_ms, &syn).ok().map(Message::Ack),
+                    Message::Ack(ack) => m.gossip.on_ack(now_ms, &ack).ok().flatten().map(Message::Ack2),
+                    Message::Ack2(ack2) => {
+                        let _ = m.gossip.on_ack2(now_ms, &ack2);
+                        None
+                    }
+                };
+                m.topo = topology(&node.name, self.opts.replicas, &m.gossip, now_ms);
+                if let Some(next) = next {
+                    self.send(to, from, Payload::Gossip(Box::new(next)));
                 }
                 self.pump(to);
             }
@@ -1231,6 +1239,7 @@ fn member(name: &str, generation: u64) -> Member {
         leaving: false,
         generation,
         heartbeat: 0,
+        version: 0,
         pins: BTreeMap::new(),
         load: Load::default(),
         holding: Default::default(),
