@@ -1,6 +1,6 @@
 //! Ring changes on real processes under bounded load, each checked against
 //! the client histories: a fourth node joins, a node leaves, a killed node
-//! is removed, and a stream broken by a restart of its receiver resumes.
+//! is removed, and a stream broken by a restart of its receiver or its sender resumes.
 //!
 //! Every load is bounded in operations and time; every node is stopped by
 //! pid however the test ends (the harness's `Drop`).
@@ -73,6 +73,19 @@ fn quiet(node: &Node) -> bool {
 
 /// Quiet everywhere, twice, a few seconds apart (load figures are gossiped
 /// every two seconds).
+/// Waits until one of `senders` is inside a partition's stream: a chunk
+/// (64 keys) acknowledged, at least two still to send.
+fn mid_partition(c: &Cluster, senders: std::ops::Range<usize>) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !senders.clone().any(|i| {
+        let info = c.nodes[i].client().node_info().unwrap();
+        info.stream_keys_total - info.stream_keys_left >= 64 && info.stream_keys_left >= 128
+    }) {
+        assert!(Instant::now() < deadline, "no sender got inside a partition");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn settled(c: &Cluster) -> bool {
     let running = || c.nodes.iter().filter(|n| n.is_running());
     if !running().all(quiet) {
@@ -222,10 +235,10 @@ fn a_stream_broken_by_a_restart_of_its_receiver_resumes_rather_than_restarts() {
     spec.seeds = c.nodes.iter().map(|n| n.addr()).collect();
     c.nodes.push(Node::start(spec));
     c.wait_converged(4, Duration::from_secs(60));
-    // Mid-stream: the receiver is killed and comes back.
-    eventually(Duration::from_secs(30), "the stream to start", || {
-        c.nodes[3].client().node_info().unwrap().shards[0].keys > 300
-    });
+    // Mid-stream: the receiver is killed and comes back, while a sender
+    // has a chunk of a partition acknowledged and two still to send (so its
+    // transfer breaks with something to resume from).
+    mid_partition(&c, 0..3);
     c.nodes[3].kill();
     // Down long enough for the senders' calls to fail and their detectors
     // to notice, so the transfers break rather than wait.
@@ -245,6 +258,42 @@ fn a_stream_broken_by_a_restart_of_its_receiver_resumes_rather_than_restarts() {
     assert!(resumed > 0, "the broken stream resumed");
     assert!((sent as f64) < 1.3 * moved as f64, "{sent} bytes sent for {moved} bytes moved");
     assert_preloaded(&c, 3, "s/", &keys, size);
+}
+
+#[test]
+fn a_stream_broken_by_a_restart_of_its_sender_resumes_from_what_it_saved() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow: Vec<&str> = FAST.iter().copied().chain(["--stream-mb-per-s", "1", "--partitions", "16"]).collect();
+    let mut c = Cluster::start(dir.path(), 3, 1, &slow);
+    // Big values: each partition takes n1 about 1.5 s at 1 MB/s, longer
+    // than the second between two saves of what its targets acknowledged.
+    let size = 8000;
+    let keys = preload(c.node(0), "t/", 3000, size);
+    let port = c.node(0).spec.port;
+    let mut spec = Cluster::spec(dir.path(), 3, 4, port, 1, &slow);
+    spec.seeds = c.nodes.iter().map(|n| n.addr()).collect();
+    c.nodes.push(Node::start(spec));
+    c.wait_converged(4, Duration::from_secs(60));
+    // n1 dies three quarters into a partition: a save (once a second while
+    // chunks are acknowledged) has happened since the partition started.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = c.node(0).client().node_info().unwrap();
+        let (left, total) = (info.stream_keys_left, info.stream_keys_total);
+        if left > 0 && left * 4 < total {
+            break;
+        }
+        assert!(Instant::now() < deadline, "n1 never got three quarters into a partition");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    c.nodes[0].kill();
+    c.nodes[0].restart();
+    c.wait_converged(4, Duration::from_secs(60));
+    eventually(Duration::from_secs(180), "the streams to finish", || settled(&c));
+    let resumed = c.node(0).client().node_info().unwrap().stream_keys_resumed;
+    println!("sender restart: {resumed} keys resumed by the restarted sender");
+    assert!(resumed > 0, "the restarted sender skipped what its targets had acknowledged");
+    assert_preloaded(&c, 3, "t/", &keys, size);
 }
 
 #[test]

@@ -17,12 +17,18 @@
 //! records every target acknowledged are remembered, by key and record id,
 //! and the next attempt at the same targets sends only the records that are
 //! not among them (a record rewritten since has a new id and is sent again).
-//! The memory of acknowledged records lasts while the targets stay the same
-//! and this node runs; it is kept for at most [`RESUME_KEPT`] partitions.
+//! The memory of acknowledged records lasts while the targets stay the same;
+//! it is kept for at most [`RESUME_KEPT`] partitions. It survives a restart
+//! of this node too: [`Handoff::resume_state`] encodes it (the transfer in
+//! flight included) whenever [`Handoff::resume_changes`] moved, the shell
+//! saves it, and [`Handoff::restore_resume`] takes it back at start-up. A
+//! record id names a record in this node's log, which a restart keeps, so a
+//! restored entry skips exactly what the targets merged durably before.
 //!
 //! Bounds: one partition at a time, one chunk of at most `chunk` keys in
 //! flight, every request with a deadline.
 
+use crate::codec::{err, put_varint, DecodeError, Reader};
 use crate::effects::{Answer, Awaiting, Deadlines, Machine, Outbox, Outgoing, RecordId, Request, Response, Tag};
 use crate::topology::{MemberId, Topology};
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
@@ -142,7 +148,12 @@ pub struct Handoff {
     timers: Deadlines<Timer>,
     out: Outbox,
     stats: HandoffStats,
+    /// Bumped whenever what a resume would skip changed.
+    resume_changes: u64,
 }
+
+/// Version of [`Handoff::resume_state`]'s encoding.
+const RESUME_FORMAT: u8 = 1;
 
 impl Handoff {
     pub fn new(cfg: HandoffConfig, shard: u16, now_us: u64) -> Handoff {
@@ -164,7 +175,78 @@ impl Handoff {
             timers,
             out: Outbox::default(),
             stats: HandoffStats::default(),
+            resume_changes: 0,
         }
+    }
+
+    /// Increases whenever [`Handoff::resume_state`] would say something
+    /// new: the shell saves it then.
+    pub fn resume_changes(&self) -> u64 {
+        self.resume_changes
+    }
+
+    /// What every target acknowledged, per partition: the broken transfers
+    /// remembered and the one in flight, encoded for a file.
+    pub fn resume_state(&self) -> Vec<u8> {
+        type Entry<'a> = (u32, &'a [MemberId], Vec<&'a (Vec<u8>, RecordId)>);
+        let mut entries: Vec<Entry<'_>> =
+            self.resume.iter().map(|(&p, r)| (p, r.targets.as_slice(), r.acked.iter().collect())).collect();
+        if let Some(t) = &self.current {
+            let mut acked: Vec<&(Vec<u8>, RecordId)> = t.acked.iter().collect();
+            match t.step {
+                Step::Drop => acked.extend(&t.snapshot),
+                _ => acked.extend(&t.pending[..t.at.min(t.pending.len())]),
+            }
+            entries.retain(|e| e.0 != t.p);
+            entries.push((t.p, &t.targets, acked));
+        }
+        let mut out = vec![RESUME_FORMAT];
+        put_varint(&mut out, entries.len() as u64);
+        for (p, targets, acked) in entries {
+            put_varint(&mut out, u64::from(p));
+            put_varint(&mut out, targets.len() as u64);
+            for t in targets {
+                out.extend_from_slice(&t.0.to_le_bytes());
+            }
+            put_varint(&mut out, acked.len() as u64);
+            for (key, id) in acked {
+                put_varint(&mut out, key.len() as u64);
+                out.extend_from_slice(key);
+                put_varint(&mut out, id.0);
+            }
+        }
+        out
+    }
+
+    /// Takes back what [`Handoff::resume_state`] saved before a restart;
+    /// returns the number of records it will not send again. Bytes that do
+    /// not decode are an error and change nothing.
+    pub fn restore_resume(&mut self, bytes: &[u8]) -> Result<usize, DecodeError> {
+        let mut r = Reader::new(bytes);
+        if r.u8()? != RESUME_FORMAT {
+            return err("handoff resume format is not supported");
+        }
+        let n = r.len(RESUME_KEPT + 1)?;
+        let mut restored = BTreeMap::new();
+        for _ in 0..n {
+            let p = u32::try_from(r.varint()?).map_err(|_| DecodeError { what: "partition over u32" })?;
+            let k = r.len(r.remaining() / 8)?;
+            let targets = (0..k).map(|_| r.u64_le().map(MemberId)).collect::<Result<Vec<_>, _>>()?;
+            let count = r.len(r.remaining())?;
+            let mut acked = HashSet::with_capacity(count);
+            for _ in 0..count {
+                let len = r.len(r.remaining())?;
+                let key = r.bytes(len)?.to_vec();
+                acked.insert((key, RecordId(r.varint()?)));
+            }
+            restored.insert(p, Resume { targets, acked });
+        }
+        if !r.is_empty() {
+            return err("trailing bytes after the handoff resume state");
+        }
+        let records = restored.values().map(|r| r.acked.len()).sum();
+        self.resume = restored;
+        Ok(records)
     }
 
     pub fn stats(&self) -> HandoffStats {
@@ -288,6 +370,7 @@ impl Handoff {
             pending.truncate(at);
             acked.extend(pending);
         }
+        self.resume_changes += 1;
         if acked.is_empty() {
             return;
         }
@@ -306,7 +389,7 @@ impl Handoff {
     fn start_next(&mut self, now_us: u64, topo: &Topology) {
         while let Some(p) = self.queue.pop_front() {
             if !topo.has_ring() || !self.misplaced(topo, p) {
-                self.resume.remove(&p);
+                self.resume_changes += u64::from(self.resume.remove(&p).is_some());
                 self.left.remove(&p);
                 continue;
             }
@@ -380,11 +463,13 @@ impl Handoff {
                     return;
                 }
                 t.at = (t.at + self.cfg.chunk).min(t.pending.len());
+                self.resume_changes += 1;
                 self.read_chunk(now_us, topo, t);
                 return;
             }
             (Step::Drop, Ok(Response::Flag(dropped))) => {
                 if dropped {
+                    self.resume_changes += 1;
                     self.left.remove(&t.p);
                     self.stats.partitions_handed_off += 1;
                     self.stats.keys_handed_off += t.snapshot.len() as u64;
@@ -572,6 +657,39 @@ mod tests {
             matches!(&drop[0].req, Request::DropPartition { snapshot, .. } if *snapshot == second),
             "the whole partition is dropped, resumed records included"
         );
+    }
+
+    #[test]
+    fn a_restarted_sender_resumes_from_what_it_saved() {
+        let walk = ["a", "b", "c", "x"].map(String::from).to_vec();
+        let t = Topology::from_walks("x", 3, vec![walk; 2], &[]);
+        let cfg = HandoffConfig { chunk: 2, ..HandoffConfig::default() };
+        let mut h = Handoff::new(cfg.clone(), 0, 0);
+        let all = records(&[("k1", 1), ("k2", 2), ("k3", 3), ("k4", 4)]);
+        let before = h.resume_changes();
+        start_round(&mut h, &t, 2_000_000, all.clone());
+        let read = drain(&mut h);
+        h.handle_response(1, &t, read[0].tag, Ok(Response::Objects(vec![])));
+        for s in drain(&mut h) {
+            h.handle_response(2, &t, s.tag, Ok(Response::Done));
+        }
+        assert!(h.resume_changes() > before, "an acknowledged chunk is worth saving");
+        // Killed mid-transfer: the second chunk is in flight. What was saved
+        // is what every target acknowledged.
+        let saved = h.resume_state();
+        let mut fresh = Handoff::new(cfg, 0, 3_000_000);
+        assert_eq!(fresh.restore_resume(&saved), Ok(2));
+        start_round(&mut fresh, &t, 5_000_000, all);
+        let read = drain(&mut fresh);
+        let Request::ReadRecords { records: sent } = &read[0].req else { panic!("{:?}", read[0].req) };
+        assert_eq!(sent, &records(&[("k3", 3), ("k4", 4)]), "k1 and k2 are not sent again");
+        assert_eq!(fresh.stats().keys_resumed, 2);
+        // A damaged file is refused whole.
+        for cut in 0..saved.len() {
+            let mut other = Handoff::new(HandoffConfig::default(), 0, 0);
+            assert!(other.restore_resume(&saved[..cut]).is_err(), "cut at {cut}");
+            assert_eq!(other.resume_state(), Handoff::new(HandoffConfig::default(), 0, 0).resume_state());
+        }
     }
 
     fn records_of(ids: &[(&str, u64)]) -> Vec<(Vec<u8>, RecordId)> {

@@ -48,16 +48,6 @@ pub fn load_state(dir: &Path) -> Option<ClusterState> {
     }
 }
 
-fn write_state(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(path.parent().expect("state file has a directory"))?.sync_all()
-}
-
 /// What of the state is worth persisting: everything but heartbeats and load.
 fn fingerprint(s: &ClusterState) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -179,7 +169,7 @@ impl ClusterAgent {
         let path = self.state_path.clone();
         let me = self.clone();
         glommio::spawn_local(async move {
-            let written = glommio::executor().spawn_blocking(move || write_state(&path, &bytes)).await;
+            let written = glommio::executor().spawn_blocking(move || crate::datadir::replace_file(&path, &bytes)).await;
             me.persisting.set(false);
             match written {
                 Ok(()) => me.persisted.set(fp),

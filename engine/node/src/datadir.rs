@@ -147,12 +147,20 @@ fn lock(root: &Path) -> io::Result<File> {
 
 fn write_meta(root: &Path, meta: &Meta) -> io::Result<()> {
     let text = toml::to_string(meta).map_err(io::Error::other)?;
-    let tmp = root.join(format!("{META}.tmp"));
+    replace_file(&root.join(META), text.as_bytes())
+}
+
+/// Replaces a small file atomically and durably: written beside it, synced,
+/// renamed over it, and the directory synced. A crash leaves the old file
+/// or the new one, never a part. Blocking.
+pub fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let name = path.file_name().ok_or_else(|| io::Error::other("a file path has a name"))?;
+    let tmp = path.with_file_name(format!("{}.tmp", name.to_string_lossy()));
     let mut f = File::create(&tmp)?;
-    f.write_all(text.as_bytes())?;
+    f.write_all(bytes)?;
     f.sync_all()?;
-    fs::rename(&tmp, root.join(META))?;
-    File::open(root)?.sync_all()
+    fs::rename(&tmp, path)?;
+    File::open(path.parent().ok_or_else(|| io::Error::other("a file path has a directory"))?)?.sync_all()
 }
 
 #[cfg(test)]

@@ -138,6 +138,43 @@ pub struct Driver {
     names: RefCell<HashMap<MemberId, String>>,
     /// Where the background machines' store work runs.
     background: Cell<Option<glommio::TaskQueueHandle>>,
+    /// The handoff's resume state, saved so a restart resumes its streams.
+    resume: ResumeFile,
+}
+
+/// The file a shard saves its handoff's resume state in, and what of it is
+/// on disk.
+struct ResumeFile {
+    path: std::path::PathBuf,
+    saved: Cell<u64>,
+    saving: Cell<bool>,
+    saved_at_us: Cell<u64>,
+}
+
+/// The most often a shard saves its resume state: a crash sends again at
+/// most what was acknowledged in the last second.
+const RESUME_SAVE_EVERY_US: u64 = 1_000_000;
+
+/// A resume state older than this is not trusted: the targets' data may
+/// have changed since (a replaced disk), and sending again is only slower.
+const RESUME_MAX_AGE: Duration = Duration::from_secs(600);
+
+/// Takes back the resume state a previous run of this shard saved.
+fn restore_resume(handoff: &mut Handoff, path: &std::path::Path) {
+    let Ok(meta) = std::fs::metadata(path) else { return };
+    let age = meta.modified().ok().and_then(|m| m.elapsed().ok()).unwrap_or(Duration::MAX);
+    if age > RESUME_MAX_AGE {
+        tracing::info!(path = %path.display(), "not resuming streams from a state saved too long ago");
+        return;
+    }
+    match std::fs::read(path)
+        .map_err(|e| e.to_string())
+        .and_then(|b| handoff.restore_resume(&b).map_err(|e| e.to_string()))
+    {
+        Ok(0) => {}
+        Ok(records) => tracing::info!(records, "streams resume where they were before the restart"),
+        Err(e) => tracing::warn!(path = %path.display(), error = %e, "ignoring a damaged stream resume state"),
+    }
 }
 
 impl Driver {
@@ -152,7 +189,7 @@ impl Driver {
             HintConfig { interval_us: cfg.handoff_interval_s * 1_000_000, ..HintConfig::default() },
             now,
         );
-        let handoff = Handoff::new(
+        let mut handoff = Handoff::new(
             HandoffConfig {
                 interval_us: HANDOFF_INTERVAL_US,
                 call_timeout_us: BACKGROUND_CALL_TIMEOUT_US,
@@ -163,6 +200,14 @@ impl Driver {
             shard,
             now,
         );
+        let resume_path = cfg.data_dir.join(format!("handoff-{shard:03}.resume"));
+        restore_resume(&mut handoff, &resume_path);
+        let resume = ResumeFile {
+            saved: Cell::new(handoff.resume_changes()),
+            path: resume_path,
+            saving: Cell::new(false),
+            saved_at_us: Cell::new(0),
+        };
         let repair = Repairer::new(
             RepairConfig {
                 interval_us: cfg.anti_entropy_interval_s * 1_000_000,
@@ -191,7 +236,34 @@ impl Driver {
             notify: Notify::default(),
             names: RefCell::new(HashMap::new()),
             background: Cell::new(None),
+            resume,
         }
+    }
+
+    /// Saves the handoff's resume state if it changed (at most once a
+    /// second, one write at a time).
+    fn save_resume(self: &Rc<Self>) {
+        let changes = self.handoff.borrow().resume_changes();
+        let r = &self.resume;
+        let now = clock::now_us();
+        if changes == r.saved.get() || r.saving.get() || now < r.saved_at_us.get() + RESUME_SAVE_EVERY_US {
+            return;
+        }
+        r.saving.set(true);
+        let bytes = self.handoff.borrow().resume_state();
+        let path = r.path.clone();
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            let written = glommio::executor().spawn_blocking(move || crate::datadir::replace_file(&path, &bytes)).await;
+            let r = &me.resume;
+            r.saving.set(false);
+            r.saved_at_us.set(clock::now_us());
+            match written {
+                Ok(()) => r.saved.set(changes),
+                Err(e) => tracing::warn!(error = %e, "could not save the stream resume state"),
+            }
+        })
+        .detach();
     }
 
     /// Runs the background machines' store work in `tq` from now on.
@@ -426,6 +498,7 @@ impl Driver {
             self.repair.borrow_mut().handle_timeout(now, clock::now_ms(), topo);
             self.drain(&shard);
             self.stream_slot(&shard, false);
+            self.save_resume();
         }
     }
 

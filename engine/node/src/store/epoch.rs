@@ -14,9 +14,8 @@
 //! State file (`epochs`, replaced atomically): one line
 //! `ringkv-epochs v1 floor=F leased=L clean=C`.
 
-use super::segment::fsync_dir;
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 /// How many epochs one durable write of the state file covers.
@@ -134,12 +133,7 @@ impl Epochs {
 
 /// Replaces the state file atomically and durably. Blocking.
 pub fn write_state(path: &Path, state: &EpochState) -> io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::File::create(&tmp)?;
-    f.write_all(state.render().as_bytes())?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)?;
-    fsync_dir(path.parent().expect("state file has a directory"))
+    crate::datadir::replace_file(path, state.render().as_bytes())
 }
 
 #[cfg(test)]
