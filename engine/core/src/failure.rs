@@ -81,10 +81,16 @@ impl PhiAccrual {
     /// Suspicion at `now_ms`; 0 before the first heartbeat (a peer never
     /// heard from is not judged at all).
     pub fn phi(&self, now_ms: u64) -> f64 {
+        self.phi_with_pause(now_ms, 0.0)
+    }
+
+    /// Suspicion with `extra_pause_ms` added to the acceptable pause (news
+    /// that travels further arrives less regularly).
+    pub fn phi_with_pause(&self, now_ms: u64, extra_pause_ms: f64) -> f64 {
         let Some(last) = self.last_ms else { return 0.0 };
         let elapsed = now_ms.saturating_sub(last) as f64;
         let n = self.intervals.len() as f64;
-        let mean = self.sum / n + self.cfg.acceptable_pause_ms;
+        let mean = self.sum / n + self.cfg.acceptable_pause_ms + extra_pause_ms;
         let var = (self.sum_sq / n - (self.sum / n).powi(2)).max(0.0);
         let std = var.sqrt().max(self.cfg.min_std_dev_ms);
         // Logistic approximation of the normal tail (error under 1e-4).
@@ -95,7 +101,11 @@ impl PhiAccrual {
     }
 
     pub fn is_available(&self, now_ms: u64) -> bool {
-        self.phi(now_ms) < self.cfg.threshold
+        self.is_available_with_pause(now_ms, 0.0)
+    }
+
+    pub fn is_available_with_pause(&self, now_ms: u64, extra_pause_ms: f64) -> bool {
+        self.phi_with_pause(now_ms, extra_pause_ms) < self.cfg.threshold
     }
 }
 

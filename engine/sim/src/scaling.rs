@@ -293,7 +293,7 @@ fn exchange(nodes: &mut [Gossip], i: usize, j: usize, now: u64) -> (usize, bool)
 /// `n` nodes in one cluster at `q` partitions (N=3, 4 shards each) gossip
 /// once a second: steady state, then a join, then a node that stops.
 /// `load_per_mille`: chance per node and round of republishing its load.
-pub fn gossip_study(n: usize, q: u32, load_per_mille: u64, seed: u64) -> GossipFigures {
+pub fn gossip_study(n: usize, q: u32, load_per_mille: u64, seed: u64, cfg: GossipConfig) -> GossipFigures {
     let mut rng = Rng::new(seed);
     let ids: BTreeSet<usize> = (0..n).collect();
     let ring = claim(None, &claimants(&ids, equal_weights), q, 3);
@@ -311,7 +311,6 @@ pub fn gossip_study(n: usize, q: u32, load_per_mille: u64, seed: u64) -> GossipF
     }
     state.ring = Some(ring);
     let full_state_bytes = state.encode().len();
-    let cfg = GossipConfig::default();
     let nodes: Vec<Gossip> = (0..n)
         .map(|i| {
             let me = state.members[&node_id(i)].clone();

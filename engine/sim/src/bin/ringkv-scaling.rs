@@ -25,7 +25,13 @@ fn main() {
         let per_mille: u64 = std::env::var("LOAD_PER_MILLE").ok().and_then(|v| v.parse().ok()).unwrap_or(33);
         for n in sizes {
             let t = Instant::now();
-            let f = scaling::gossip_study(n, 4096, per_mille, 11);
+            let mut cfg = ringkv_core::membership::GossipConfig::default();
+            let knob =
+                |name: &str, default: f64| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+            cfg.phi.acceptable_pause_ms = knob("PHI_PAUSE_MS", cfg.phi.acceptable_pause_ms);
+            cfg.phi.min_std_dev_ms = knob("PHI_MIN_STD_MS", cfg.phi.min_std_dev_ms);
+            cfg.phi.threshold = knob("PHI_THRESHOLD", cfg.phi.threshold);
+            let f = scaling::gossip_study(n, 4096, per_mille, 11, cfg);
             println!("{f:?} 2*log2(n) = {:.1} ({:.1} s)", 2.0 * (n as f64).log2(), t.elapsed().as_secs_f64());
         }
     }
