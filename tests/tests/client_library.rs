@@ -6,7 +6,8 @@
 
 use ringkv_client::{AsyncClient, Client, Context, Level, ReadOptions, Resolve, WriteOptions};
 use ringkv_tests::harness::Cluster;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The node answers within 2 s, so a stopped node's connection is given up
@@ -20,6 +21,55 @@ impl Resolve<String> for Union {
     fn merge(&self, a: &String, b: &String) -> String {
         let items: BTreeSet<&str> = a.split(',').chain(b.split(',')).filter(|s| !s.is_empty()).collect();
         items.into_iter().collect::<Vec<_>>().join(",")
+    }
+}
+
+/// Counter totals (and histogram sample counts) by name and labels, as the
+/// client reports them through the `metrics` facade.
+#[derive(Default, Clone)]
+struct Counters(Arc<Mutex<BTreeMap<String, u64>>>);
+
+struct Tally(String, Counters);
+
+impl metrics::CounterFn for Tally {
+    fn increment(&self, value: u64) {
+        *self.1 .0.lock().unwrap().entry(self.0.clone()).or_default() += value;
+    }
+    fn absolute(&self, value: u64) {
+        self.1 .0.lock().unwrap().insert(self.0.clone(), value);
+    }
+}
+
+impl metrics::HistogramFn for Tally {
+    fn record(&self, _: f64) {
+        metrics::CounterFn::increment(self, 1);
+    }
+}
+
+impl metrics::Recorder for Counters {
+    fn describe_counter(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
+    fn describe_gauge(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
+    fn describe_histogram(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
+    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        metrics::Counter::from_arc(Arc::new(Tally(Counters::name(key), self.clone())))
+    }
+    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::noop()
+    }
+    fn register_histogram(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Histogram {
+        metrics::Histogram::from_arc(Arc::new(Tally(Counters::name(key), self.clone())))
+    }
+}
+
+impl Counters {
+    /// `name{label=value,...}`.
+    fn name(key: &metrics::Key) -> String {
+        let labels: Vec<String> = key.labels().map(|l| format!("{}={}", l.key(), l.value())).collect();
+        format!("{}{{{}}}", key.name(), labels.join(","))
+    }
+
+    fn get(&self, name: &str) -> u64 {
+        self.0.lock().unwrap().get(name).copied().unwrap_or(0)
     }
 }
 
@@ -76,31 +126,39 @@ fn the_blocking_client_writes_reads_resolves_siblings_and_keeps_reading_through_
         assert_eq!(r.as_ref().unwrap().single(), Some(format!("v-{k}").as_bytes()), "{k}");
     }
 
-    // Reads keep being served while a node is killed under them.
+    // Reads keep being served while a node is killed under them; the
+    // client's metrics show the failovers it made to get there.
     let started = Instant::now();
-    let (mut ok, mut errors) = (0, Vec::new());
-    for i in 0..600 {
-        if i == 100 {
-            c.nodes[1].kill();
+    let (mut ok, mut errors) = (0u64, Vec::new());
+    let counters = Counters::default();
+    metrics::with_local_recorder(&counters, || {
+        for i in 0..600 {
+            if i == 100 {
+                c.nodes[1].kill();
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                break;
+            }
+            let k = &keys[i % keys.len()];
+            match client.get(k) {
+                Ok(r) if r.single() == Some(format!("v-{k}").as_bytes()) => ok += 1,
+                Ok(r) => errors.push(format!("{k}: read {r:?}")),
+                Err(e) => errors.push(format!("{k}: {e}")),
+            }
         }
-        if started.elapsed() > Duration::from_secs(20) {
-            break;
-        }
-        let k = &keys[i % keys.len()];
-        match client.get(k) {
-            Ok(r) if r.single() == Some(format!("v-{k}").as_bytes()) => ok += 1,
-            Ok(r) => errors.push(format!("{k}: read {r:?}")),
-            Err(e) => errors.push(format!("{k}: {e}")),
-        }
-    }
+    });
     assert!(
         errors.is_empty(),
         "{} of {} reads failed: {:?}",
         errors.len(),
-        ok + errors.len(),
+        ok + errors.len() as u64,
         &errors[..errors.len().min(5)]
     );
     assert!(ok > 300, "the reads kept going after the kill: {ok}");
+    assert_eq!(counters.get("ringkv_client_requests_total{op=get,outcome=ok}"), ok);
+    assert_eq!(counters.get("ringkv_client_request_duration_seconds{op=get,outcome=ok}"), ok, "one duration each");
+    assert!(counters.get("ringkv_client_failovers_total{op=get}") > 0, "the kill made reads fail over");
+    assert!(counters.get("ringkv_client_connections_failed_total{reason=io}") > 0, "the killed node's connection");
     client.put("after-kill", "still writable", &first).expect("w=2 of the two nodes left");
 }
 

@@ -273,6 +273,8 @@ impl Connection {
 }
 
 #[cfg(test)]
+// Tests take one reading of the clock as the base of fabricated times.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
     use ringkv_net::frame::FrameDecoder;

@@ -319,6 +319,8 @@ impl Operation {
 }
 
 #[cfg(test)]
+// Tests take one reading of the clock as the base of fabricated times.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
     use crate::core::route::tests::{config, topology};

@@ -212,6 +212,8 @@ impl Router {
 }
 
 #[cfg(test)]
+// Tests take one reading of the clock as the base of fabricated times.
+#[allow(clippy::disallowed_methods)]
 pub(crate) mod tests {
     use super::*;
     use ringkv_core::membership::{ClusterState, Load, Member};
