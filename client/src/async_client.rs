@@ -249,6 +249,7 @@ impl Inner {
             for action in actions.drain(..) {
                 match action {
                     Action::Send { attempt, addr, request, timeout } => {
+                        telemetry::attempt_sent(addr, attempt.0);
                         let (reply, rx) = oneshot::channel();
                         match self.dispatch(addr, Command { request, timeout, reply }) {
                             Ok(()) => answers.push(async move { (attempt, rx.await) }),

@@ -321,6 +321,7 @@ impl Client {
             match action {
                 Action::Send { attempt, addr, request, timeout } => {
                     let now = Instant::now();
+                    telemetry::attempt_sent(addr, attempt.0);
                     match self.conn_for(addr) {
                         Ok(k) => {
                             let c = &mut self.conns[k];

@@ -2,22 +2,23 @@
 //! `tracing` (both no-ops until the application installs a recorder or a
 //! subscriber).
 //!
-//! Metrics (labels in brackets):
+//! Metrics (labels after the kind):
 //!
 //! | name | kind | what |
 //! | --- | --- | --- |
-//! | `ringkv_client_requests_total` | counter [op, outcome] | requests finished; outcome `ok` or the error's kind |
-//! | `ringkv_client_request_duration_seconds` | histogram [op, outcome] | from the call to its result, every attempt included |
-//! | `ringkv_client_attempts_total` | counter [op] | sends to a node, failovers and hedges included |
-//! | `ringkv_client_failovers_total` | counter [op] | attempts made because an earlier one failed or was slow |
-//! | `ringkv_client_hedges_total` | counter [op] | speculative reads |
+//! | `ringkv_client_requests_total` | counter, `op`, `outcome` | requests finished; outcome `ok` or the error's kind |
+//! | `ringkv_client_request_duration_seconds` | histogram, `op`, `outcome` | from the call to its result, every attempt included |
+//! | `ringkv_client_attempts_total` | counter, `op` | sends to a node, failovers and hedges included |
+//! | `ringkv_client_failovers_total` | counter, `op` | attempts made because an earlier one failed or was slow |
+//! | `ringkv_client_hedges_total` | counter, `op` | speculative reads |
 //! | `ringkv_client_connections_opened_total` | counter | connections opened (so reconnects show) |
-//! | `ringkv_client_connections_failed_total` | counter [reason] | connections lost or refused |
-//! | `ringkv_client_topology_refreshes_total` | counter [outcome] | topology fetches |
+//! | `ringkv_client_connections_failed_total` | counter, `reason` | connections lost or refused |
+//! | `ringkv_client_topology_refreshes_total` | counter, `outcome` | topology fetches |
 //!
 //! Every request runs in a `ringkv_client.request` span (fields `op`,
-//! `key_bytes`, then `outcome`, `attempts`, `failovers`, `hedges`); a
-//! failover, a hedge and a lost connection are `debug` events in it.
+//! `key_bytes`, then `outcome`, `attempts`, `failovers`, `hedges`); each
+//! send after the first (a failover or a hedge), a lost connection and a
+//! failed request are `debug` events in it.
 
 use crate::core::op::Stats;
 use crate::error::Error;
@@ -89,6 +90,13 @@ pub(crate) fn request_done<T>(
     span.record("hedges", stats.hedges);
     if let Err(e) = result {
         tracing::debug!(parent: span, error = %e, "request failed");
+    }
+}
+
+/// An attempt is sent; after the first, it is a failover or a hedge.
+pub(crate) fn attempt_sent(addr: std::net::SocketAddr, attempt: u32) {
+    if attempt > 0 {
+        tracing::debug!(%addr, attempt, "sending to another replica");
     }
 }
 

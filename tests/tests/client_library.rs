@@ -4,10 +4,10 @@
 //! it serves reads). Every load loop is bounded in count and time; the
 //! nodes are stopped by pid when the test ends, however it ends.
 
-use ringkv_client::{AsyncClient, Client, Context, Level, ReadOptions, Resolve, WriteOptions};
-use ringkv_tests::harness::Cluster;
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use ringkv_client::{AsyncClient, Client, Context, Credentials, Level, ReadOptions, Resolve, WriteOptions};
+use ringkv_tests::harness::{Cluster, Node, NodeSpec};
+use ringkv_tests::recorder::Counters;
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 /// The node answers within 2 s, so a stopped node's connection is given up
@@ -21,55 +21,6 @@ impl Resolve<String> for Union {
     fn merge(&self, a: &String, b: &String) -> String {
         let items: BTreeSet<&str> = a.split(',').chain(b.split(',')).filter(|s| !s.is_empty()).collect();
         items.into_iter().collect::<Vec<_>>().join(",")
-    }
-}
-
-/// Counter totals (and histogram sample counts) by name and labels, as the
-/// client reports them through the `metrics` facade.
-#[derive(Default, Clone)]
-struct Counters(Arc<Mutex<BTreeMap<String, u64>>>);
-
-struct Tally(String, Counters);
-
-impl metrics::CounterFn for Tally {
-    fn increment(&self, value: u64) {
-        *self.1 .0.lock().unwrap().entry(self.0.clone()).or_default() += value;
-    }
-    fn absolute(&self, value: u64) {
-        self.1 .0.lock().unwrap().insert(self.0.clone(), value);
-    }
-}
-
-impl metrics::HistogramFn for Tally {
-    fn record(&self, _: f64) {
-        metrics::CounterFn::increment(self, 1);
-    }
-}
-
-impl metrics::Recorder for Counters {
-    fn describe_counter(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
-    fn describe_gauge(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
-    fn describe_histogram(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
-    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
-        metrics::Counter::from_arc(Arc::new(Tally(Counters::name(key), self.clone())))
-    }
-    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
-        metrics::Gauge::noop()
-    }
-    fn register_histogram(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Histogram {
-        metrics::Histogram::from_arc(Arc::new(Tally(Counters::name(key), self.clone())))
-    }
-}
-
-impl Counters {
-    /// `name{label=value,...}`.
-    fn name(key: &metrics::Key) -> String {
-        let labels: Vec<String> = key.labels().map(|l| format!("{}={}", l.key(), l.value())).collect();
-        format!("{}{{{}}}", key.name(), labels.join(","))
-    }
-
-    fn get(&self, name: &str) -> u64 {
-        self.0.lock().unwrap().get(name).copied().unwrap_or(0)
     }
 }
 
@@ -266,4 +217,33 @@ async fn the_async_client_multiplexes_tasks_resolves_siblings_and_rides_through_
     assert!(worst < Duration::from_millis(1500), "worst read {worst:?}");
     let w2 = WriteOptions { context: Context::default(), w: Some(Level::Count(2)), durable: None };
     client.put("after-kill", "still writable", &w2).await.expect("w=2 of the two nodes left");
+}
+
+#[test]
+fn the_builders_token_or_user_authenticates_and_wrong_credentials_are_unauthorized() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("node.toml");
+    let settings = "cluster_secret = \"cluster-secret-0123456789\"\nauth_tokens = [\"client-token-0123\"]\n[auth_users]\nalice = \"wonderland\"\n";
+    std::fs::write(&config, settings).unwrap();
+    let mut spec = NodeSpec::single(dir.path(), 1);
+    spec.extra = vec!["--config".into(), config.to_str().unwrap().into()];
+    spec.credentials = Some(Credentials::Token("client-token-0123".into()));
+    let node = Node::start(spec);
+    let seed = node.addr().to_string();
+
+    let mut by_token = Client::builder().seed(&seed).token("client-token-0123").build().unwrap();
+    by_token.put("k", "v", &WriteOptions::default()).unwrap();
+    let mut by_user = Client::builder().seed(&seed).user("alice", "wonderland").build().unwrap();
+    assert_eq!(by_user.get("k").unwrap().single(), Some(&b"v"[..]));
+
+    for builder in [
+        Client::builder().seed(&seed).token("wrong"),
+        Client::builder().seed(&seed).user("alice", "mad hatter"),
+        Client::builder().seed(&seed),
+    ] {
+        match builder.build() {
+            Err(ringkv_client::Error::Unauthorized { .. }) => {}
+            other => panic!("expected Unauthorized, got {other:?}"),
+        }
+    }
 }

@@ -217,6 +217,14 @@ impl Operation {
                     self.last_error = Some(e);
                     self.fill(router, now, &mut out);
                 } else {
+                    // The node's own timeout says nothing of how long the
+                    // caller waited; say it.
+                    let e = match e {
+                        Error::Timeout { by_node: true, .. } => {
+                            Error::Timeout { after: now.saturating_duration_since(self.started), by_node: true }
+                        }
+                        other => other,
+                    };
                     self.finish(Err(e), &mut out);
                 }
             }
