@@ -166,6 +166,18 @@ impl AsyncClient {
     /// Reads `key` as a `T`, merging siblings with `resolver`; when there
     /// were several, writes the merge back with the read's context, so the
     /// next read finds one value. `None`: the key has no value.
+    ///
+    /// ```no_run
+    /// use ringkv_client::{LastWriterWins, Timestamped, WriteOptions};
+    /// # async fn demo(client: ringkv_client::AsyncClient) -> ringkv_client::Result<()> {
+    /// // Last writer wins, by the writers' clocks: the explicit choice to
+    /// // drop concurrent writes.
+    /// use ringkv_client::Value;
+    /// client.put("status", Timestamped::now("online".to_string()).encode(), &WriteOptions::default()).await?;
+    /// let status: Option<Timestamped<String>> = client.get_resolved("status", &LastWriterWins).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn get_resolved<T: Value, R: Resolve<T> + ?Sized>(
         &self,
         key: impl AsRef<[u8]>,

@@ -169,6 +169,15 @@ impl Client {
     /// Reads many keys at once, pipelined over the connections (each
     /// read is routed, hedged and retried on its own). Results are in the
     /// order of `keys`.
+    ///
+    /// ```no_run
+    /// # let mut client = ringkv_client::Client::builder().seed("127.0.0.1:7070").build()?;
+    /// let keys = ["user:1", "user:2", "user:3"];
+    /// for (key, read) in keys.iter().zip(client.get_many(&keys, &Default::default())) {
+    ///     println!("{key}: {} value(s)", read?.len());
+    /// }
+    /// # Ok::<(), ringkv_client::Error>(())
+    /// ```
     pub fn get_many<K: AsRef<[u8]>>(&mut self, keys: &[K], opts: &ReadOptions) -> Vec<Result<Siblings>> {
         self.maybe_refresh();
         let span = telemetry::request_span("get_many", &[]);
@@ -197,6 +206,19 @@ impl Client {
     /// Writes `value` under `key`; returns the new version's context.
     /// Without a context (`WriteOptions::default()`) the value becomes a
     /// sibling of whatever is there.
+    ///
+    /// ```no_run
+    /// use ringkv_client::{Level, WriteOptions};
+    /// # let mut client = ringkv_client::Client::builder().seed("127.0.0.1:7070").build()?;
+    /// let read = client.get("profile:7")?;
+    /// let opts = WriteOptions { w: Some(Level::All), durable: Some(true), ..WriteOptions::with_context(read.context().clone()) };
+    /// match client.put("profile:7", "{\"name\":\"ann\"}", &opts) {
+    ///     Ok(_context) => {}
+    ///     Err(ringkv_client::Error::Unavailable { message }) => eprintln!("not enough replicas up: {message}"),
+    ///     Err(e) => return Err(e),
+    /// }
+    /// # Ok::<(), ringkv_client::Error>(())
+    /// ```
     pub fn put(&mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>, opts: &WriteOptions) -> Result<Context> {
         let key = key.as_ref();
         let (kind, req) = requests::put(&self.config, key, value.as_ref(), opts);
@@ -239,6 +261,20 @@ impl Client {
     /// writes what it returns with the read's context, replacing every
     /// sibling read. Returns the value written. A concurrent writer's value
     /// is not lost: it becomes a sibling that the next read merges.
+    ///
+    /// ```no_run
+    /// # let mut client = ringkv_client::Client::builder().seed("127.0.0.1:7070").build()?;
+    /// // Tags as a comma-separated set, merged by union.
+    /// let union = |a: &String, b: &String| {
+    ///     let mut tags: Vec<&str> = a.split(',').chain(b.split(',')).filter(|t| !t.is_empty()).collect();
+    ///     tags.sort_unstable();
+    ///     tags.dedup();
+    ///     tags.join(",")
+    /// };
+    /// let tags = client.update("post:9:tags", &union, |tags| union(&tags.unwrap_or_default(), &"rust".into()))?;
+    /// assert!(tags.split(',').any(|t| t == "rust"));
+    /// # Ok::<(), ringkv_client::Error>(())
+    /// ```
     pub fn update<T, R, F>(&mut self, key: impl AsRef<[u8]>, resolver: &R, change: F) -> Result<T>
     where
         T: Value,
