@@ -69,7 +69,9 @@ struct Inner {
     pools: Mutex<HashMap<SocketAddr, Vec<Handle>>>,
 }
 
-/// An async ringkv client on tokio; see the module doc.
+/// An async ringkv client on tokio; see the module doc. Use it inside a
+/// tokio runtime (it spawns its connection tasks there); its futures are
+/// `Send`, so any task may call it.
 ///
 /// ```no_run
 /// use ringkv_client::{AsyncClient, WriteOptions};
