@@ -388,28 +388,7 @@ async fn connection_task(
                 }
             }
         }
-        let mut failed = None;
-        while let Some(event) = core.poll_event() {
-            match event {
-                Event::Connected(_) => {}
-                Event::Response { id, result, ring_version } => {
-                    if let Some(reply) = replies.remove(&id) {
-                        load.fetch_sub(1, Ordering::Relaxed);
-                        // The caller may have stopped waiting: nothing to do.
-                        let _ = reply.send((result, ring_version));
-                    }
-                }
-                Event::Failed { ids, error } => {
-                    for id in ids {
-                        if let Some(reply) = replies.remove(&id) {
-                            load.fetch_sub(1, Ordering::Relaxed);
-                            let _ = reply.send((Err(error.clone()), 0));
-                        }
-                    }
-                    failed = Some(error);
-                }
-            }
-        }
+        let failed = deliver(&mut core, &mut replies, &load);
         if let Some(e) = failed {
             break e;
         }
@@ -446,6 +425,36 @@ async fn connection_task(
     };
     telemetry::connection_failed(addr, &error);
     refuse_queued(&mut rx, &load, &error);
+}
+
+/// Hands each answer the connection produced to its request's oneshot;
+/// returns the connection's failure, if it failed.
+fn deliver(
+    core: &mut Connection,
+    replies: &mut HashMap<RequestId, oneshot::Sender<Answer>>,
+    load: &AtomicUsize,
+) -> Option<Error> {
+    let mut answer = |id: RequestId, a: Answer| {
+        if let Some(reply) = replies.remove(&id) {
+            load.fetch_sub(1, Ordering::Relaxed);
+            // The caller may have stopped waiting: nothing to do then.
+            let _ = reply.send(a);
+        }
+    };
+    let mut failed = None;
+    while let Some(event) = core.poll_event() {
+        match event {
+            Event::Connected(_) => {}
+            Event::Response { id, result, ring_version } => answer(id, (result, ring_version)),
+            Event::Failed { ids, error } => {
+                for id in ids {
+                    answer(id, (Err(error.clone()), 0));
+                }
+                failed = Some(error);
+            }
+        }
+    }
+    failed
 }
 
 /// Reads what the socket holds into the connection.
