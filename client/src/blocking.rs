@@ -13,8 +13,9 @@
 //! Connections are opened when first needed, at most
 //! `connections_per_shard` per shard, and dropped when they fail; the next
 //! request that routes there reconnects (endpoints that failed are tried
-//! last, see [`crate::core::route`]). Connecting blocks for at most the
-//! connect timeout; the handshake then runs in the same poll loop.
+//! last, see [`crate::core::route`]). The TCP connect is non-blocking and
+//! completes in the same poll loop as the handshake, both within the
+//! connect timeout, so an unreachable replica delays no failover.
 //!
 //! The topology is refreshed at the start of a call when the router asks
 //! for it (a node reported a newer ring, or a request failed over).
@@ -52,6 +53,9 @@ struct Conn {
     addr: SocketAddr,
     stream: TcpStream,
     core: Connection,
+    /// The TCP connect is in progress (the socket is non-blocking from the
+    /// start, so an unreachable node costs no caller a blocked connect).
+    connecting: bool,
 }
 
 /// Operations being run together, and which attempt each wire request is.
@@ -439,11 +443,21 @@ impl Client {
         }
     }
 
+    /// Starts a connection to `addr`; the TCP connect completes in the poll
+    /// loop, and the core's handshake deadline (the connect timeout) bounds
+    /// both.
     fn open(&mut self, addr: SocketAddr) -> Result<usize> {
         let connect_err = |e: io::Error| Error::Connect { addr, source: Arc::new(e) };
-        let stream = TcpStream::connect_timeout(&addr, self.config.connect_timeout).map_err(connect_err)?;
-        stream.set_nodelay(true).map_err(connect_err)?;
-        stream.set_nonblocking(true).map_err(connect_err)?;
+        let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)
+            .map_err(connect_err)?;
+        socket.set_nonblocking(true).map_err(connect_err)?;
+        socket.set_nodelay(true).map_err(connect_err)?;
+        let connecting = match socket.connect(&addr.into()) {
+            Ok(()) => false,
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => true,
+            Err(e) => return Err(connect_err(e)),
+        };
+        let stream: TcpStream = socket.into();
         let core = Connection::new(
             &self.config.cluster,
             self.config.credentials.clone(),
@@ -452,7 +466,7 @@ impl Client {
         );
         telemetry::connection_opened(addr);
         self.next_serial += 1;
-        self.conns.push(Conn { serial: self.next_serial, addr, stream, core });
+        self.conns.push(Conn { serial: self.next_serial, addr, stream, core, connecting });
         Ok(self.conns.len() - 1)
     }
 
@@ -469,8 +483,15 @@ impl Client {
             .iter()
             .map(|&k| {
                 let c = &self.conns[k];
-                let out = if c.core.transmit().is_empty() { 0 } else { libc::POLLOUT };
-                libc::pollfd { fd: c.stream.as_raw_fd(), events: libc::POLLIN | out, revents: 0 }
+                // A connect in progress completes as writability.
+                let events = if c.connecting {
+                    libc::POLLOUT
+                } else if c.core.transmit().is_empty() {
+                    libc::POLLIN
+                } else {
+                    libc::POLLIN | libc::POLLOUT
+                };
+                libc::pollfd { fd: c.stream.as_raw_fd(), events, revents: 0 }
             })
             .collect();
         let timeout_ms = match wake {
@@ -495,6 +516,10 @@ impl Client {
                 continue;
             }
             let c = &mut self.conns[k];
+            if c.connecting {
+                connected(c);
+                continue;
+            }
             if fd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
                 receive(c);
             }
@@ -505,8 +530,22 @@ impl Client {
     }
 }
 
+/// The connect in progress ended (the socket polled writable or in
+/// error): the connection goes on to its handshake, or fails.
+fn connected(c: &mut Conn) {
+    c.connecting = false;
+    let error = match c.stream.take_error() {
+        Ok(None) => return flush(c),
+        Ok(Some(e)) | Err(e) => e,
+    };
+    c.core.fail(Error::Connect { addr: c.addr, source: Arc::new(error) });
+}
+
 /// Writes what the connection has to send, as far as the socket takes it.
 fn flush(c: &mut Conn) {
+    if c.connecting {
+        return;
+    }
     loop {
         let out = c.core.transmit();
         if out.is_empty() {
@@ -524,7 +563,7 @@ fn flush(c: &mut Conn) {
 
 /// Reads what the socket holds into the connection.
 fn receive(c: &mut Conn) {
-    while !c.core.is_failed() {
+    while !c.connecting && !c.core.is_failed() {
         let buf = c.core.read_buffer(READ_CHUNK);
         match c.stream.read(buf) {
             Ok(n) => {

@@ -320,3 +320,15 @@ async fn the_async_client_replaces_a_connection_that_stopped_answering() {
     tokio::time::sleep(timeout + ringkv_client::core::conn::STALL_GRACE).await;
     assert_eq!(value(&client.get(&key).await), format!("n1:{key}"), "served by node 1 on a new connection");
 }
+
+#[test]
+fn a_seed_that_refuses_connections_is_passed_over() {
+    let fakes = Fakes::start(|_, _| Some(Duration::ZERO));
+    let dead = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap(); // closed again at once
+    let started = Instant::now();
+    let mut seeds = vec![dead.to_string()];
+    seeds.extend(fakes.seeds());
+    let mut client = Client::builder().seeds(seeds).build().expect("the next seed answers");
+    assert!(started.elapsed() < Duration::from_millis(500), "a refusal costs no wait: {:?}", started.elapsed());
+    value(&client.get("k"));
+}
