@@ -167,7 +167,8 @@ impl AsyncClient {
 
     /// Reads `key` as a `T`, merging siblings with `resolver`; when there
     /// were several, writes the merge back with the read's context, so the
-    /// next read finds one value. `None`: the key has no value.
+    /// next read finds one value. `None`: the key has no value. The
+    /// write-back is best effort, as [`crate::Client::get_resolved`] says.
     ///
     /// ```no_run
     /// use ringkv_client::{LastWriterWins, Timestamped, WriteOptions};
@@ -188,7 +189,9 @@ impl AsyncClient {
         let key = key.as_ref();
         let r = resolve_siblings(self.get(key).await?, resolver)?;
         if let (true, Some(v)) = (r.needs_write_back, &r.value) {
-            self.put(key, v.encode(), &WriteOptions::with_context(r.context)).await?;
+            if let Err(e) = self.put(key, v.encode(), &WriteOptions::with_context(r.context)).await {
+                telemetry::write_back_failed(&e);
+            }
         }
         Ok(r.value)
     }

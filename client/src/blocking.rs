@@ -241,6 +241,12 @@ impl Client {
     /// were several, writes the merge back with the read's context, so the
     /// next read finds one value. `None`: the key has no value.
     ///
+    /// The write-back is best effort: if it fails (say the write quorum is
+    /// not reachable while the read quorum was) the merged value is still
+    /// returned, the failure is counted
+    /// (`ringkv_client_write_backs_failed_total`), and the next read merges
+    /// the same siblings again.
+    ///
     /// ```no_run
     /// # let mut client = ringkv_client::Client::builder().seed("127.0.0.1:7070").build()?;
     /// let longest = |a: &String, b: &String| if b.len() > a.len() || (b.len() == a.len() && b > a) { b.clone() } else { a.clone() };
@@ -255,7 +261,9 @@ impl Client {
         let key = key.as_ref();
         let r = resolve_siblings(self.get(key)?, resolver)?;
         if let (true, Some(v)) = (r.needs_write_back, &r.value) {
-            self.put(key, v.encode(), &WriteOptions::with_context(r.context))?;
+            if let Err(e) = self.put(key, v.encode(), &WriteOptions::with_context(r.context)) {
+                telemetry::write_back_failed(&e);
+            }
         }
         Ok(r.value)
     }

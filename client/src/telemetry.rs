@@ -14,6 +14,7 @@
 //! | `ringkv_client_connections_opened_total` | counter | connections opened (so reconnects show) |
 //! | `ringkv_client_connections_failed_total` | counter, `reason` | connections lost or refused |
 //! | `ringkv_client_topology_refreshes_total` | counter, `outcome` | topology fetches |
+//! | `ringkv_client_write_backs_failed_total` | counter, `reason` | merges a resolving read could not write back |
 //!
 //! Every request runs in a `ringkv_client.request` span (fields `op`,
 //! `key_bytes`, then `outcome`, `attempts`, `failovers`, `hedges`); each
@@ -43,6 +44,8 @@ pub mod names {
     pub const CONNECTIONS_FAILED: &str = "ringkv_client_connections_failed_total";
     /// Topology fetches.
     pub const TOPOLOGY_REFRESHES: &str = "ringkv_client_topology_refreshes_total";
+    /// Merges a resolving read could not write back.
+    pub const WRITE_BACKS_FAILED: &str = "ringkv_client_write_backs_failed_total";
 }
 
 /// The span a request runs in.
@@ -119,4 +122,10 @@ pub(crate) fn topology_refreshed(result: &Result<u64, Error>) {
         Ok(version) => tracing::debug!(ring_version = version, "topology refreshed"),
         Err(error) => tracing::debug!(%error, "topology refresh failed"),
     }
+}
+
+/// A resolving read's write-back failed (the read itself succeeded).
+pub(crate) fn write_back_failed(error: &Error) {
+    metrics::counter!(names::WRITE_BACKS_FAILED, "reason" => error.kind()).increment(1);
+    tracing::debug!(%error, "writing a merge back failed; the next read merges again");
 }

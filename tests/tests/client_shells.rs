@@ -9,8 +9,8 @@ use ringkv_core::membership::{ClusterState, Load, Member};
 use ringkv_core::ring::{claim, Claimant};
 use ringkv_net::frame::FrameDecoder;
 use ringkv_net::proto::{
-    decode, DecodeLimits, Encoder, GetResult, HelloAck, Message, Reply, Request, RequestFrame, Response,
-    PROTOCOL_VERSION,
+    decode, DecodeLimits, Encoder, ErrorCode, GetResult, HelloAck, Message, Reply, Request, RequestFrame, Response,
+    WireError, PROTOCOL_VERSION,
 };
 use ringkv_tests::recorder::Counters;
 use std::io::{Read, Write};
@@ -137,10 +137,20 @@ fn serve(
                         }
                         Request::Get { key, .. } => {
                             let value = format!("n{}:{}", node + 1, String::from_utf8_lossy(&key)).into_bytes();
-                            (
-                                Reply::Get(GetResult { found: true, values: vec![value], context: vec![1] }),
-                                behaviour(conn, &key),
-                            )
+                            // "conflict" keys have two siblings.
+                            let values = if key.starts_with(b"conflict") {
+                                vec![[&value[..], b"/a"].concat(), [&value[..], b"/b"].concat()]
+                            } else {
+                                vec![value]
+                            };
+                            (Reply::Get(GetResult { found: true, values, context: vec![1] }), behaviour(conn, &key))
+                        }
+                        // Keys with "unwritable" in them refuse writes.
+                        Request::Put { key, .. } if key.windows(10).any(|w| w == b"unwritable") => {
+                            let e = WireError::new(ErrorCode::Unavailable, "1 of 2 replicas");
+                            let response = Response { id, result: Err(e), ring_version: version };
+                            send(&writer, Message::Response(response));
+                            continue;
                         }
                         Request::Put { .. } => (Reply::Put { context: vec![1] }, Some(Duration::ZERO)),
                         other => panic!("the fake does not serve {other:?}"),
@@ -331,4 +341,20 @@ fn a_seed_that_refuses_connections_is_passed_over() {
     let mut client = Client::builder().seeds(seeds).build().expect("the next seed answers");
     assert!(started.elapsed() < Duration::from_millis(500), "a refusal costs no wait: {:?}", started.elapsed());
     value(&client.get("k"));
+}
+
+#[test]
+fn a_resolving_read_returns_the_merge_even_when_writing_it_back_fails() {
+    let fakes = Fakes::start(|_, _| Some(Duration::ZERO));
+    let mut client = Client::builder().seeds(fakes.seeds()).build().unwrap();
+    let latest = |a: &String, b: &String| a.max(b).clone();
+    let counters = Counters::default();
+    metrics::with_local_recorder(&counters, || {
+        let merged: Option<String> = client.get_resolved("conflict-ok", &latest).unwrap();
+        assert!(merged.unwrap().ends_with("conflict-ok/b"), "the resolver's pick");
+        assert_eq!(counters.get("ringkv_client_requests_total{op=put,outcome=ok}"), 1, "written back");
+        let merged: Option<String> = client.get_resolved("conflict-unwritable", &latest).unwrap();
+        assert!(merged.unwrap().ends_with("conflict-unwritable/b"), "the read still answers");
+        assert_eq!(counters.get("ringkv_client_write_backs_failed_total{reason=unavailable}"), 1);
+    });
 }
