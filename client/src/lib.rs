@@ -49,6 +49,9 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
+// Operating errors are values here; an invariant that must hold says so
+// with `expect` and the reason.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 #[cfg(feature = "tokio")]
 mod async_client;
