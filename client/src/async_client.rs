@@ -407,8 +407,20 @@ async fn connection_task(
                     load.fetch_sub(1, Ordering::Relaxed);
                 }
                 Some(cmd) => {
-                    let id = core.send(cmd.request, Instant::now(), cmd.timeout);
-                    replies.insert(id, cmd.reply);
+                    // A deadline may have passed unnoticed (select picks
+                    // among ready branches at random): apply it before
+                    // taking a request that would only fail with the
+                    // connection.
+                    let now = Instant::now();
+                    core.handle_timeout(now);
+                    if core.is_failed() {
+                        load.fetch_sub(1, Ordering::Relaxed);
+                        let gone = std::io::Error::new(std::io::ErrorKind::NotConnected, "the connection stopped answering");
+                        let _ = cmd.reply.send((Err(Error::io(gone)), 0));
+                    } else {
+                        let id = core.send(cmd.request, now, cmd.timeout);
+                        replies.insert(id, cmd.reply);
+                    }
                 }
                 // Every handle is gone (the client was dropped): finish
                 // what is in flight, then end.

@@ -426,11 +426,16 @@ impl Client {
     /// new one while fewer than `connections_per_shard` are open and every
     /// open one is busy.
     fn conn_for(&mut self, addr: SocketAddr) -> Result<usize> {
-        // A node closes a connection left idle too long (`idle_timeout_ms`);
-        // idle connections are not polled, so look for that close before
-        // sending on one, rather than lose the request to it.
-        for c in self.conns.iter_mut().filter(|c| c.addr == addr && c.core.in_flight() == 0) {
+        // Bring each connection to `addr` up to date before choosing one: a
+        // node closes a connection left idle too long (`idle_timeout_ms`),
+        // and a connection may be past its wire deadline without anyone
+        // having looked (connections are only polled while a call waits).
+        // A request placed on either would fail with it, and wrongly mark
+        // the endpoint down.
+        let now = Instant::now();
+        for c in self.conns.iter_mut().filter(|c| c.addr == addr) {
             receive(c);
+            c.core.handle_timeout(now);
         }
         let open = self.conns.iter().filter(|c| c.addr == addr && !c.core.is_failed()).count();
         let best = (0..self.conns.len())
