@@ -180,8 +180,9 @@ pub struct Resolution<T> {
     pub value: Option<T>,
     /// The read's context: a write with it replaces every sibling read.
     pub context: Context,
-    /// Whether there were several siblings, so the merge must be written
-    /// back (with `context`) for the next read to find one value.
+    /// Whether the node holds several siblings (equal ones included), so
+    /// the merge must be written back (with `context`) for the next read to
+    /// find one value.
     pub needs_write_back: bool,
 }
 
@@ -190,8 +191,8 @@ pub fn resolve_siblings<T: Value, R: Resolve<T> + ?Sized>(
     siblings: Siblings,
     resolver: &R,
 ) -> Result<Resolution<T>, Error> {
+    let needs_write_back = siblings.stored() > 1;
     let (values, context) = siblings.into_parts();
-    let needs_write_back = values.len() > 1;
     let decoded: Vec<T> = values.iter().map(|v| T::decode(v)).collect::<Result<_, _>>().map_err(Error::Decode)?;
     let value = if decoded.is_empty() { None } else { Some(resolver.resolve(decoded)) };
     Ok(Resolution { value, context, needs_write_back })
@@ -229,6 +230,10 @@ mod tests {
         let one =
             resolve_siblings::<String, _>(Siblings::new(vec![b"x".to_vec()], Context::default()), &union).unwrap();
         assert!(!one.needs_write_back);
+        let twice = Siblings::new(vec![b"x".to_vec(), b"x".to_vec()], Context::default());
+        let r = resolve_siblings::<String, _>(twice, &union).unwrap();
+        assert_eq!(r.value.as_deref(), Some("x"));
+        assert!(r.needs_write_back, "a duplicate stored twice is collapsed by the write-back");
         let none = resolve_siblings::<String, _>(Siblings::default(), &union).unwrap();
         assert_eq!(none.value, None);
         let bad = resolve_siblings::<String, _>(Siblings::new(vec![vec![0xff]], Context::default()), &union);

@@ -56,6 +56,12 @@ impl std::fmt::Debug for Context {
 
 /// A key's values as read: every sibling, and the context to write with.
 ///
+/// Siblings equal byte for byte are one value here: a write that was sent
+/// again to another replica (after the first did not answer in time) is
+/// stored twice with the same value, and a caller should not see that as a
+/// conflict. [`Siblings::stored`] still counts them apart, so a resolving
+/// read writes back and the node keeps one.
+///
 /// ```
 /// use ringkv_client::{Context, Siblings};
 /// let s = Siblings::new(vec![b"apples".to_vec(), b"pears".to_vec()], Context::default());
@@ -67,12 +73,34 @@ impl std::fmt::Debug for Context {
 pub struct Siblings {
     values: Vec<Vec<u8>>,
     context: Context,
+    stored: usize,
 }
 
 impl Siblings {
-    /// Siblings from their parts.
+    /// Siblings from the values a node returned (equal ones kept once, in
+    /// the order they first appear) and the read's context.
+    ///
+    /// ```
+    /// use ringkv_client::{Context, Siblings};
+    /// let twice = Siblings::new(vec![b"v".to_vec(), b"v".to_vec()], Context::default());
+    /// assert_eq!((twice.len(), twice.stored()), (1, 2));
+    /// assert_eq!(twice.single(), Some(&b"v"[..]));
+    /// ```
     pub fn new(values: Vec<Vec<u8>>, context: Context) -> Siblings {
-        Siblings { values, context }
+        let stored = values.len();
+        let mut distinct: Vec<Vec<u8>> = Vec::with_capacity(values.len());
+        for v in values {
+            // Siblings are few (each is a concurrent write): a linear scan.
+            if !distinct.contains(&v) {
+                distinct.push(v);
+            }
+        }
+        Siblings { values: distinct, context, stored }
+    }
+
+    /// How many siblings the node holds, equal values counted apart.
+    pub fn stored(&self) -> usize {
+        self.stored
     }
 
     /// The values; empty when the key does not exist (or was deleted).
@@ -91,12 +119,12 @@ impl Siblings {
         self.values.is_empty()
     }
 
-    /// How many siblings.
+    /// How many distinct values.
     pub fn len(&self) -> usize {
         self.values.len()
     }
 
-    /// Whether concurrent writes left more than one value.
+    /// Whether concurrent writes left more than one distinct value.
     pub fn is_conflict(&self) -> bool {
         self.values.len() > 1
     }

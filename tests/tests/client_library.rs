@@ -74,7 +74,7 @@ fn the_blocking_client_writes_reads_resolves_siblings_and_keeps_reading_through_
     }
     let all = client.get_many(&keys, &ReadOptions::default());
     for (k, r) in keys.iter().zip(&all) {
-        assert_eq!(r.as_ref().unwrap().single(), Some(format!("v-{k}").as_bytes()), "{k}");
+        assert_eq!(r.as_ref().unwrap().single(), Some(format!("v-{k}").as_bytes()), "{k}: {r:?}");
     }
 
     // Reads keep being served while a node is killed under them; the
@@ -152,7 +152,8 @@ async fn the_async_client_multiplexes_tasks_resolves_siblings_and_rides_through_
     }
     while let Some(done) = reads.join_next().await {
         let (r, k) = done.unwrap();
-        assert_eq!(r.unwrap().single(), Some(format!("v-{k}").as_bytes()), "{k}");
+        let r = r.unwrap();
+        assert_eq!(r.single(), Some(format!("v-{k}").as_bytes()), "{k}: {r:?}");
     }
 
     // Put, replace, delete.
