@@ -145,8 +145,8 @@ impl AsyncClient {
     /// Reads every sibling of `key`.
     pub async fn get_with(&self, key: impl AsRef<[u8]>, opts: &ReadOptions) -> Result<Siblings> {
         let key = key.as_ref();
-        let (kind, req) = requests::get(&self.inner.config, key, opts);
-        self.call("get", key, kind, req).await.and_then(requests::siblings)
+        let planned = requests::get(&self.inner.config, key, opts);
+        self.call("get", key, planned).await.and_then(requests::siblings)
     }
 
     /// Writes `value` under `key`; returns the new version's context.
@@ -154,15 +154,15 @@ impl AsyncClient {
     /// sibling of whatever is there.
     pub async fn put(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>, opts: &WriteOptions) -> Result<Context> {
         let key = key.as_ref();
-        let (kind, req) = requests::put(&self.inner.config, key, value.as_ref(), opts);
-        self.call("put", key, kind, req).await.and_then(requests::written)
+        let planned = requests::put(&self.inner.config, key, value.as_ref(), opts);
+        self.call("put", key, planned).await.and_then(requests::written)
     }
 
     /// Deletes `key` (the siblings its context covers).
     pub async fn delete(&self, key: impl AsRef<[u8]>, opts: &WriteOptions) -> Result<()> {
         let key = key.as_ref();
-        let (kind, req) = requests::delete(&self.inner.config, key, opts);
-        self.call("delete", key, kind, req).await.and_then(requests::deleted)
+        let planned = requests::delete(&self.inner.config, key, opts);
+        self.call("delete", key, planned).await.and_then(requests::deleted)
     }
 
     /// Reads `key` as a `T`, merging siblings with `resolver`; when there
@@ -210,12 +210,12 @@ impl AsyncClient {
         Ok(new)
     }
 
-    async fn call(&self, op_name: &'static str, key: &[u8], kind: Kind, req: Request) -> Result<Reply> {
+    async fn call(&self, op_name: &'static str, key: &[u8], planned: requests::Planned) -> Result<Reply> {
         self.inner.maybe_refresh();
         let span = telemetry::request_span(op_name, key);
         let started = Instant::now();
         let route = self.inner.router().replicas(key, started);
-        let op = Operation::new(kind, req, route, started, self.inner.config.request_timeout);
+        let op = Operation::new(planned.kind, planned.request, route, started, planned.timeout);
         let (result, stats) = self.inner.run(op).instrument(span.clone()).await;
         telemetry::request_done(op_name, &span, started.elapsed(), stats, &result);
         result

@@ -166,8 +166,8 @@ impl Client {
     /// Reads every sibling of `key`.
     pub fn get_with(&mut self, key: impl AsRef<[u8]>, opts: &ReadOptions) -> Result<Siblings> {
         let key = key.as_ref();
-        let (kind, req) = requests::get(&self.config, key, opts);
-        self.call("get", key, kind, req).and_then(requests::siblings)
+        let planned = requests::get(&self.config, key, opts);
+        self.call("get", key, planned).and_then(requests::siblings)
     }
 
     /// Reads many keys at once, pipelined over the connections (each
@@ -190,8 +190,8 @@ impl Client {
         let ops: Vec<Operation> = keys
             .iter()
             .map(|k| {
-                let (kind, req) = requests::get(&self.config, k.as_ref(), opts);
-                Operation::new(kind, req, self.router.replicas(k.as_ref(), now), now, self.config.request_timeout)
+                let p = requests::get(&self.config, k.as_ref(), opts);
+                Operation::new(p.kind, p.request, self.router.replicas(k.as_ref(), now), now, p.timeout)
             })
             .collect();
         let started: Vec<Instant> = ops.iter().map(Operation::started).collect();
@@ -225,16 +225,16 @@ impl Client {
     /// ```
     pub fn put(&mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>, opts: &WriteOptions) -> Result<Context> {
         let key = key.as_ref();
-        let (kind, req) = requests::put(&self.config, key, value.as_ref(), opts);
-        self.call("put", key, kind, req).and_then(requests::written)
+        let planned = requests::put(&self.config, key, value.as_ref(), opts);
+        self.call("put", key, planned).and_then(requests::written)
     }
 
     /// Deletes `key` (the siblings its context covers; all, with the
     /// context of a read, or none but a tombstone beside them without).
     pub fn delete(&mut self, key: impl AsRef<[u8]>, opts: &WriteOptions) -> Result<()> {
         let key = key.as_ref();
-        let (kind, req) = requests::delete(&self.config, key, opts);
-        self.call("delete", key, kind, req).and_then(requests::deleted)
+        let planned = requests::delete(&self.config, key, opts);
+        self.call("delete", key, planned).and_then(requests::deleted)
     }
 
     /// Reads `key` as a `T`, merging siblings with `resolver`; when there
@@ -300,12 +300,13 @@ impl Client {
         Ok(new)
     }
 
-    fn call(&mut self, op_name: &'static str, key: &[u8], kind: Kind, req: Request) -> Result<Reply> {
+    fn call(&mut self, op_name: &'static str, key: &[u8], planned: requests::Planned) -> Result<Reply> {
         self.maybe_refresh();
         let span = telemetry::request_span(op_name, key);
         let _entered = span.enter();
         let now = Instant::now();
-        let op = Operation::new(kind, req, self.router.replicas(key, now), now, self.config.request_timeout);
+        let route = self.router.replicas(key, now);
+        let op = Operation::new(planned.kind, planned.request, route, now, planned.timeout);
         let (result, stats) = self.execute(vec![op]).pop().expect("one operation, one result");
         telemetry::request_done(op_name, &span, now.elapsed(), stats, &result);
         result

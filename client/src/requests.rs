@@ -8,14 +8,27 @@ use crate::error::{Error, Result};
 use crate::siblings::{Context, ReadOptions, Siblings, WriteOptions};
 use ringkv_net::proto::{Reply, Request};
 use ringkv_net::Topology;
+use std::time::Duration;
+
+/// A request with what the core needs to run it.
+pub(crate) struct Planned {
+    pub kind: Kind,
+    pub request: Request,
+    /// The whole time it may take.
+    pub timeout: Duration,
+}
 
 /// A get of `key`.
-pub(crate) fn get(config: &Config, key: &[u8], opts: &ReadOptions) -> (Kind, Request) {
-    (Kind::Read, Request::Get { key: key.to_vec(), r: opts.r.unwrap_or(config.r) })
+pub(crate) fn get(config: &Config, key: &[u8], opts: &ReadOptions) -> Planned {
+    Planned {
+        kind: Kind::Read,
+        request: Request::Get { key: key.to_vec(), r: opts.r.unwrap_or(config.r) },
+        timeout: opts.timeout.unwrap_or(config.request_timeout),
+    }
 }
 
 /// A put of `value` under `key`.
-pub(crate) fn put(config: &Config, key: &[u8], value: &[u8], opts: &WriteOptions) -> (Kind, Request) {
+pub(crate) fn put(config: &Config, key: &[u8], value: &[u8], opts: &WriteOptions) -> Planned {
     let req = Request::Put {
         key: key.to_vec(),
         value: value.to_vec(),
@@ -23,18 +36,18 @@ pub(crate) fn put(config: &Config, key: &[u8], value: &[u8], opts: &WriteOptions
         w: opts.w.unwrap_or(config.w),
         durable: opts.durable.or(config.durable),
     };
-    (Kind::Write, req)
+    Planned { kind: Kind::Write, request: req, timeout: opts.timeout.unwrap_or(config.request_timeout) }
 }
 
 /// A delete of `key`.
-pub(crate) fn delete(config: &Config, key: &[u8], opts: &WriteOptions) -> (Kind, Request) {
+pub(crate) fn delete(config: &Config, key: &[u8], opts: &WriteOptions) -> Planned {
     let req = Request::Delete {
         key: key.to_vec(),
         context: opts.context.as_bytes().to_vec(),
         w: opts.w.unwrap_or(config.w),
         durable: opts.durable.or(config.durable),
     };
-    (Kind::Write, req)
+    Planned { kind: Kind::Write, request: req, timeout: opts.timeout.unwrap_or(config.request_timeout) }
 }
 
 fn unexpected(request: &str, reply: &Reply) -> Error {

@@ -11,6 +11,7 @@
 //! one request (`None`: the default the client was built with).
 
 use ringkv_net::Level;
+use std::time::Duration;
 
 /// The causal context of a read: pass it to the write that replaces what
 /// was read.
@@ -147,7 +148,8 @@ impl Siblings {
 ///
 /// ```
 /// use ringkv_client::{Level, ReadOptions};
-/// let all = ReadOptions { r: Some(Level::All) };
+/// use std::time::Duration;
+/// let all = ReadOptions { r: Some(Level::All), timeout: Some(Duration::from_millis(200)) };
 /// assert_eq!(ReadOptions::default().r, None, "the client's default");
 /// # let _ = all;
 /// ```
@@ -155,6 +157,9 @@ impl Siblings {
 pub struct ReadOptions {
     /// The read quorum (`None`: the client's default).
     pub r: Option<Level>,
+    /// How long the read may take, all attempts together (`None`: the
+    /// client's request timeout).
+    pub timeout: Option<Duration>,
 }
 
 /// Per-request write options (put and delete).
@@ -173,6 +178,9 @@ pub struct WriteOptions {
     /// Whether replicas acknowledge only after an fsync (`None`: the
     /// client's default, else the node's).
     pub durable: Option<bool>,
+    /// How long the write may take, all attempts together (`None`: the
+    /// client's request timeout).
+    pub timeout: Option<Duration>,
 }
 
 impl WriteOptions {

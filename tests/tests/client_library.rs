@@ -216,7 +216,7 @@ async fn the_async_client_multiplexes_tasks_resolves_siblings_and_rides_through_
     // Without a deadline per replica a read to the stopped node would wait
     // out the stop; with it, none comes near.
     assert!(worst < Duration::from_millis(1500), "worst read {worst:?}");
-    let w2 = WriteOptions { context: Context::default(), w: Some(Level::Count(2)), durable: None };
+    let w2 = WriteOptions { context: Context::default(), w: Some(Level::Count(2)), ..Default::default() };
     client.put("after-kill", "still writable", &w2).await.expect("w=2 of the two nodes left");
 }
 

@@ -358,3 +358,25 @@ fn a_resolving_read_returns_the_merge_even_when_writing_it_back_fails() {
         assert_eq!(counters.get("ringkv_client_write_backs_failed_total{reason=unavailable}"), 1);
     });
 }
+
+#[test]
+fn a_request_gets_its_own_timeout_over_the_clients() {
+    // Every node answers gets after 400 ms.
+    let fakes = Fakes::start(|_, _| Some(Duration::from_millis(400)));
+    let mut client = Client::builder()
+        .seeds(fakes.seeds())
+        .request_timeout(Duration::from_secs(5))
+        .hedged_reads(false)
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let quick = ReadOptions { timeout: Some(Duration::from_millis(150)), ..Default::default() };
+    match client.get_with("k", &quick) {
+        Err(ringkv_client::Error::Timeout { after, by_node: false }) => {
+            assert!(after >= Duration::from_millis(150) && after < Duration::from_millis(400), "{after:?}")
+        }
+        other => panic!("expected the request's own timeout, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_millis(400));
+    value(&client.get("k")); // the client's timeout leaves room for 400 ms
+}
