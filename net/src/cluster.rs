@@ -33,7 +33,22 @@ pub const MIN_ATTEMPT: Duration = Duration::from_millis(50);
 /// The wait before enough latencies were seen to derive one.
 const FIRST_ATTEMPT: Duration = Duration::from_millis(500);
 /// Request latencies kept for the deadline.
-const SAMPLES: usize = 512;
+pub const SAMPLES: usize = 512;
+
+/// How long one replica gets before the next is asked: twice the observed
+/// p99 (`None` before enough samples), at least [`MIN_ATTEMPT`], at most
+/// `timeout`. Pure, so every client (this one, `ringkv-client`'s core)
+/// derives its deadline the same way.
+pub fn attempt_deadline(p99_us: Option<u64>, timeout: Duration) -> Duration {
+    let derived = p99_us.map_or(FIRST_ATTEMPT, |p99| Duration::from_micros(2 * p99).max(MIN_ATTEMPT));
+    derived.min(timeout)
+}
+
+/// How long an endpoint that failed `failures` times in a row (at least
+/// once) is tried last before it is probed again: 1 s, doubling to 8 s.
+pub fn down_backoff(failures: u32) -> Duration {
+    Duration::from_secs(1 << failures.max(1).saturating_sub(1).min(3))
+}
 
 /// What this client knows of one endpoint's health.
 #[derive(Clone, Copy)]
@@ -72,9 +87,7 @@ impl ClusterClient {
 
     /// How long one replica gets before the next is asked, as now derived.
     pub fn attempt_deadline(&self) -> Duration {
-        let derived =
-            self.latencies.p99_us().map_or(FIRST_ATTEMPT, |p99| Duration::from_micros(2 * p99).max(MIN_ATTEMPT));
-        derived.min(self.cfg.timeout)
+        attempt_deadline(self.latencies.p99_us(), self.cfg.timeout)
     }
 
     /// Fetches the topology again, from any known member or seed.
@@ -93,8 +106,7 @@ impl ClusterClient {
         self.conns.remove(&addr);
         let h = self.health.entry(addr).or_insert(Health { failures: 0, down_until: Instant::now() });
         h.failures += 1;
-        let backoff = Duration::from_secs(1 << (h.failures - 1).min(3));
-        h.down_until = Instant::now() + backoff;
+        h.down_until = Instant::now() + down_backoff(h.failures);
     }
 
     /// One attempt at `addr`, waiting at most `wait` (connecting included).

@@ -5,6 +5,7 @@
 //! - [`faults`]: network partitions between nodes with nftables rules;
 //! - [`load`]: a bounded client load that records what it did;
 //! - [`raw`]: protocol connections that misbehave on purpose;
+//! - [`recorder`]: a `metrics` recorder that tallies what a library reports;
 //! - [`history`]: the checker for such records (lost, resurrected, phantom
 //!   values, stale reads).
 
@@ -13,3 +14,4 @@ pub mod harness;
 pub mod history;
 pub mod load;
 pub mod raw;
+pub mod recorder;
