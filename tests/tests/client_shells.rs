@@ -83,6 +83,7 @@ fn state(addrs: &[SocketAddr], ring_version: u64) -> Vec<u8> {
             leaving: false,
             generation: 1,
             heartbeat: 1,
+            version: 1,
             pins: Default::default(),
             load: Load::default(),
             holding: Default::default(),

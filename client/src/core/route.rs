@@ -232,6 +232,7 @@ pub(crate) mod tests {
                 leaving: false,
                 generation: 1,
                 heartbeat: 1,
+                version: 1,
                 pins: Default::default(),
                 load: Load::default(),
                 holding: Default::default(),
