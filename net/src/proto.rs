@@ -108,9 +108,25 @@ impl ErrorCode {
         ErrorCode::Unauthorized,
     ];
 
-    /// Its place in [`ErrorCode::ALL`].
+    /// Its place in [`ErrorCode::ALL`]. Exhaustive, so a new code does not
+    /// compile until it has a place; the test checks `ALL` has it there.
     pub fn index(self) -> usize {
-        Self::ALL.iter().position(|&c| c == self).unwrap_or(0)
+        match self {
+            ErrorCode::Internal => 0,
+            ErrorCode::BadRequest => 1,
+            ErrorCode::PairTooLarge => 2,
+            ErrorCode::Unavailable => 3,
+            ErrorCode::Timeout => 4,
+            ErrorCode::Overloaded => 5,
+            ErrorCode::Storage => 6,
+            ErrorCode::UnknownMessage => 7,
+            ErrorCode::ProtocolMismatch => 8,
+            ErrorCode::ClusterMismatch => 9,
+            ErrorCode::StaleTopology => 10,
+            ErrorCode::FrameTooLarge => 11,
+            ErrorCode::MalformedFrame => 12,
+            ErrorCode::Unauthorized => 13,
+        }
     }
 
     fn to_fb(self) -> fb::ErrorCode {
@@ -1382,6 +1398,19 @@ fn encode_reply(fbb: &mut Fbb, reply: &Reply) -> (fb::ResultBody, Union) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_error_code_is_listed_once_at_its_index() {
+        for (i, code) in ErrorCode::ALL.iter().enumerate() {
+            assert_eq!(code.index(), i, "{code:?} is listed at {i}");
+        }
+        // Every code the wire can carry is in the list.
+        for &wire in fb::ErrorCode::ENUM_VALUES {
+            let code = ErrorCode::from_fb(wire);
+            assert_eq!(ErrorCode::ALL[code.index()], code, "{wire:?}");
+            assert_eq!(code.to_fb(), wire);
+        }
+    }
+
     use super::*;
     use crate::frame::FrameDecoder;
 

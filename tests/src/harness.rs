@@ -469,3 +469,14 @@ impl Cluster {
         self.nodes.iter().map(|n| n.addr().to_string()).collect()
     }
 }
+
+/// Polls `cond` every 100 ms until it holds, and returns how long that
+/// took; fails the test, naming `what`, once `timeout` has passed.
+pub fn eventually(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !cond() {
+        assert!(started.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    started.elapsed()
+}

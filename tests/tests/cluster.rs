@@ -3,7 +3,7 @@
 
 use ringkv_core::version::Object;
 use ringkv_net::{ClientConfig, ClientError, ClusterClient, ErrorCode, Level, Reply, Request, WriteOptions};
-use ringkv_tests::harness::{cli, Cluster, Node};
+use ringkv_tests::harness::{cli, eventually, Cluster, Node};
 use std::time::{Duration, Instant};
 
 /// Nodes answer failing requests within 2 s instead of the default 5.
@@ -29,13 +29,6 @@ fn local_values(node: &Node, key: &[u8]) -> Vec<String> {
 }
 
 /// Polls `cond` for up to `timeout`.
-fn eventually(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 #[test]
 fn a_write_through_one_node_is_read_through_another_at_r_all() {

@@ -6,7 +6,7 @@
 //! pid however the test ends (the harness's `Drop`).
 
 use ringkv_net::{Level, WriteOptions};
-use ringkv_tests::harness::{cli, Cluster, Node};
+use ringkv_tests::harness::{cli, eventually, Cluster, Node};
 use ringkv_tests::history::{check, History};
 use ringkv_tests::load::{self, LoadSpec};
 use std::net::SocketAddr;
@@ -19,15 +19,6 @@ const FAST: &[&str] = &["--request-timeout-ms", "2000", "--anti-entropy-interval
 
 fn addrs(c: &Cluster, which: &[usize]) -> Vec<SocketAddr> {
     which.iter().map(|&i| c.node(i).addr()).collect()
-}
-
-fn eventually(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
-    let started = Instant::now();
-    while !cond() {
-        assert!(started.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    started.elapsed()
 }
 
 /// Writes `count` keys of `size` bytes at w=all; returns the keys.

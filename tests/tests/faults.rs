@@ -10,7 +10,7 @@
 use ringkv_core::version::Object;
 use ringkv_net::{ClientConfig, Level, Reply, Request, WriteOptions};
 use ringkv_tests::faults::{node_ip, Partition};
-use ringkv_tests::harness::{cli, Cluster, Node};
+use ringkv_tests::harness::{cli, eventually, Cluster, Node};
 use ringkv_tests::history::{check, History, Op, Outcome};
 use ringkv_tests::load::{self, LoadSpec};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -43,15 +43,6 @@ fn local_values(node: &Node, key: &[u8]) -> Vec<Vec<u8>> {
         }
         _ => vec![],
     }
-}
-
-fn eventually(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
-    let started = Instant::now();
-    while !cond() {
-        assert!(started.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    started.elapsed()
 }
 
 #[test]

@@ -3,19 +3,11 @@
 //! going down and up with the phi that decided it).
 
 use ringkv_net::{ClientError, ErrorCode, Level, WriteOptions};
-use ringkv_tests::harness::{cli, free_ports, ringkv_bin, Cluster, Node, NodeSpec};
+use ringkv_tests::harness::{cli, eventually, free_ports, ringkv_bin, Cluster, Node, NodeSpec};
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-fn eventually(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !cond() {
-        assert!(started.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
+use std::time::Duration;
 
 fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
     let mut s = TcpStream::connect(addr).unwrap();
