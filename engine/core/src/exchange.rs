@@ -17,10 +17,15 @@
 //!    heartbeats, and answers with its own heartbeats, the records it has
 //!    newer, the positions of the records it wants, and its ring if that is
 //!    newer ([`Ack::Delta`]). If they differ (a member joined or restarted
-//!    and not everyone knows yet), it answers with its whole state
-//!    ([`Ack::Full`]), as the exchange did before.
-//! 3. [`Ack2`]: the initiator sends the records and ring asked for (or its
-//!    whole state after a full answer); nothing at all if nothing was.
+//!    and not everyone knows yet), positions mean nothing to the other side:
+//!    it answers with a keyed digest instead ([`Ack::Roster`]: per member its
+//!    id, generation, record version and heartbeat), a sixth of the whole
+//!    state at a thousand members.
+//! 3. [`Ack2`]: the initiator sends the records and ring asked for; after a
+//!    keyed digest, the records it has newer and the ids it wants; nothing
+//!    at all if there is nothing to send.
+//! 4. [`Ack3`]: after a keyed digest, the receiver sends the records the
+//!    initiator wanted (the answer to the `Ack2` request).
 //!
 //! Invariants: a delta is applied positionally only under the roster it was
 //! computed for (either side's roster may change between messages; then
@@ -51,8 +56,19 @@ pub struct Syn {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ack {
     Delta(Delta),
-    /// The rosters differ: the receiver's whole state.
-    Full(Box<ClusterState>),
+    /// The rosters differ: the receiver's keyed digest.
+    Roster(Roster),
+}
+
+/// Every member the receiver knows, by id: what a peer with another roster
+/// needs to see what differs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Roster {
+    /// The receiver's roster fingerprint, for the beats that come back.
+    roster: u64,
+    /// Per member in id order: id, generation, record version, heartbeat.
+    entries: Vec<(String, u64, u64, u64)>,
+    ring: Option<(u64, u64)>,
 }
 
 /// What the receiver of a [`Syn`] under the same roster sends back.
@@ -77,8 +93,26 @@ pub enum Ack2 {
         records: Vec<Member>,
         ring: Option<Ring>,
     },
-    /// After [`Ack::Full`]: the initiator's whole state.
-    Full(Box<ClusterState>),
+    /// After [`Ack::Roster`]: what the initiator has newer, and the ids and
+    /// ring it wants.
+    Keyed {
+        /// The receiver's roster, and the initiator's heartbeat of each of
+        /// its members in that order (0: not known), so heartbeats travel
+        /// both ways while the rosters differ.
+        roster: u64,
+        beats: Vec<u64>,
+        records: Vec<Member>,
+        ring: Option<Ring>,
+        wanted: Vec<String>,
+        want_ring: bool,
+    },
+}
+
+/// After [`Ack2::Keyed`]: the records (and ring) the initiator wanted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ack3 {
+    records: Vec<Member>,
+    ring: Option<Ring>,
 }
 
 /// Any message of the exchange, as it travels.
@@ -87,6 +121,7 @@ pub enum Message {
     Syn(Syn),
     Ack(Ack),
     Ack2(Ack2),
+    Ack3(Ack3),
 }
 
 // Tags of the encoded messages. A cluster state's first byte is its format
@@ -94,9 +129,10 @@ pub enum Message {
 // apart from these.
 const SYN: u8 = 0x80;
 const ACK_DELTA: u8 = 0x81;
-const ACK_FULL: u8 = 0x82;
+const ACK_ROSTER: u8 = 0x82;
 const ACK2_RECORDS: u8 = 0x83;
-const ACK2_FULL: u8 = 0x84;
+const ACK2_KEYED: u8 = 0x84;
+const ACK3: u8 = 0x85;
 const _: () = assert!(STATE_FORMAT < SYN);
 
 /// Fingerprint of the members' ids and generations.
@@ -129,7 +165,9 @@ impl Gossip {
         self.state.compatible(&ClusterState::new(&syn.cluster, syn.partitions))?;
         let mine = roster(&self.state);
         if mine != syn.roster || syn.entries.len() != self.state.members.len() {
-            return Ok(Ack::Full(Box::new(self.state.clone())));
+            let entries =
+                self.state.members.values().map(|m| (m.id.clone(), m.generation, m.version, m.heartbeat)).collect();
+            return Ok(Ack::Roster(Roster { roster: mine, entries, ring: self.state.ring.as_ref().map(ring_key) }));
         }
         let mut records = Vec::new();
         let mut wanted = Vec::new();
@@ -164,24 +202,13 @@ impl Gossip {
     /// anything left to send.
     pub fn on_ack(&mut self, now_ms: u64, ack: &Ack) -> Result<Option<Ack2>, Mismatch> {
         let d = match ack {
-            Ack::Full(state) => {
-                self.receive(now_ms, state)?;
-                return Ok(Some(Ack2::Full(Box::new(self.state.clone()))));
-            }
+            Ack::Roster(r) => return Ok(self.on_roster(now_ms, r)),
             Ack::Delta(d) => d,
         };
         let positional = roster(&self.state) == d.roster && d.beats.len() == self.state.members.len();
         let mut asked = Vec::new();
         if positional {
-            let mut heard = Vec::new();
-            for (m, &beat) in self.state.members.values_mut().zip(&d.beats) {
-                if m.id != self.me && m.beat(m.generation, beat) {
-                    heard.push(m.id.clone());
-                }
-            }
-            for id in &heard {
-                self.heard(id, now_ms);
-            }
+            self.take_beats(now_ms, &d.beats);
             let members: Vec<&Member> = self.state.members.values().collect();
             asked = d.wanted.iter().filter_map(|&i| members.get(i as usize).map(|m| (*m).clone())).collect();
         }
@@ -190,15 +217,88 @@ impl Gossip {
         Ok((!asked.is_empty() || ring.is_some()).then_some(Ack2::Records { records: asked, ring }))
     }
 
-    /// Takes the initiator's last message.
-    pub fn on_ack2(&mut self, now_ms: u64, ack2: &Ack2) -> Result<(), Mismatch> {
-        match ack2 {
-            Ack2::Full(state) => self.receive(now_ms, state).map(|_| ()),
-            Ack2::Records { records, ring } => {
-                self.absorb(now_ms, records, ring.as_ref());
-                Ok(())
+    /// Takes the newer of `beats`, one per member in id order.
+    fn take_beats(&mut self, now_ms: u64, beats: &[u64]) {
+        let mut heard = Vec::new();
+        for (m, &beat) in self.state.members.values_mut().zip(beats) {
+            if m.id != self.me && m.beat(m.generation, beat) {
+                heard.push(m.id.clone());
             }
         }
+        for id in &heard {
+            self.heard(id, now_ms);
+        }
+    }
+
+    /// After a keyed digest: takes the newer heartbeats, and says what this
+    /// side has newer and what it wants.
+    fn on_roster(&mut self, now_ms: u64, r: &Roster) -> Option<Ack2> {
+        let theirs: std::collections::BTreeMap<&str, (u64, u64, u64)> =
+            r.entries.iter().map(|(id, g, v, b)| (id.as_str(), (*g, *v, *b))).collect();
+        let mut wanted = Vec::new();
+        let mut heard = Vec::new();
+        for (id, &(generation, version, beat)) in &theirs {
+            match self.state.members.get_mut(*id) {
+                None => wanted.push(id.to_string()),
+                Some(m) => {
+                    if (generation, version) > (m.generation, m.version) {
+                        wanted.push(id.to_string());
+                    } else if m.id != self.me && m.beat(generation, beat) {
+                        heard.push(m.id.clone());
+                    }
+                }
+            }
+        }
+        for id in &heard {
+            self.heard(id, now_ms);
+        }
+        let records: Vec<Member> = self
+            .state
+            .members
+            .values()
+            .filter(|m| theirs.get(m.id.as_str()).is_none_or(|&(g, v, _)| (m.generation, m.version) > (g, v)))
+            .cloned()
+            .collect();
+        let (ring, want_ring) = compare_rings(self.state.ring.as_ref(), r.ring);
+        let ring = ring.cloned();
+        self.absorb(now_ms, std::iter::empty::<&Member>(), None);
+        let nothing = records.is_empty() && wanted.is_empty() && ring.is_none() && !want_ring;
+        let beats = r
+            .entries
+            .iter()
+            .map(|(id, g, _, _)| self.state.members.get(id).filter(|m| m.generation == *g).map_or(0, |m| m.heartbeat))
+            .collect();
+        (!nothing).then_some(Ack2::Keyed { roster: r.roster, beats, records, ring, wanted, want_ring })
+    }
+
+    /// Takes the initiator's last message; after a keyed digest, answers
+    /// with what it wanted.
+    pub fn on_ack2(&mut self, now_ms: u64, ack2: &Ack2) -> Result<Option<Ack3>, Mismatch> {
+        match ack2 {
+            Ack2::Records { records, ring } => {
+                self.absorb(now_ms, records, ring.as_ref());
+                Ok(None)
+            }
+            Ack2::Keyed { roster: theirs, beats, records, ring, wanted, want_ring } => {
+                if roster(&self.state) == *theirs && beats.len() == self.state.members.len() {
+                    self.take_beats(now_ms, beats);
+                }
+                // Taken first: a record it sent may make this node claim a
+                // new ring (a joiner's), which it then gets at once.
+                let before = self.state.ring.as_ref().map(ring_key);
+                self.absorb(now_ms, records, ring.as_ref());
+                let claimed = self.state.ring.as_ref().map(ring_key) != before && ring.is_none();
+                Ok(Some(Ack3 {
+                    records: wanted.iter().filter_map(|id| self.state.members.get(id).cloned()).collect(),
+                    ring: if *want_ring || claimed { self.state.ring.clone() } else { None },
+                }))
+            }
+        }
+    }
+
+    /// Takes what the peer sent after a keyed digest.
+    pub fn on_ack3(&mut self, now_ms: u64, ack3: &Ack3) {
+        self.absorb(now_ms, &ack3.records, ack3.ring.as_ref());
     }
 }
 
@@ -235,12 +335,7 @@ impl Message {
             Message::Ack(Ack::Delta(d)) => {
                 out.push(ACK_DELTA);
                 out.extend_from_slice(&d.roster.to_le_bytes());
-                let base = d.beats.iter().copied().max().unwrap_or(0);
-                put_varint(&mut out, base);
-                put_varint(&mut out, d.beats.len() as u64);
-                for &b in &d.beats {
-                    put_varint(&mut out, base - b);
-                }
+                put_beats(&mut out, &d.beats);
                 put_records(&mut out, &d.records);
                 put_varint(&mut out, d.wanted.len() as u64);
                 for &w in &d.wanted {
@@ -249,18 +344,41 @@ impl Message {
                 put_ring(&mut out, d.ring.as_ref());
                 out.push(u8::from(d.want_ring));
             }
-            Message::Ack(Ack::Full(s)) => {
-                out.push(ACK_FULL);
-                out.extend_from_slice(&s.encode());
+            Message::Ack(Ack::Roster(r)) => {
+                out.push(ACK_ROSTER);
+                out.extend_from_slice(&r.roster.to_le_bytes());
+                put_ring_key(&mut out, r.ring);
+                let base = r.entries.iter().map(|e| e.3).max().unwrap_or(0);
+                put_varint(&mut out, base);
+                put_varint(&mut out, r.entries.len() as u64);
+                for (id, generation, version, beat) in &r.entries {
+                    put_str(&mut out, id);
+                    put_varint(&mut out, *generation);
+                    put_varint(&mut out, *version);
+                    put_varint(&mut out, base - beat);
+                }
             }
             Message::Ack2(Ack2::Records { records, ring }) => {
                 out.push(ACK2_RECORDS);
                 put_records(&mut out, records);
                 put_ring(&mut out, ring.as_ref());
             }
-            Message::Ack2(Ack2::Full(s)) => {
-                out.push(ACK2_FULL);
-                out.extend_from_slice(&s.encode());
+            Message::Ack2(Ack2::Keyed { roster, beats, records, ring, wanted, want_ring }) => {
+                out.push(ACK2_KEYED);
+                out.extend_from_slice(&roster.to_le_bytes());
+                put_beats(&mut out, beats);
+                put_records(&mut out, records);
+                put_ring(&mut out, ring.as_ref());
+                put_varint(&mut out, wanted.len() as u64);
+                for id in wanted {
+                    put_str(&mut out, id);
+                }
+                out.push(u8::from(*want_ring));
+            }
+            Message::Ack3(a) => {
+                out.push(ACK3);
+                put_records(&mut out, &a.records);
+                put_ring(&mut out, a.ring.as_ref());
             }
         }
         out
@@ -269,7 +387,7 @@ impl Message {
     /// Whether `bytes` are a message of this exchange rather than a whole
     /// cluster state pushed by a node of an older build.
     pub fn is_exchange(bytes: &[u8]) -> bool {
-        bytes.first().is_some_and(|&t| (SYN..=ACK2_FULL).contains(&t))
+        bytes.first().is_some_and(|&t| (SYN..=ACK3).contains(&t))
     }
 
     /// Decodes a message; `partitions` bounds positions and pins (the
@@ -295,12 +413,7 @@ impl Message {
             }
             ACK_DELTA => {
                 let roster = r.u64_le()?;
-                let base = r.varint()?;
-                let n = r.len(r.remaining())?;
-                let mut beats = Vec::with_capacity(n);
-                for _ in 0..n {
-                    beats.push(below(base, r.varint()?)?);
-                }
+                let beats = get_beats(&mut r)?;
                 let records = get_records(&mut r, partitions)?;
                 let k = r.len(r.remaining())?;
                 let mut wanted = Vec::with_capacity(k);
@@ -311,13 +424,33 @@ impl Message {
                 let want_ring = r.u8()? != 0;
                 Message::Ack(Ack::Delta(Delta { roster, beats, records, wanted, ring, want_ring }))
             }
-            ACK_FULL | ACK2_FULL => {
-                let state = Box::new(ClusterState::decode(&bytes[1..])?);
-                return Ok(if tag == ACK_FULL {
-                    Message::Ack(Ack::Full(state))
-                } else {
-                    Message::Ack2(Ack2::Full(state))
-                });
+            ACK_ROSTER => {
+                let roster = r.u64_le()?;
+                let ring = get_ring_key(&mut r)?;
+                let base = r.varint()?;
+                let n = r.len(r.remaining())?;
+                let mut entries = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let id = get_str(&mut r)?;
+                    let (generation, version) = (r.varint()?, r.varint()?);
+                    entries.push((id, generation, version, below(base, r.varint()?)?));
+                }
+                Message::Ack(Ack::Roster(Roster { roster, entries, ring }))
+            }
+            ACK2_KEYED => {
+                let roster = r.u64_le()?;
+                let beats = get_beats(&mut r)?;
+                let records = get_records(&mut r, partitions)?;
+                let ring = get_ring(&mut r, partitions)?;
+                let n = r.len(r.remaining())?;
+                let wanted = (0..n).map(|_| get_str(&mut r)).collect::<Result<Vec<_>, _>>()?;
+                let want_ring = r.u8()? != 0;
+                Message::Ack2(Ack2::Keyed { roster, beats, records, ring, wanted, want_ring })
+            }
+            ACK3 => {
+                let records = get_records(&mut r, partitions)?;
+                let ring = get_ring(&mut r, partitions)?;
+                Message::Ack3(Ack3 { records, ring })
             }
             ACK2_RECORDS => {
                 let records = get_records(&mut r, partitions)?;
@@ -331,6 +464,22 @@ impl Message {
         }
         Ok(msg)
     }
+}
+
+/// Heartbeats as distances below the highest: a byte each for live members.
+fn put_beats(out: &mut Vec<u8>, beats: &[u64]) {
+    let base = beats.iter().copied().max().unwrap_or(0);
+    put_varint(out, base);
+    put_varint(out, beats.len() as u64);
+    for &b in beats {
+        put_varint(out, base - b);
+    }
+}
+
+fn get_beats(r: &mut Reader<'_>) -> Result<Vec<u64>, DecodeError> {
+    let base = r.varint()?;
+    let n = r.len(r.remaining())?;
+    (0..n).map(|_| below(base, r.varint()?)).collect()
 }
 
 fn below(base: u64, lag: u64) -> Result<u64, DecodeError> {
@@ -435,7 +584,12 @@ mod tests {
             let ack2 = Message::Ack2(ack2);
             sizes.push(ack2.encode().len());
             let Message::Ack2(ack2) = through(ack2) else { panic!("an ack2") };
-            b.on_ack2(now, &ack2).expect("same cluster");
+            if let Some(ack3) = b.on_ack2(now, &ack2).expect("same cluster") {
+                let ack3 = Message::Ack3(ack3);
+                sizes.push(ack3.encode().len());
+                let Message::Ack3(ack3) = through(ack3) else { panic!("an ack3") };
+                a.on_ack3(now, &ack3);
+            }
         }
         sizes
     }
@@ -526,19 +680,33 @@ mod tests {
     }
 
     #[test]
-    fn a_member_the_peer_does_not_know_makes_it_a_whole_state_exchange() {
+    fn a_member_the_peer_does_not_know_makes_it_a_keyed_exchange() {
         let mut nodes = three();
         let mut d = node("d", 4, &[1]);
         d.tick(9000, 0);
+        // Keyed digest, d's record and the ids it wants, then the records.
         let sizes = exchange(&mut d, &mut nodes[0], 9000);
-        assert_eq!(sizes.len(), 3);
+        assert_eq!(sizes.len(), 4, "{sizes:?}");
         assert!(nodes[0].state().members.contains_key("d"), "the seed learned of d");
         assert_eq!(d.state().members.len(), 4, "d learned the cluster");
-        // With the same roster now, the next exchange is a delta again.
+        assert_eq!(d.state().ring, nodes[0].state().ring, "and its ring");
+        // a knows d, b does not: b's keyed digest carries ids, not records.
         let (a, b) = pair(&mut nodes, 0, 1);
-        exchange(a, b, 9500);
+        a.tick(9400, 3);
+        let whole = a.state().encode().len();
+        let sizes = exchange(a, b, 9500);
+        assert_eq!(b.state().members["a"].heartbeat, a.member().heartbeat, "heartbeats travel both ways");
+        assert_eq!(sizes.len(), 4, "{sizes:?}");
+        assert!(sizes[1] * 2 < whole, "a keyed digest ({} B) is much less than the state ({whole} B)", sizes[1]);
+        assert!(b.state().members.contains_key("d"));
+        // With the same roster now, the next exchange is a delta again.
         let syn = a.syn();
         let Ack::Delta(_) = b.on_syn(9600, &syn).unwrap() else { panic!("same roster, a delta") };
+        // A restart (a new generation) is news the same way.
+        let mut again = node("d", 4, &[1]);
+        again.state.members.get_mut("d").unwrap().generation = 2;
+        exchange(&mut again, &mut nodes[0], 9700);
+        assert_eq!(nodes[0].state().members["d"].generation, 2);
     }
 
     #[test]
@@ -565,9 +733,14 @@ mod tests {
         let syn = a.syn();
         let ack = b.on_syn(1, &syn).unwrap();
         let ack2 = a.on_ack(1, &ack).unwrap();
-        let full = Ack::Full(Box::new(a.state().clone()));
-        let mut msgs = vec![Message::Syn(syn), Message::Ack(ack), Message::Ack(full)];
+        let mut msgs = vec![Message::Syn(syn), Message::Ack(ack)];
         msgs.extend(ack2.map(Message::Ack2));
+        let mut d = node("d", 4, &[1]);
+        d.tick(10, 0);
+        let roster = a.on_syn(11, &d.syn()).unwrap();
+        let keyed = d.on_ack(12, &roster).unwrap().expect("d wants everything");
+        let ack3 = a.on_ack2(13, &keyed).unwrap().expect("an answer to a keyed ack2");
+        msgs.extend([Message::Ack(roster), Message::Ack2(keyed), Message::Ack3(ack3)]);
         for m in msgs {
             let bytes = m.encode();
             assert!(Message::is_exchange(&bytes));

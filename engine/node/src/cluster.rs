@@ -1,8 +1,8 @@
 //! The gossip agent: drives `ringkv_core::membership::Gossip` on shard 0.
 //!
 //! Once per interval it ticks the state machine (heartbeat, maybe a new ring
-//! if this node is the claimant), exchanges state with the peer the machine
-//! names (push-pull), and installs a fresh [`ClusterView`] on every shard.
+//! if this node is the claimant), exchanges digests and what differs with
+//! the peer the machine names (`ringkv_core::exchange`), and installs a fresh [`ClusterView`] on every shard.
 //! Changes to membership, ring or pins are persisted to `cluster.state`, so
 //! a restarted node knows the ring before it hears from anyone.
 //!
@@ -123,8 +123,11 @@ impl ClusterAgent {
                     let ack = self.gossip.borrow_mut().on_syn(now, &syn);
                     ack.map(|a| Message::Ack(a).encode())
                 }
-                Message::Ack2(ack2) => self.gossip.borrow_mut().on_ack2(now, &ack2).map(|()| Vec::new()),
-                Message::Ack(_) => {
+                Message::Ack2(ack2) => {
+                    let ack3 = self.gossip.borrow_mut().on_ack2(now, &ack2);
+                    ack3.map(|a| a.map_or_else(Vec::new, |a| Message::Ack3(a).encode()))
+                }
+                Message::Ack(_) | Message::Ack3(_) => {
                     return Err(WireError::new(ErrorCode::BadRequest, "a gossip answer sent as a request"));
                 }
             }
@@ -195,7 +198,13 @@ impl ClusterAgent {
     async fn exchange(self: Rc<Self>, addr: SocketAddr, syn: Vec<u8>) {
         let refusal = match self.gossip_call(addr, syn).await {
             Ok(answer) => match self.take_answer(&answer) {
-                Ok(Some(last)) => self.gossip_call(addr, last).await.err().flatten(),
+                Ok(Some(last)) => match self.gossip_call(addr, last).await {
+                    Ok(bytes) => {
+                        self.take_last(&bytes);
+                        None
+                    }
+                    Err(why) => why,
+                },
                 Ok(None) => None,
                 Err(why) => Some(why),
             },
@@ -221,6 +230,22 @@ impl ClusterAgent {
                 tracing::debug!(peer = %addr, error = %e, "gossip exchange failed");
                 Err(None)
             }
+        }
+    }
+
+    /// Takes what the peer sent back for our last message: nothing, or,
+    /// after a keyed digest, the records we asked for.
+    fn take_last(self: &Rc<Self>, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let partitions = self.gossip.borrow().state().partitions;
+        match Message::decode(bytes, partitions) {
+            Ok(Message::Ack3(ack3)) => {
+                self.gossip.borrow_mut().on_ack3(clock::now_ms(), &ack3);
+                self.after_change();
+            }
+            Ok(_) | Err(_) => tracing::debug!("undecodable gossip answer"),
         }
     }
 

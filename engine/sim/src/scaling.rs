@@ -167,8 +167,10 @@ pub struct GossipFigures {
     /// record, and until every node has a ring that includes it.
     pub join_rounds: u32,
     pub join_ring_rounds: u32,
-    /// Exchanges that fell back to whole states while the join spread.
-    pub join_full_exchanges: usize,
+    /// Exchanges between nodes that knew different rosters while the join
+    /// spread (keyed digests), and their mean bytes.
+    pub join_keyed_exchanges: usize,
+    pub join_keyed_mean_bytes: f64,
     /// Rounds after a node stops until every live node holds it down.
     pub failure_rounds: u32,
     /// Times a live node held another live node down, over the whole run.
@@ -214,7 +216,8 @@ struct Swarm {
 #[derive(Default)]
 struct RoundCost {
     exchanges: Vec<usize>,
-    full: usize,
+    /// Bytes of each keyed exchange.
+    keyed: Vec<usize>,
 }
 
 impl Swarm {
@@ -239,9 +242,11 @@ impl Swarm {
             if self.stopped.contains(&j) || j == i {
                 continue;
             }
-            let (bytes, full) = exchange(&mut self.nodes, i, j, now);
+            let (bytes, keyed) = exchange(&mut self.nodes, i, j, now);
             cost.exchanges.push(bytes);
-            cost.full += usize::from(full);
+            if keyed {
+                cost.keyed.push(bytes);
+            }
         }
         cost
     }
@@ -262,7 +267,7 @@ impl Swarm {
 }
 
 /// One exchange from `i` to `j` through encoded bytes: total bytes, and
-/// whether it fell back to whole states.
+/// whether the rosters differed (a keyed exchange).
 fn exchange(nodes: &mut [Gossip], i: usize, j: usize, now: u64) -> (usize, bool) {
     let (a, b) = if i < j {
         let (l, r) = nodes.split_at_mut(j);
@@ -277,7 +282,7 @@ fn exchange(nodes: &mut [Gossip], i: usize, j: usize, now: u64) -> (usize, bool)
     bytes += syn.len();
     let Ok(Message::Syn(syn)) = Message::decode(&syn, q) else { unreachable!("a syn decodes") };
     let Ok(ack) = b.on_syn(now, &syn) else { return (bytes, false) };
-    let full = matches!(ack, Ack::Full(_));
+    let keyed = matches!(ack, Ack::Roster(_));
     let ack = Message::Ack(ack).encode();
     bytes += ack.len();
     let Ok(Message::Ack(ack)) = Message::decode(&ack, q) else { unreachable!("an ack decodes") };
@@ -285,9 +290,14 @@ fn exchange(nodes: &mut [Gossip], i: usize, j: usize, now: u64) -> (usize, bool)
         let ack2 = Message::Ack2(ack2).encode();
         bytes += ack2.len();
         let Ok(Message::Ack2(ack2)) = Message::decode(&ack2, q) else { unreachable!("an ack2 decodes") };
-        let _ = b.on_ack2(now, &ack2);
+        if let Ok(Some(ack3)) = b.on_ack2(now, &ack2) {
+            let ack3 = Message::Ack3(ack3).encode();
+            bytes += ack3.len();
+            let Ok(Message::Ack3(ack3)) = Message::decode(&ack3, q) else { unreachable!("an ack3 decodes") };
+            a.on_ack3(now, &ack3);
+        }
     }
-    (bytes, full)
+    (bytes, keyed)
 }
 
 /// `n` nodes in one cluster at `q` partitions (N=3, 4 shards each) gossip
@@ -345,8 +355,9 @@ pub fn gossip_study(n: usize, q: u32, load_per_mille: u64, seed: u64, cfg: Gossi
     swarm.nodes.push(g);
     let id = node_id(joiner);
     let (mut known, mut in_ring) = (None, None);
+    let mut keyed = Vec::new();
     for r in 1..=100 {
-        figures.join_full_exchanges += swarm.run_round().full;
+        keyed.extend(swarm.run_round().keyed);
         let all = |f: &dyn Fn(&Gossip) -> bool| swarm.nodes.iter().all(f);
         if known.is_none() && all(&|g| g.state().members.contains_key(&id)) {
             known = Some(r);
@@ -358,6 +369,8 @@ pub fn gossip_study(n: usize, q: u32, load_per_mille: u64, seed: u64, cfg: Gossi
             break;
         }
     }
+    figures.join_keyed_exchanges = keyed.len();
+    figures.join_keyed_mean_bytes = keyed.iter().sum::<usize>() as f64 / keyed.len().max(1) as f64;
     figures.join_rounds = known.unwrap_or(u32::MAX);
     figures.join_ring_rounds = in_ring.unwrap_or(u32::MAX);
     figures.false_suspicions += swarm.false_suspicions();

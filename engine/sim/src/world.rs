@@ -936,8 +936,9 @@ impl World {
                 let next = match *msg {
                     Message::Syn(syn) => m.gossip.on_syn(now_ms, &syn).ok().map(Message::Ack),
                     Message::Ack(ack) => m.gossip.on_ack(now_ms, &ack).ok().flatten().map(Message::Ack2),
-                    Message::Ack2(ack2) => {
-                        let _ = m.gossip.on_ack2(now_ms, &ack2);
+                    Message::Ack2(ack2) => m.gossip.on_ack2(now_ms, &ack2).ok().flatten().map(Message::Ack3),
+                    Message::Ack3(ack3) => {
+                        m.gossip.on_ack3(now_ms, &ack3);
                         None
                     }
                 };
