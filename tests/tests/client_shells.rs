@@ -5,7 +5,7 @@
 //! under a second each.
 
 use ringkv_client::{AsyncClient, Client, ReadOptions};
-use ringkv_core::membership::{ClusterState, Load, Member};
+use ringkv_core::membership::{ClusterState, Member};
 use ringkv_core::ring::{claim, Claimant};
 use ringkv_net::frame::FrameDecoder;
 use ringkv_net::proto::{
@@ -75,19 +75,7 @@ fn state(addrs: &[SocketAddr], ring_version: u64) -> Vec<u8> {
     let mut state = ClusterState::new("ringkv", 64);
     for (i, a) in addrs.iter().enumerate() {
         let id = format!("n{}", i + 1);
-        let m = Member {
-            id: id.clone(),
-            addr: a.to_string(),
-            shards: 1,
-            weight: 1,
-            leaving: false,
-            generation: 1,
-            heartbeat: 1,
-            version: 1,
-            pins: Default::default(),
-            load: Load::default(),
-            holding: Default::default(),
-        };
+        let m = Member { heartbeat: 1, version: 1, ..Member::new(&id, &a.to_string(), 1, 1) };
         state.members.insert(id, m);
     }
     let claimants: Vec<Claimant> = (1..=3).map(|i| Claimant { id: format!("n{i}"), weight: 1 }).collect();

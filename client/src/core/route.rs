@@ -216,7 +216,7 @@ impl Router {
 #[allow(clippy::disallowed_methods)]
 pub(crate) mod tests {
     use super::*;
-    use ringkv_core::membership::{ClusterState, Load, Member};
+    use ringkv_core::membership::{ClusterState, Member};
     use ringkv_core::ring::{claim, Claimant};
 
     /// A topology of `n` nodes at 127.0.0.1..n:7070, one shard each.
@@ -224,19 +224,8 @@ pub(crate) mod tests {
         let mut state = ClusterState::new("c", 64);
         let ids: Vec<String> = (1..=n).map(|i| format!("n{i}")).collect();
         for (i, id) in ids.iter().enumerate() {
-            let member = Member {
-                id: id.clone(),
-                addr: format!("127.0.0.{}:7070", i + 1),
-                shards: 1,
-                weight: 1,
-                leaving: false,
-                generation: 1,
-                heartbeat: 1,
-                version: 1,
-                pins: Default::default(),
-                load: Load::default(),
-                holding: Default::default(),
-            };
+            let member =
+                Member { heartbeat: 1, version: 1, ..Member::new(id, &format!("127.0.0.{}:7070", i + 1), 1, 1) };
             state.members.insert(id.clone(), member);
         }
         let claimants: Vec<Claimant> = ids.iter().map(|id| Claimant { id: id.clone(), weight: 1 }).collect();

@@ -194,7 +194,7 @@ impl Gossip {
             ring: ring.cloned(),
             want_ring,
         };
-        self.absorb(now_ms, std::iter::empty::<&Member>(), None);
+        self.settle(now_ms, false);
         Ok(Ack::Delta(delta))
     }
 
@@ -261,7 +261,7 @@ impl Gossip {
             .collect();
         let (ring, want_ring) = compare_rings(self.state.ring.as_ref(), r.ring);
         let ring = ring.cloned();
-        self.absorb(now_ms, std::iter::empty::<&Member>(), None);
+        self.settle(now_ms, false);
         let nothing = records.is_empty() && wanted.is_empty() && ring.is_none() && !want_ring;
         let beats = r
             .entries
@@ -548,26 +548,8 @@ fn get_records(r: &mut Reader<'_>, partitions: u32) -> Result<Vec<Member>, Decod
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::membership::{GossipConfig, Load};
-    use std::collections::{BTreeMap, BTreeSet};
-
-    fn node(id: &str, port: u16, seeds: &[u16]) -> Gossip {
-        let me = Member {
-            id: id.into(),
-            addr: format!("127.0.0.1:{port}"),
-            shards: 2,
-            weight: 1,
-            leaving: false,
-            generation: 1,
-            heartbeat: 0,
-            version: 0,
-            pins: BTreeMap::new(),
-            load: Load::default(),
-            holding: BTreeSet::new(),
-        };
-        let seeds = seeds.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        Gossip::new(me, "c", 64, seeds, None, GossipConfig::default(), 0)
-    }
+    use crate::membership::tests::node;
+    use crate::membership::GossipConfig;
 
     /// One exchange from `a` to `b` through encoded bytes; returns the
     /// bytes each message took.

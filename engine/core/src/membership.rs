@@ -95,6 +95,24 @@ pub struct Member {
 }
 
 impl Member {
+    /// A node's record as it starts a generation: weight 1, not leaving, no
+    /// pins, load or held partitions, heartbeat and version 0.
+    pub fn new(id: &str, addr: &str, shards: u16, generation: u64) -> Member {
+        Member {
+            id: id.to_string(),
+            addr: addr.to_string(),
+            shards,
+            weight: 1,
+            leaving: false,
+            generation,
+            heartbeat: 0,
+            version: 0,
+            pins: BTreeMap::new(),
+            load: Load::default(),
+            holding: BTreeSet::new(),
+        }
+    }
+
     /// Takes a heartbeat of `generation` if it is ours and newer.
     pub(crate) fn beat(&mut self, generation: u64, heartbeat: u64) -> bool {
         let newer = generation == self.generation && heartbeat > self.heartbeat;
@@ -636,22 +654,22 @@ impl Gossip {
         Some(alive[(random / 7) as usize % alive.len()].addr.clone())
     }
 
-    /// Merges state received from a peer; returns whether anything that is
-    /// worth persisting (ring, membership, pins) changed.
-    pub fn receive(&mut self, now_ms: u64, remote: &ClusterState) -> Result<bool, Mismatch> {
+    /// Merges state received from a peer. (What is worth saving, the shell
+    /// tells by its own fingerprint of the state.)
+    pub fn receive(&mut self, now_ms: u64, remote: &ClusterState) -> Result<(), Mismatch> {
         self.state.compatible(remote)?;
-        Ok(self.absorb(now_ms, remote.members.values(), remote.ring.as_ref()))
+        self.absorb(now_ms, remote.members.values(), remote.ring.as_ref());
+        Ok(())
     }
 
     /// Takes what is newer among `members` and `ring` (from a compatible
-    /// peer); returns whether anything worth persisting changed.
+    /// peer), then acts on it.
     pub(crate) fn absorb<'a>(
         &mut self,
         now_ms: u64,
         members: impl IntoIterator<Item = &'a Member>,
         ring: Option<&Ring>,
-    ) -> bool {
-        let before_members = self.durable_view();
+    ) {
         for m in members {
             // Our own record is ours alone: never take a stale copy of it.
             // One that says we are leaving means we were removed while away
@@ -674,12 +692,17 @@ impl Gossip {
             }
             None => false,
         };
+        self.settle(now_ms, ring_changed);
+    }
+
+    /// After news from a peer: our pins follow a new ring, and the claimant
+    /// re-claims if the members changed.
+    pub(crate) fn settle(&mut self, now_ms: u64, ring_changed: bool) {
         self.heard_from_peer = true;
         if ring_changed {
             self.refresh_pins();
         }
         self.maybe_claim(now_ms);
-        ring_changed || self.durable_view() != before_members
     }
 
     /// Something newer of `id` arrived: evidence that it is alive.
@@ -692,18 +715,6 @@ impl Gossip {
                 self.detectors.insert(id.to_string(), d);
             }
         }
-    }
-
-    /// A fingerprint of what is worth persisting about the members.
-    fn durable_view(&self) -> u64 {
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
-        for m in self.state.members.values() {
-            h.update(m.id.as_bytes());
-            h.update(&[u8::from(m.leaving)]);
-            h.update(&m.weight.to_le_bytes());
-            h.update(&(m.pins.len() as u64).to_le_bytes());
-        }
-        h.digest()
     }
 
     /// The lowest-id live member of the ring (or of all members before
@@ -754,26 +765,15 @@ impl Gossip {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn member(id: &str, port: u16) -> Member {
-        Member {
-            id: id.into(),
-            addr: format!("127.0.0.1:{port}"),
-            shards: 2,
-            weight: 1,
-            leaving: false,
-            generation: 1,
-            heartbeat: 0,
-            version: 0,
-            pins: BTreeMap::new(),
-            load: Load::default(),
-            holding: BTreeSet::new(),
-        }
+        Member::new(id, &format!("127.0.0.1:{port}"), 2, 1)
     }
 
-    fn node(id: &str, port: u16, seeds: &[u16]) -> Gossip {
+    /// A node of cluster "c" (Q=64) at 127.0.0.1:`port`, seeded to `seeds`.
+    pub(crate) fn node(id: &str, port: u16, seeds: &[u16]) -> Gossip {
         let seeds = seeds.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         Gossip::new(member(id, port), "c", 64, seeds, None, GossipConfig::default(), 0)
     }

@@ -315,17 +315,11 @@ mod tests {
         for (i, id) in ids.iter().enumerate() {
             let pins = ring.replicated_by(id, 3).into_iter().map(|p| (p, 0)).collect();
             let m = Member {
-                id: id.to_string(),
-                addr: format!("127.0.0.{}:7070", i + 1),
-                shards: 1,
-                weight: 1,
-                leaving: false,
-                generation: 1,
                 heartbeat: 1,
                 version: 1,
                 pins,
                 load: Load { disk_bytes: 64 << 20, ..Load::default() },
-                holding: Default::default(),
+                ..Member::new(id, &format!("127.0.0.{}:7070", i + 1), 1, 1)
             };
             s.members.insert(id.to_string(), m);
         }

@@ -225,7 +225,7 @@ impl Topology {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::membership::{Load, Member};
+    use crate::membership::Member;
     use crate::ring::{claim, Claimant};
 
     fn state(names: &[&str]) -> ClusterState {
@@ -233,19 +233,7 @@ mod tests {
         for (i, n) in names.iter().enumerate() {
             s.members.insert(
                 n.to_string(),
-                Member {
-                    id: n.to_string(),
-                    addr: format!("127.0.0.{}:7070", i + 1),
-                    shards: 1,
-                    weight: 1,
-                    leaving: false,
-                    generation: 1,
-                    heartbeat: 1,
-                    version: 1,
-                    pins: BTreeMap::new(),
-                    load: Load::default(),
-                    holding: Default::default(),
-                },
+                Member { heartbeat: 1, version: 1, ..Member::new(n, &format!("127.0.0.{}:7070", i + 1), 1, 1) },
             );
         }
         let claimants: Vec<Claimant> = names.iter().map(|n| Claimant { id: n.to_string(), weight: 1 }).collect();

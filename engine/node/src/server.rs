@@ -14,7 +14,7 @@ use crate::view::ClusterView;
 use crate::{clock, conn};
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{LocalExecutorBuilder, Placement};
-use ringkv_core::membership::{Gossip, GossipConfig, Load, Member};
+use ringkv_core::membership::{Gossip, GossipConfig, Member};
 use ringkv_net::proto::Role;
 use std::net::SocketAddr;
 use std::sync::mpsc;
@@ -216,18 +216,12 @@ fn initial_membership(cfg: &NodeConfig, dir: &DataDir) -> (Gossip, Arc<ClusterVi
         }
         _ => cfg.weight,
     };
+    let generation = previous.map_or(now, |m| now.max(m.generation + 1));
     let me = Member {
-        id: id.clone(),
-        addr: cfg.listen.to_string(),
-        shards: cfg.shard_count() as u16,
         weight,
         leaving: previous.is_some_and(|m| m.leaving),
-        generation: previous.map_or(now, |m| now.max(m.generation + 1)),
-        heartbeat: 0,
-        version: 0,
         pins: previous.map(|m| m.pins.clone()).unwrap_or_default(),
-        load: Load::default(),
-        holding: Default::default(),
+        ..Member::new(&id, &cfg.listen.to_string(), cfg.shard_count() as u16, generation)
     };
     let gcfg = GossipConfig { replicas: cfg.replicas, ..GossipConfig::default() };
     let mut g = Gossip::new(me, &cfg.cluster, cfg.partitions, cfg.seeds.clone(), persisted, gcfg, now);

@@ -179,18 +179,13 @@ pub struct GossipFigures {
 
 /// A member record as a running node publishes it.
 fn record(i: usize, held: &[u32], now_ms: u64) -> Member {
+    let addr = format!("127.{}.{}.{}:7070", i / 65_536, (i / 256) % 256, i % 256);
     Member {
-        id: node_id(i),
-        addr: format!("127.{}.{}.{}:7070", i / 65_536, (i / 256) % 256, i % 256),
-        shards: 4,
-        weight: 1,
-        leaving: false,
-        generation: 1_700_000_000_000 + i as u64,
         heartbeat: now_ms / 1000,
         version: 1,
         pins: pin_partitions(held, 4, &BTreeMap::new()),
         load: Load { ops_per_sec: 10_000, p99_us: 900, disk_bytes: 40 << 30, keys: 30_000_000, ..Load::default() },
-        holding: BTreeSet::new(),
+        ..Member::new(&node_id(i), &addr, 4, 1_700_000_000_000 + i as u64)
     }
 }
 

@@ -35,7 +35,7 @@ use ringkv_core::failure::PhiConfig;
 use ringkv_core::handoff::{Handoff, HandoffConfig};
 use ringkv_core::hints::{HintConfig, HintDelivery};
 use ringkv_core::keyspace::partition_of;
-use ringkv_core::membership::{ClusterState, Gossip, GossipConfig, Load, Member};
+use ringkv_core::membership::{ClusterState, Gossip, GossipConfig, Member};
 use ringkv_core::quorum::Level;
 use ringkv_core::ring::{claim, Claimant, Ring};
 use ringkv_core::topology::{MemberId, Topology};
@@ -1232,19 +1232,7 @@ impl World {
 }
 
 fn member(name: &str, generation: u64) -> Member {
-    Member {
-        id: name.to_string(),
-        addr: name.to_string(),
-        shards: 1,
-        weight: 1,
-        leaving: false,
-        generation,
-        heartbeat: 0,
-        version: 0,
-        pins: BTreeMap::new(),
-        load: Load::default(),
-        holding: Default::default(),
-    }
+    Member::new(name, name, 1, generation)
 }
 
 fn topology(me: &str, replicas: usize, gossip: &Gossip, now_ms: u64) -> Topology {
