@@ -288,7 +288,7 @@ fn a_stream_broken_by_a_restart_of_its_sender_resumes_from_what_it_saved() {
 }
 
 #[test]
-fn bad_changes_are_refused_and_a_new_weight_survives_restarts_of_the_node_and_the_claimant() {
+fn bad_changes_are_refused_and_a_staged_then_committed_weight_survives_restarts_of_the_node_and_the_claimant() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = Cluster::start(dir.path(), 3, 1, FAST);
     let via = c.node(0).addr().to_string();
@@ -314,6 +314,13 @@ fn bad_changes_are_refused_and_a_new_weight_survives_restarts_of_the_node_and_th
         info.members.iter().find(|m| m.node_id == "n2").map(|m| (m.weight, m.partitions_owned)).unwrap()
     };
     assert_eq!(share(&c, 0).0, 1);
+    // The staged change survives a restart of the node it was staged on.
+    c.nodes[0].stop();
+    c.nodes[0].restart();
+    c.wait_converged(3, Duration::from_secs(60));
+    let kept = run_cli(&["plan", "--endpoint", &via]);
+    assert!(kept.contains("weight n2 3"), "still staged after the restart:\n{kept}");
+    assert_eq!(share(&c, 1).0, 1, "and still not applied");
     run_cli(&["commit", "--wait", "--wait-s", "60", "--endpoint", &via]);
     // 3 of 5 weight units: about 60% of the 256 partitions.
     eventually(Duration::from_secs(30), "the new ring", || {

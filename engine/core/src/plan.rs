@@ -22,12 +22,13 @@
 
 use crate::membership::ClusterState;
 use crate::ring::{claim, Ring, MAX_WEIGHT};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-/// One ring change, as an operator asks for it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// One ring change, as an operator asks for it. Its JSON form is also how a
+/// staged change is kept on disk until it is committed or cancelled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Change {
     /// A live member decommissions itself: it streams its partitions to

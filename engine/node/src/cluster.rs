@@ -13,8 +13,10 @@
 //! Ring changes (leave, remove, weight) are staged here, planned by
 //! `ringkv_core::plan`, and committed: the agent of the node concerned makes
 //! the change in its own record (a leave or a weight) or, for a dead node,
-//! in the dead node's (a remove). A staged change lives in this node's
-//! memory only; a committed one is in the gossiped, persisted state. A node
+//! in the dead node's (a remove). A staged change is kept in this node's
+//! `ring.staged` (written before the stage is acknowledged, removed once it
+//! is committed or cancelled), so a restart of the node it was staged on
+//! keeps it; a committed one is in the gossiped, persisted state. A node
 //! that left stops once it holds nothing: every partition handed over, every
 //! hint delivered, and its empty figures gossiped.
 
@@ -34,6 +36,26 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub const STATE_FILE: &str = "cluster.state";
+/// The change staged on this node, as JSON, while one is.
+pub const STAGED_FILE: &str = "ring.staged";
+
+/// Reads the change staged here before a restart, if any. A damaged file
+/// is ignored with a warning: only a staged change is lost, which the
+/// operator stages again (nothing of the cluster changed yet).
+fn load_staged(dir: &Path) -> Option<Change> {
+    let path = dir.join(STAGED_FILE);
+    let bytes = std::fs::read(&path).ok()?;
+    match serde_json::from_slice(&bytes) {
+        Ok(c) => {
+            tracing::info!(change = %c, "a ring change staged before the restart is still staged");
+            Some(c)
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "ignoring a damaged staged ring change");
+            None
+        }
+    }
+}
 
 /// Reads the state a node saved before it stopped, if any.
 pub fn load_state(dir: &Path) -> Option<ClusterState> {
@@ -62,6 +84,7 @@ pub struct ClusterAgent {
     shard: Rc<Shard>,
     gossip: RefCell<Gossip>,
     state_path: PathBuf,
+    staged_path: PathBuf,
     interval: Duration,
     seeds: Vec<SocketAddr>,
     persisted: Cell<u64>,
@@ -88,13 +111,14 @@ impl ClusterAgent {
             shard,
             gossip: RefCell::new(gossip),
             state_path: data_dir.join(STATE_FILE),
+            staged_path: data_dir.join(STAGED_FILE),
             interval,
             seeds,
             persisted: Cell::new(persisted ^ 1),
             persisting: Cell::new(false),
             ticks: Cell::new(0),
             meter: RefCell::new(crate::load::LoadMeter::default()),
-            staged: RefCell::new(None),
+            staged: RefCell::new(load_staged(data_dir)),
             drained: Cell::new(0),
             seen: RefCell::new(crate::events::Seen::default()),
         })
@@ -343,6 +367,7 @@ impl ClusterAgent {
                     ));
                 }
                 let json = self.plan_json(&c)?;
+                self.keep_staged(Some(&c)).await?;
                 tracing::info!(change = %c, "ring change staged");
                 *self.staged.borrow_mut() = Some(c);
                 Ok(json)
@@ -352,6 +377,10 @@ impl ClusterAgent {
                 match old {
                     None => Err(WireError::new(ErrorCode::BadRequest, "no ring change is staged here")),
                     Some(c) => {
+                        if let Err(e) = self.keep_staged(None).await {
+                            *self.staged.borrow_mut() = Some(c);
+                            return Err(e);
+                        }
                         tracing::info!(change = %c, "staged ring change cancelled");
                         Ok(String::new())
                     }
@@ -369,6 +398,12 @@ impl ClusterAgent {
                 self.commit(&c).await?;
                 *self.staged.borrow_mut() = None;
                 tracing::info!(change = %c, "ring change committed");
+                // The change is in the gossiped state now; a file left
+                // behind would only stage it again after a restart, where
+                // committing it is refused or changes nothing.
+                if let Err(e) = self.keep_staged(None).await {
+                    tracing::warn!(error = %e.message, "the committed change is still in {STAGED_FILE}");
+                }
                 Ok(json)
             }
             (RingAction::Apply, Some(c)) => {
@@ -379,6 +414,25 @@ impl ClusterAgent {
                 Err(WireError::new(ErrorCode::BadRequest, "a ring change to stage or apply is missing"))
             }
         }
+    }
+
+    /// Keeps the staged change on disk (`None`: removes it), so a restart
+    /// does not forget it. The stage is refused if it cannot be kept.
+    async fn keep_staged(&self, change: Option<&Change>) -> Result<(), WireError> {
+        let path = self.staged_path.clone();
+        let bytes = change.map(|c| serde_json::to_vec(c).expect("a change encodes"));
+        glommio::executor()
+            .spawn_blocking(move || match bytes {
+                Some(b) => crate::datadir::replace_file(&path, &b),
+                None => match std::fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                    _ => Ok(()),
+                },
+            })
+            .await
+            .map_err(|e| {
+                WireError::new(ErrorCode::Internal, format!("keeping the staged change in {STAGED_FILE}: {e}"))
+            })
     }
 
     /// Has the change made where it must be: here, or on the node concerned.
