@@ -27,6 +27,14 @@
 //! whose copy lacks something the merge has get the merged object (read
 //! repair, best effort: anti-entropy covers what it misses).
 //!
+//! Reads during a ring change: the ring switches at once and data follows
+//! by streams, so a read whose `r` replicas are all new owners could miss a
+//! value written before the switch. A read therefore also asks every live
+//! member that still holds the partition ([`Topology::holders`]: the old
+//! owners until their stream ends) and merges what they have. Holders do
+//! not count toward `r`; the answer waits for them at most as long as a
+//! write waits for a silent replica (`stall_after_us`), then goes without.
+//!
 //! Bounds: at most `max_ops` client operations in flight (beyond:
 //! `Overloaded`, at once) and at most `max_repairs` read repairs (beyond:
 //! skipped and counted).
@@ -140,6 +148,8 @@ pub struct CoordinatorStats {
     pub hints: u64,
     pub repairs_sent: u64,
     pub repairs_skipped: u64,
+    /// Requests to members still holding a partition a ring change moved.
+    pub holder_reads: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -188,6 +198,14 @@ struct ReadOp {
     hedge_at: Option<u64>,
     deadline: u64,
     started_us: u64,
+    /// Members outside the preference list still holding the partition
+    /// (a ring change moved it and their stream has not ended): asked too,
+    /// merged, never counted toward `r`, never repaired.
+    holders: Vec<MemberId>,
+    /// Holders whose answer the client's answer still waits for.
+    holders_pending: usize,
+    /// When the holders stop being waited for.
+    stall_at: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -384,6 +402,10 @@ impl Coordinator {
         }
         let deadline = now_us + timeout_us;
         let hedge_at = (!spare.is_empty()).then_some(now_us + self.hedge_delay_us());
+        let holders: Vec<MemberId> = topo.holders(p).iter().copied().filter(|&h| topo.alive(h)).collect();
+        // A silent holder delays the answer no longer than a silent
+        // replica delays a write.
+        let stall_at = (!holders.is_empty()).then_some(now_us + self.cfg.stall_after_us.min(timeout_us / 2));
         let mut op = ReadOp {
             token,
             key,
@@ -398,13 +420,20 @@ impl Coordinator {
             hedge_at,
             deadline,
             started_us: now_us,
+            holders_pending: holders.len(),
+            holders,
+            stall_at,
         };
-        for t in targets {
+        for t in targets.into_iter().chain(op.holders.clone()) {
             Self::ask(&mut self.out, id, &mut op, t);
         }
+        self.stats.holder_reads += op.holders.len() as u64;
         self.timers.arm(deadline, id, Timer::Deadline);
         if let Some(at) = hedge_at {
             self.timers.arm(at, id, Timer::Hedge);
+        }
+        if let Some(at) = stall_at {
+            self.timers.arm(at, id, Timer::Stall);
         }
         self.client_ops += 1;
         self.ops.insert(id, Op::Read(op));
@@ -546,6 +575,16 @@ impl Coordinator {
         }
         let from = *from;
         op.outstanding -= 1;
+        if op.holders.contains(&from) {
+            // A holder's copy is merged if it comes; its failure is no
+            // replica's failure.
+            if let Ok(Response::Object(obj)) = answer {
+                op.merge.add(from, obj);
+            }
+            op.holders_pending = op.holders_pending.saturating_sub(1);
+            Self::try_answer(answers, op);
+            return op.answered && op.outstanding == 0;
+        }
         match answer {
             Ok(Response::Object(obj)) => {
                 op.merge.add(from, obj);
@@ -563,21 +602,28 @@ impl Coordinator {
                 }
             }
         }
-        if !op.answered {
-            match op.quorum.progress() {
-                Progress::Reached => {
-                    op.answered = true;
-                    answers.push_back((op.token, Ok(Outcome::Read(op.merge.merged().cloned()))));
-                }
-                Progress::Failed => {
-                    op.answered = true;
-                    let e = with_failures(quorum_error(&op.quorum.error()), &op.failures);
-                    answers.push_back((op.token, Err(e)));
-                }
-                Progress::Pending => {}
-            }
-        }
+        Self::try_answer(answers, op);
         op.answered && op.outstanding == 0
+    }
+
+    /// Answers the client once `r` replicas answered and no holder is still
+    /// waited for, or once the quorum cannot be reached.
+    fn try_answer(answers: &mut VecDeque<(u64, ClientResult)>, op: &mut ReadOp) {
+        if op.answered {
+            return;
+        }
+        match op.quorum.progress() {
+            Progress::Reached if op.holders_pending == 0 => {
+                op.answered = true;
+                answers.push_back((op.token, Ok(Outcome::Read(op.merge.merged().cloned()))));
+            }
+            Progress::Failed => {
+                op.answered = true;
+                let e = with_failures(quorum_error(&op.quorum.error()), &op.failures);
+                answers.push_back((op.token, Err(e)));
+            }
+            Progress::Reached | Progress::Pending => {}
+        }
     }
 
     /// Feeds one slot's answer (or the local apply's) to a write; returns
@@ -741,7 +787,8 @@ impl Coordinator {
             match (kind, op) {
                 (Timer::Hedge, Op::Read(r)) => {
                     r.hedge_at = None;
-                    if !r.answered {
+                    // Waiting only for holders is no reason to hedge.
+                    if !r.answered && !matches!(r.quorum.progress(), Progress::Reached) {
                         if let Some(next) = r.spare.pop_front() {
                             self.stats.hedges += 1;
                             Self::ask(&mut self.out, id, r, next);
@@ -776,6 +823,15 @@ impl Coordinator {
                         }
                     }
                 }
+                (Timer::Stall, Op::Read(r)) => {
+                    // Holders silent this long are not waited for any more.
+                    r.stall_at = None;
+                    r.holders_pending = 0;
+                    Self::try_answer(&mut self.answers, r);
+                    if r.answered && r.outstanding == 0 {
+                        self.finish(now_us, id);
+                    }
+                }
                 (Timer::Hedge | Timer::Stall, _) => {}
             }
         }
@@ -791,6 +847,9 @@ impl Coordinator {
                 self.timers.cancel(r.deadline, id, Timer::Deadline);
                 if let Some(at) = r.hedge_at {
                     self.timers.cancel(at, id, Timer::Hedge);
+                }
+                if let Some(at) = r.stall_at {
+                    self.timers.cancel(at, id, Timer::Stall);
                 }
                 self.read_repair(now_us, r);
             }
@@ -810,7 +869,9 @@ impl Coordinator {
 
     fn read_repair(&mut self, now_us: u64, r: ReadOp) {
         let Some(merged) = r.merge.merged() else { return };
-        let stale = r.merge.stale();
+        // Holders give their data up once streamed: repairing them is waste.
+        let mut stale = r.merge.stale();
+        stale.retain(|m| !r.holders.contains(m));
         if stale.is_empty() {
             return;
         }
@@ -904,6 +965,73 @@ mod tests {
         c.handle_response(20_003, &t, hedge[0].tag, Ok(Response::Object(None)));
         assert_eq!(c.poll_answer().unwrap().1, Ok(Outcome::Read(None)));
         assert_eq!(c.stats().hedges, 1);
+    }
+
+    /// Partition of `b"k"` in the 4-partition test topology.
+    fn pk() -> u32 {
+        partition_of(b"k", 4)
+    }
+
+    #[test]
+    fn a_read_during_a_ring_change_finds_a_value_only_the_old_owner_has() {
+        // The ring moved k's partition from e to c; e streams it still.
+        let t = topo("b", &[]).with_holders(pk(), &["e"]);
+        let mut c = Coordinator::new(CoordinatorConfig::default());
+        c.get(0, &t, 1, b"k".to_vec(), Level::Quorum, T);
+        let sent = drain(&mut c);
+        assert_eq!(sent.iter().map(|o| o.to).collect::<Vec<_>>(), [m("b"), m("a"), m("e")]);
+        c.handle_response(1, &t, sent[0].tag, Ok(Response::Object(None)));
+        c.handle_response(2, &t, sent[1].tag, Ok(Response::Object(None)));
+        assert!(c.poll_answer().is_none(), "r answered, but the holder is still waited for");
+        c.handle_response(3, &t, sent[2].tag, Ok(Response::Object(Some(obj("x", 1)))));
+        assert_eq!(c.poll_answer().unwrap().1, Ok(Outcome::Read(Some(obj("x", 1)))));
+        let repairs: Vec<MemberId> = drain(&mut c).iter().map(|o| o.to).collect();
+        assert_eq!(repairs, [m("b"), m("a")], "the new owners are repaired, the holder is not");
+        assert_eq!(c.stats().holder_reads, 1);
+    }
+
+    #[test]
+    fn a_holder_never_counts_toward_r() {
+        let t = topo("b", &[]).with_holders(pk(), &["e"]);
+        let mut c = Coordinator::new(CoordinatorConfig::default());
+        c.get(0, &t, 1, b"k".to_vec(), Level::Quorum, T);
+        let sent = drain(&mut c);
+        c.handle_response(1, &t, sent[2].tag, Ok(Response::Object(Some(obj("x", 1)))));
+        c.handle_response(2, &t, sent[0].tag, Ok(Response::Object(None)));
+        assert!(c.poll_answer().is_none(), "one replica and a holder are not a quorum of two");
+        c.handle_response(3, &t, sent[1].tag, Err(Failure::new("reset")));
+        assert_eq!(drain(&mut c).iter().map(|o| o.to).collect::<Vec<_>>(), [m("c")], "the spare replica");
+    }
+
+    #[test]
+    fn a_failed_or_silent_holder_delays_a_read_no_longer_than_the_stall() {
+        let cfg = CoordinatorConfig { stall_after_us: 50_000, ..CoordinatorConfig::default() };
+        for fails in [true, false] {
+            let t = topo("b", &[]).with_holders(pk(), &["e"]);
+            let mut c = Coordinator::new(cfg.clone());
+            c.get(0, &t, 1, b"k".to_vec(), Level::Quorum, T);
+            let sent = drain(&mut c);
+            c.handle_response(1, &t, sent[0].tag, Ok(Response::Object(Some(obj("x", 1)))));
+            c.handle_response(2, &t, sent[1].tag, Ok(Response::Object(Some(obj("x", 1)))));
+            if fails {
+                c.handle_response(3, &t, sent[2].tag, Err(Failure::new("refused")));
+            } else {
+                c.handle_timeout(20_000, &t);
+                assert!(drain(&mut c).is_empty(), "r answered: no hedge");
+                assert!(c.poll_answer().is_none());
+                assert_eq!(c.next_deadline(), Some(50_000));
+                c.handle_timeout(50_000, &t);
+            }
+            assert_eq!(c.poll_answer().unwrap().1, Ok(Outcome::Read(Some(obj("x", 1)))), "holder fails: {fails}");
+        }
+    }
+
+    #[test]
+    fn a_dead_holder_is_not_asked() {
+        let t = topo("b", &["d"]).with_holders(pk(), &["d"]);
+        let mut c = Coordinator::new(CoordinatorConfig::default());
+        c.get(0, &t, 1, b"k".to_vec(), Level::Quorum, T);
+        assert_eq!(drain(&mut c).len(), 2, "only the replicas");
     }
 
     #[test]

@@ -145,6 +145,10 @@ pub struct Handoff {
     /// Misplaced partitions found by the last listing and not handed off
     /// since (postponed ones included): what progress reports.
     left: BTreeSet<u32>,
+    /// Partitions with data here that the last listing found in place: a
+    /// ring change since may have made them misplaced before the next
+    /// listing sees it.
+    placed: BTreeSet<u32>,
     timers: Deadlines<Timer>,
     out: Outbox,
     stats: HandoffStats,
@@ -172,6 +176,7 @@ impl Handoff {
             may_start: true,
             failed: HashSet::new(),
             left: BTreeSet::new(),
+            placed: BTreeSet::new(),
             timers,
             out: Outbox::default(),
             stats: HandoffStats::default(),
@@ -266,10 +271,13 @@ impl Handoff {
         Progress { partitions, keys_left: left, keys_total: total, bytes_left: per_key * (left + waiting * total) }
     }
 
-    /// Partitions this shard holds data of that belong elsewhere, as the last
-    /// listing found them, less those handed off since.
-    pub fn holding(&self) -> BTreeSet<u32> {
-        self.left.clone()
+    /// Partitions this shard holds data of that belong elsewhere under
+    /// `topo`: those the last listing found misplaced, less those handed off
+    /// since, and those it found in place that `topo` no longer places here
+    /// (a ring change since; the next round streams them).
+    pub fn holding(&self, topo: &Topology) -> BTreeSet<u32> {
+        let moved = self.placed.iter().copied().filter(|&p| topo.has_ring() && self.misplaced(topo, p));
+        self.left.iter().copied().chain(moved).collect()
     }
 
     /// Whether the next round may start: false while the node streams as
@@ -428,7 +436,10 @@ impl Handoff {
             self.listing = false;
             self.next_step();
             if let Ok(Response::Partitions(ps)) = answer {
-                self.queue = ps.into_iter().filter(|&p| topo.has_ring() && self.misplaced(topo, p)).collect();
+                let (misplaced, placed): (Vec<u32>, Vec<u32>) =
+                    ps.into_iter().partition(|&p| topo.has_ring() && self.misplaced(topo, p));
+                self.queue = misplaced.into();
+                self.placed = placed.into_iter().collect();
                 self.left = self.queue.iter().copied().collect();
             }
             return self.start_next(now_us, topo);
@@ -571,6 +582,19 @@ mod tests {
         h.handle_response(5, &t, drop[0].tag, Ok(Response::Flag(true)));
         assert_eq!(h.stats().partitions_handed_off, 1);
         assert!(!h.busy());
+    }
+
+    #[test]
+    fn a_partition_listed_in_place_is_held_as_soon_as_the_ring_moves_it() {
+        // x replicates partition 0 (x, a, b) until the ring gives it to c.
+        let before = Topology::from_walks("x", 3, vec![["x", "a", "b", "c"].map(String::from).to_vec()], &[]);
+        let after = Topology::from_walks("x", 3, vec![["a", "b", "c", "x"].map(String::from).to_vec()], &[]);
+        let mut h = Handoff::new(HandoffConfig::default(), 0, 0);
+        h.handle_timeout(2_000_000, &before);
+        let list = drain(&mut h);
+        h.handle_response(1, &before, list[0].tag, Ok(Response::Partitions(vec![0])));
+        assert!(h.holding(&before).is_empty(), "in place");
+        assert_eq!(h.holding(&after), [0].into(), "held before the next listing sees it misplaced");
     }
 
     #[test]

@@ -502,6 +502,9 @@ pub struct Gossip {
     started_ms: u64,
     heard_from_peer: bool,
     load_published_ms: u64,
+    /// Pinned partitions neither replicated nor held at the last holding
+    /// report: their pins go if the next report agrees.
+    unheld: BTreeSet<u32>,
 }
 
 impl Gossip {
@@ -532,6 +535,7 @@ impl Gossip {
             started_ms: now_ms,
             heard_from_peer: false,
             load_published_ms: now_ms,
+            unheld: BTreeSet::new(),
         };
         g.refresh_pins();
         g
@@ -585,10 +589,29 @@ impl Gossip {
     }
 
     /// The partitions this node holds misplaced data of (see
-    /// [`Member::holding`]).
+    /// [`Member::holding`]), as its shards last reported them.
+    ///
+    /// The pin of a partition this node no longer replicates is kept while
+    /// the partition is held: coordinators read from such holders until the
+    /// stream ends (`Topology::holders`), and the pin says which shard has
+    /// the data. It goes once two reports in a row find the partition
+    /// neither replicated nor held, since one report may have been taken by
+    /// a shard that had not seen the new ring yet.
     pub fn set_holding(&mut self, holding: BTreeSet<u32>) {
+        let replicated: Option<BTreeSet<u32>> =
+            self.state.ring.as_ref().map(|r| r.replicated_by(&self.me, self.cfg.replicas).into_iter().collect());
         let m = self.state.members.get_mut(&self.me).expect("own record");
-        if m.holding != holding {
+        let mut changed = m.holding != holding;
+        let unheld: BTreeSet<u32> = match &replicated {
+            Some(r) => m.pins.keys().filter(|p| !r.contains(p) && !holding.contains(p)).copied().collect(),
+            None => BTreeSet::new(),
+        };
+        for p in unheld.intersection(&self.unheld) {
+            m.pins.remove(p);
+            changed = true;
+        }
+        self.unheld = unheld.into_iter().filter(|p| m.pins.contains_key(p)).collect();
+        if changed {
             m.holding = holding;
             m.changed();
         }
@@ -752,12 +775,11 @@ impl Gossip {
         let held = ring.replicated_by(&self.me, self.cfg.replicas);
         let m = self.state.members.get_mut(&self.me).expect("own record");
         let pins = pin_partitions(&held, m.shards, &m.pins);
-        if pins != m.pins {
-            // Keep pins of partitions we no longer replicate: their data is
-            // still there until handed off.
-            let mut all = m.pins.clone();
-            all.extend(pins);
-            all.retain(|p, _| held.contains(p));
+        // Keep pins of partitions we no longer replicate: their data is
+        // still there until handed off, and `set_holding` drops them then.
+        let mut all = m.pins.clone();
+        all.extend(pins);
+        if all != m.pins {
             m.pins = all;
             m.changed();
         }
@@ -992,5 +1014,34 @@ pub(crate) mod tests {
         let after = nodes[0].state().ring.as_ref().unwrap().counts()["c"];
         // 4 of 6 weight units: about two thirds of the 64 partitions.
         assert!(after > before && (41..=43).contains(&after), "c owned {before}, now {after}");
+    }
+
+    #[test]
+    fn a_moved_partition_keeps_its_pin_and_its_holder_until_two_reports_say_it_is_gone() {
+        let mut nodes = vec![node("a", 1, &[2]), node("b", 2, &[1]), node("c", 3, &[1]), node("d", 4, &[1])];
+        settle(&mut nodes, 1..=4);
+        let before = nodes[0].member().pins.clone();
+        nodes[2].set_weight(4);
+        settle(&mut nodes, 5..=8);
+        let ring = nodes[0].state().ring.clone().unwrap();
+        let now_owned: BTreeSet<u32> = ring.replicated_by("a", 3).into_iter().collect();
+        let moved: Vec<u32> = before.keys().copied().filter(|p| !now_owned.contains(p)).collect();
+        assert!(!moved.is_empty(), "c's new weight takes partitions from a");
+        let pins = &nodes[0].member().pins;
+        assert!(moved.iter().all(|p| pins.get(p) == before.get(p)), "a keeps the pins of what it still has");
+        let topo = |g: &Gossip| crate::topology::Topology::new("b", 1, 3, g.state(), |_| true).unwrap();
+        let a = crate::topology::MemberId::of("a");
+        assert!(moved.iter().all(|&p| topo(&nodes[0]).holders(p) == [a]), "a is read from until it streamed");
+        let (first, rest) = (moved[0], &moved[1..]);
+        for _ in 0..2 {
+            nodes[0].set_holding([first].into());
+            assert!(nodes[0].member().pins.contains_key(&first), "held partitions keep their pin");
+        }
+        assert!(rest.iter().all(|p| !nodes[0].member().pins.contains_key(p)), "two reports without them: gone");
+        nodes[0].set_holding(BTreeSet::new());
+        assert!(nodes[0].member().pins.contains_key(&first), "one report is not enough");
+        nodes[0].set_holding(BTreeSet::new());
+        assert_eq!(nodes[0].member().pins.keys().copied().collect::<BTreeSet<u32>>(), now_owned);
+        assert!(topo(&nodes[0]).holders(first).is_empty());
     }
 }

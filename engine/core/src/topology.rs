@@ -51,6 +51,9 @@ pub struct Topology {
     shards: u16,
     /// Partitions some member holds misplaced data of.
     held: BTreeSet<u32>,
+    /// Per partition, the members outside its preference list that may
+    /// still hold data of it: they pin it or say they hold it.
+    holders: HashMap<u32, Vec<MemberId>>,
 }
 
 /// Why a snapshot could not be built.
@@ -91,7 +94,7 @@ impl Topology {
             let id = register(&m.id)?;
             live.insert(id, m.id == me || alive(&m.id));
         }
-        let mut walks = Vec::new();
+        let mut walks: Vec<Vec<MemberId>> = Vec::new();
         if let Some(ring) = &state.ring {
             for m in ring.members() {
                 register(&m.id)?;
@@ -100,6 +103,18 @@ impl Topology {
         }
         live.insert(me_id, true);
         let pins = state.members.get(me).map(|m| m.pins.clone()).unwrap_or_default();
+        let mut holders: HashMap<u32, Vec<MemberId>> = HashMap::new();
+        for m in state.members.values() {
+            let id = MemberId::of(&m.id);
+            let mut held: BTreeSet<u32> = m.holding.clone();
+            held.extend(m.pins.keys());
+            for p in held {
+                let primary = walks.get(p as usize).is_some_and(|w| w[..w.len().min(replicas)].contains(&id));
+                if !primary && p < state.partitions {
+                    holders.entry(p).or_default().push(id);
+                }
+            }
+        }
         Ok(Topology {
             me: Some(me_id),
             replicas,
@@ -110,7 +125,30 @@ impl Topology {
             pins,
             shards: shards.max(1),
             held: state.members.values().flat_map(|m| m.holding.iter().copied()).collect(),
+            holders,
         })
+    }
+
+    /// Members outside `p`'s preference list that may still hold data of
+    /// it: a ring change moved the partition away from them and their
+    /// stream has not ended (they keep its pin until it has). A read asks
+    /// them too, so a value written before the change is found even when
+    /// the read's quorum is all new owners.
+    pub fn holders(&self, p: u32) -> &[MemberId] {
+        self.holders.get(&p).map_or(&[], Vec::as_slice)
+    }
+
+    /// The same snapshot, with `members` as holders of `p` (for tests); a
+    /// member it did not know is alive.
+    pub fn with_holders(mut self, p: u32, members: &[&str]) -> Topology {
+        let ids = members.iter().map(|n| {
+            let id = MemberId::of(n);
+            self.names.insert(id, n.to_string());
+            self.alive.entry(id).or_insert(true);
+            id
+        });
+        self.holders.insert(p, ids.collect());
+        self
     }
 
     /// The same snapshot, with `held` as the partitions some member holds
@@ -157,6 +195,7 @@ impl Topology {
             pins: BTreeMap::new(),
             shards: 1,
             held: BTreeSet::new(),
+            holders: HashMap::new(),
         }
     }
 

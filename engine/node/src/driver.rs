@@ -349,8 +349,8 @@ impl Driver {
         self.handoff.borrow().stats()
     }
 
-    pub fn holding(&self) -> std::collections::BTreeSet<u32> {
-        self.handoff.borrow().holding()
+    pub fn holding(&self, topo: &ringkv_core::topology::Topology) -> std::collections::BTreeSet<u32> {
+        self.handoff.borrow().holding(topo)
     }
 
     /// What this shard's handoff still has to stream.

@@ -463,7 +463,7 @@ impl Shard {
                 store: self.store.stats(),
                 load: self.driver.load(),
                 stream: self.driver.stream_progress(),
-                holding: self.driver.holding(),
+                holding: self.driver.holding(&self.view().topo),
                 streamed: self.driver.stream_stats(),
                 hinted: self.driver.hint_stats(),
                 delivering: self.driver.hints_delivering(),

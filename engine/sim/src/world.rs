@@ -665,7 +665,7 @@ impl World {
         let node = &mut self.nodes[i];
         let m = node.m.as_mut().expect("running");
         // As the node's agent does: publish what is still to stream.
-        m.gossip.set_holding(m.handoff.holding());
+        m.gossip.set_holding(m.handoff.holding(&m.topo));
         let target = m.gossip.tick(now / 1000, random);
         m.topo = topology(&node.name, self.opts.replicas, &m.gossip, now / 1000);
         let syn = Box::new(Message::Syn(m.gossip.syn()));
