@@ -4,15 +4,14 @@
 //! - [`proto`]: typed messages and their verified flatbuffer encoding;
 //! - [`session`]: the client side of a connection as a sans-I/O state machine;
 //! - [`client`]: a blocking, pipelining client for one endpoint;
-//! - [`topology`] and [`cluster`]: routing by the cluster's layout, and a
-//!   client that sends each request straight to a replica's owning shard.
+//! - [`topology`]: routing by the cluster's layout (which replica's shard
+//!   serves each key), for ring-aware clients such as `ringkv-client`.
 //!
 //! The schema is `net/schema/ringkv.fbs`; the generated code lives in
 //! `generated/` and is refreshed by `tools/gen-wire.sh`.
 
 pub mod auth;
 pub mod client;
-pub mod cluster;
 pub mod frame;
 mod generated;
 pub mod proto;
@@ -20,6 +19,5 @@ pub mod session;
 pub mod topology;
 
 pub use client::{Client, ClientConfig, ClientError, WriteOptions};
-pub use cluster::ClusterClient;
 pub use proto::{ErrorCode, GetResult, Level, Reply, Request, WireError};
 pub use topology::Topology;

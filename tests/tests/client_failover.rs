@@ -1,9 +1,10 @@
-//! The shard-aware client rides through a stopped node and a killed one:
+//! The shard-aware client (`ringkv-client`, hedged reads off so every
+//! faster answer is failover's) rides through a stopped node and a killed one:
 //! it gives a replica a deadline derived from the latencies it observed,
 //! then asks the next (reads and writes), and retries on a reset or refused
 //! connection. Load is bounded in operations and time.
 
-use ringkv_net::{ClientConfig, ClusterClient, Level, WriteOptions};
+use ringkv_client::{Client, Level, ReadOptions, WriteOptions};
 use ringkv_tests::harness::Cluster;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,7 +20,7 @@ fn p99(lat: &mut [Duration]) -> Duration {
 }
 
 #[test]
-fn the_cluster_client_rides_through_a_stopped_and_a_killed_node_without_errors() {
+fn the_shard_aware_client_rides_through_a_stopped_and_a_killed_node_without_errors() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = Cluster::start(dir.path(), 3, 1, FAST);
     let seeds = c.addrs();
@@ -30,17 +31,17 @@ fn the_cluster_client_rides_through_a_stopped_and_a_killed_node_without_errors()
         .map(|w| {
             let (seeds, log) = (seeds.clone(), log.clone());
             std::thread::spawn(move || {
-                let refs: Vec<&str> = seeds.iter().map(String::as_str).collect();
-                let mut client = ClusterClient::connect(&refs, ClientConfig::default()).unwrap();
-                let opts = WriteOptions { w: Level::Count(2), ..Default::default() };
+                let mut client = Client::builder().seeds(seeds).hedged_reads(false).build().unwrap();
+                let opts = WriteOptions { w: Some(Level::Count(2)), ..Default::default() };
+                let read = ReadOptions { r: Some(Level::Count(2)), ..Default::default() };
                 let mut i = 0u64;
                 while start.elapsed() < run_for && i < 20_000 {
                     let key = format!("f{}", (i * 7 + w) % 100);
                     let t = Instant::now();
                     let result = if i.is_multiple_of(2) {
-                        client.put(key.as_bytes(), format!("v{i}").as_bytes(), &opts).map(|_| ())
+                        client.put(key.as_bytes(), format!("v{i}"), &opts).map(|_| ())
                     } else {
-                        client.get(key.as_bytes(), Level::Count(2)).map(|_| ())
+                        client.get_with(key.as_bytes(), &read).map(|_| ())
                     };
                     let entry = (t - start, t.elapsed(), result.err().map(|e| e.to_string()));
                     log.lock().unwrap().push(entry);

@@ -2,7 +2,7 @@
 //! coordinators, a paused node, read repair, joins, refusals, routing.
 
 use ringkv_core::version::Object;
-use ringkv_net::{ClientConfig, ClientError, ClusterClient, ErrorCode, Level, Reply, Request, WriteOptions};
+use ringkv_net::{ClientError, ErrorCode, Level, Reply, Request, WriteOptions};
 use ringkv_tests::harness::{cli, eventually, Cluster, Node};
 use std::time::{Duration, Instant};
 
@@ -109,19 +109,17 @@ fn with_a_node_paused_quorum_works_all_fails_and_read_repair_heals_it() {
 }
 
 #[test]
-fn the_cluster_client_routes_by_topology_and_follows_a_join() {
+fn the_client_routes_by_topology_and_follows_a_join() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = Cluster::start(dir.path(), 3, 2, FAST);
-    let seeds = c.addrs();
-    let seed_refs: Vec<&str> = seeds.iter().map(String::as_str).collect();
-    let mut client = ClusterClient::connect(&seed_refs, ClientConfig::default()).unwrap();
-    let v1 = client.topology().version();
+    let mut client = ringkv_client::Client::builder().seeds(c.addrs()).build().unwrap();
+    let v1 = client.ring_version();
     for i in 0..200 {
         let key = format!("user{i}");
         // The first address is a replica's own shard for the key.
-        let route = client.topology().route(key.as_bytes());
+        let route = client.topology().unwrap().route(key.as_bytes());
         assert_eq!(route.len(), 3);
-        client.put(key.as_bytes(), format!("value{i}").as_bytes(), &WriteOptions::default()).unwrap();
+        client.put(key.as_bytes(), format!("value{i}"), &ringkv_client::WriteOptions::default()).unwrap();
     }
 
     // A fourth node joins with nothing but seeds.
@@ -133,14 +131,15 @@ fn the_cluster_client_routes_by_topology_and_follows_a_join() {
 
     // The client learns the new ring from a response and keeps working.
     eventually(Duration::from_secs(20), "the client to refresh its topology", || {
-        let _ = client.get(b"user0", Level::Quorum);
-        client.topology().version() > v1
+        let _ = client.get(b"user0");
+        client.ring_version() > v1
     });
-    assert_eq!(client.topology().cluster().members.len(), 4);
+    assert_eq!(client.topology().unwrap().cluster().members.len(), 4);
+    let all = ringkv_client::ReadOptions { r: Some(Level::All), ..Default::default() };
     for i in 0..200 {
         let key = format!("user{i}");
-        let g = client.get(key.as_bytes(), Level::All).unwrap();
-        assert_eq!(values(&g), [format!("value{i}")], "{key} after the join");
+        let g = client.get_with(key.as_bytes(), &all).unwrap();
+        assert_eq!(g.values(), [format!("value{i}").into_bytes()], "{key} after the join");
     }
     // Handoff gives the newcomer its share of the data.
     let n4 = &c.nodes[3];

@@ -173,9 +173,8 @@ fn concurrent_writers_on_both_sides_of_a_partition_become_siblings() {
     let dir = tempfile::tempdir().unwrap();
     let c = Cluster::start(dir.path(), 5, 1, FAST);
     // Keys the minority side {n4, n5} can write at w=2: it holds a replica.
-    let seeds: Vec<String> = c.addrs();
-    let seed_refs: Vec<&str> = seeds.iter().map(String::as_str).collect();
-    let topo = ringkv_net::ClusterClient::connect(&seed_refs, ClientConfig::default()).unwrap().topology().clone();
+    let client = ringkv_client::Client::builder().seeds(c.addrs()).build().unwrap();
+    let topo = client.topology().unwrap().clone();
     let minority: Vec<SocketAddr> = addrs(&c, &[3, 4]);
     let keys: Vec<String> = (0..200)
         .map(|i| format!("split/{i}"))

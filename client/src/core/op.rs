@@ -7,7 +7,7 @@
 //! ([`Operation::on_response`]) and the passing of time
 //! ([`Operation::on_timeout`] at [`Operation::poll_timeout`]).
 //!
-//! The rules (the same as `ringkv_net::ClusterClient`'s, plus hedging):
+//! The rules:
 //!
 //! 1. The first replica gets the attempt deadline (twice the observed p99,
 //!    bounded); the last untried one gets all the time left.

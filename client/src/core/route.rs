@@ -9,9 +9,8 @@
 //! - the order of endpoints to try: the key's replicas in preference order,
 //!   those marked down moved last (still tried: they may be all there is);
 //! - how long one replica gets before the next is asked, and when a read is
-//!   hedged; both from the observed p99, through the same functions as
-//!   `ringkv_net::ClusterClient` ([`ringkv_net::cluster::attempt_deadline`],
-//!   [`ringkv_net::cluster::down_backoff`]);
+//!   hedged; both from the observed p99 ([`attempt_deadline`],
+//!   [`down_backoff`]);
 //! - when the topology must be fetched again: a response carried a newer
 //!   ring version, or a request had to fail over (a member may have
 //!   changed). Refreshes are at most one in flight and one per
@@ -23,11 +22,33 @@
 //! it, since it is then ordered normally again; a success clears it.
 
 use ringkv_core::latency::RecentLatencies;
-use ringkv_net::cluster::{attempt_deadline, down_backoff, SAMPLES};
 use ringkv_net::Topology;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+
+/// The shortest wait for one replica before the next is asked (high
+/// enough that a busy machine's ordinary jitter does not send requests
+/// elsewhere).
+pub const MIN_ATTEMPT: Duration = Duration::from_millis(50);
+/// The wait before enough latencies were seen to derive one.
+const FIRST_ATTEMPT: Duration = Duration::from_millis(500);
+/// Request latencies kept for the deadline.
+pub const SAMPLES: usize = 512;
+
+/// How long one replica gets before the next is asked: twice the observed
+/// p99 (`None` before enough samples), at least [`MIN_ATTEMPT`], at most
+/// `timeout`.
+pub fn attempt_deadline(p99_us: Option<u64>, timeout: Duration) -> Duration {
+    let derived = p99_us.map_or(FIRST_ATTEMPT, |p99| Duration::from_micros(2 * p99).max(MIN_ATTEMPT));
+    derived.min(timeout)
+}
+
+/// How long an endpoint that failed `failures` times in a row (at least
+/// once) is tried last before it is probed again: 1 s, doubling to 8 s.
+pub fn down_backoff(failures: u32) -> Duration {
+    Duration::from_secs(1 << failures.max(1).saturating_sub(1).min(3))
+}
 
 /// The least time between two topology refreshes.
 pub const REFRESH_MIN_INTERVAL: Duration = Duration::from_secs(1);
@@ -218,6 +239,17 @@ pub(crate) mod tests {
     use super::*;
     use ringkv_core::membership::{ClusterState, Member};
     use ringkv_core::ring::{claim, Claimant};
+
+    #[test]
+    fn the_attempt_deadline_is_twice_the_p99_within_its_bounds_and_the_back_off_doubles_to_8_s() {
+        let timeout = Duration::from_secs(2);
+        assert_eq!(attempt_deadline(None, timeout), FIRST_ATTEMPT, "before enough samples");
+        assert_eq!(attempt_deadline(Some(300_000), timeout), Duration::from_millis(600));
+        assert_eq!(attempt_deadline(Some(1_000), timeout), MIN_ATTEMPT, "never below the floor");
+        assert_eq!(attempt_deadline(Some(5_000_000), timeout), timeout, "never past the timeout");
+        let backoffs: Vec<u64> = (0..6).map(|f| down_backoff(f).as_secs()).collect();
+        assert_eq!(backoffs, [1, 1, 2, 4, 8, 8]);
+    }
 
     /// A topology of `n` nodes at 127.0.0.1..n:7070, one shard each.
     pub(crate) fn topology(n: u8, ring_version: u64) -> Topology {
