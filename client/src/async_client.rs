@@ -114,6 +114,7 @@ impl AsyncClient {
         let router = Router::new(RouterConfig {
             request_timeout: config.request_timeout,
             hedge_reads: config.hedged_reads,
+            hedge_percentile: config.hedge_percentile,
             seeds: config.seeds.clone(),
         });
         let inner =

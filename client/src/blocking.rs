@@ -113,6 +113,7 @@ impl Client {
         let router = Router::new(RouterConfig {
             request_timeout: config.request_timeout,
             hedge_reads: config.hedged_reads,
+            hedge_percentile: config.hedge_percentile,
             seeds: config.seeds.clone(),
         });
         let mut c = Client { config: Arc::new(config), router, conns: Vec::new(), next_serial: 0 };

@@ -4,7 +4,8 @@
 //! [`ClientBuilder::build`] (blocking client) or `build_async` (tokio
 //! client); the shells only ever see a checked [`Config`]. Defaults: cluster
 //! `ringkv`, connect timeout 2 s, request timeout 10 s, the node's default
-//! r, w and durability, one connection per shard, hedged reads on.
+//! r, w and durability, one connection per shard, reads hedged after the
+//! observed p99.
 //!
 //! TLS is not there yet: traffic is not encrypted (the node does not
 //! offer TLS either); use it on a trusted network.
@@ -18,6 +19,11 @@ use std::time::Duration;
 
 /// The most connections a client opens to one shard.
 pub const MAX_CONNECTIONS_PER_SHARD: usize = 64;
+/// The percentile a read is hedged after unless told otherwise.
+pub const DEFAULT_HEDGE_PERCENTILE: f64 = 99.0;
+/// The hedge percentiles accepted: below the median a hedge doubles most
+/// reads; 100 would be the slowest read ever seen.
+const HEDGE_PERCENTILES: std::ops::RangeInclusive<f64> = 50.0..=99.9;
 /// The most requests in flight on one connection; beyond it a request
 /// waits for another connection or a free slot.
 pub const MAX_IN_FLIGHT_PER_CONNECTION: usize = 1024;
@@ -43,8 +49,10 @@ pub struct Config {
     pub connections_per_shard: usize,
     /// What to authenticate with.
     pub credentials: Option<Credentials>,
-    /// Whether reads are hedged after the observed p99.
+    /// Whether reads are hedged.
     pub hedged_reads: bool,
+    /// The percentile of observed latencies a read is hedged after.
+    pub hedge_percentile: f64,
 }
 
 /// Builds a client.
@@ -77,6 +85,7 @@ pub struct ClientBuilder {
     connections_per_shard: usize,
     credentials: Option<Credentials>,
     hedged_reads: bool,
+    hedge_percentile: f64,
 }
 
 impl Default for ClientBuilder {
@@ -92,6 +101,7 @@ impl Default for ClientBuilder {
             connections_per_shard: 1,
             credentials: None,
             hedged_reads: true,
+            hedge_percentile: DEFAULT_HEDGE_PERCENTILE,
         }
     }
 }
@@ -185,10 +195,24 @@ impl ClientBuilder {
         self
     }
 
+    /// After which percentile of the latencies this client observed a read
+    /// is hedged (default 99: one read in a hundred is sent twice; 90 cuts
+    /// more of the tail for ten times the extra reads). From 50 to 99.9.
+    pub fn hedge_percentile(mut self, percentile: f64) -> Self {
+        self.hedge_percentile = percentile;
+        self
+    }
+
     /// Checks the settings, resolving seed names with `resolve`.
     pub(crate) fn config_with(self, resolve: impl Fn(&str) -> std::io::Result<Vec<SocketAddr>>) -> Result<Config> {
         if self.seeds.is_empty() {
             return Err(Error::Config("no seed given: name at least one node".into()));
+        }
+        if !HEDGE_PERCENTILES.contains(&self.hedge_percentile) {
+            return Err(Error::Config(format!(
+                "the hedge percentile must be from 50 to 99.9, not {}",
+                self.hedge_percentile
+            )));
         }
         if self.connect_timeout.is_zero() || self.request_timeout.is_zero() {
             return Err(Error::Config("timeouts must be positive".into()));
@@ -218,6 +242,7 @@ impl ClientBuilder {
             connections_per_shard: self.connections_per_shard,
             credentials: self.credentials,
             hedged_reads: self.hedged_reads,
+            hedge_percentile: self.hedge_percentile,
         })
     }
 
@@ -277,6 +302,7 @@ mod tests {
             .connections_per_shard(4)
             .user("alice", "pw")
             .hedged_reads(false)
+            .hedge_percentile(95.0)
             .config()
             .unwrap();
         assert_eq!(c.seeds.len(), 2, "a seed named twice is one");
@@ -284,5 +310,10 @@ mod tests {
         assert_eq!(c.connections_per_shard, 4);
         assert_eq!(c.credentials.as_ref().map(Credentials::user), Some("alice"));
         assert!(!c.hedged_reads);
+        assert_eq!(c.hedge_percentile, 95.0);
+        for bad in [0.0, 49.9, 100.0, f64::NAN] {
+            let e = ClientBuilder::new().seed("127.0.0.1:7070").hedge_percentile(bad).config().unwrap_err().to_string();
+            assert!(e.contains("hedge percentile"), "{bad}: {e}");
+        }
     }
 }

@@ -67,8 +67,11 @@ struct Health {
 pub struct RouterConfig {
     /// The whole time a request may take, all attempts together.
     pub request_timeout: Duration,
-    /// Whether reads are hedged after the observed p99.
+    /// Whether reads are hedged.
     pub hedge_reads: bool,
+    /// The percentile of observed latencies after which a read is hedged
+    /// (99: only the slowest hundredth of reads is doubled).
+    pub hedge_percentile: f64,
     /// Where to fetch the topology from when no member answers.
     pub seeds: Vec<SocketAddr>,
 }
@@ -176,14 +179,14 @@ impl Router {
 
     /// How long a read waits for its first replica before also asking the
     /// next (`None`: no hedging, or too few latencies seen to know what is
-    /// slow). The observed p99: only the slowest hundredth of reads is
-    /// doubled.
+    /// slow): the configured percentile of observed latencies, so only
+    /// that share of reads is doubled.
     pub fn hedge_delay(&self) -> Option<Duration> {
         if !self.config.hedge_reads {
             return None;
         }
-        let p99 = Duration::from_micros(self.latencies.p99_us()?);
-        Some(p99.max(MIN_HEDGE_DELAY).min(self.attempt_deadline()))
+        let after = self.latencies.quantile_us(self.config.hedge_percentile / 100.0)?;
+        Some(Duration::from_micros(after).max(MIN_HEDGE_DELAY).min(self.attempt_deadline()))
     }
 
     /// `addr` answered a request sent at `sent` by `now`.
@@ -271,6 +274,7 @@ pub(crate) mod tests {
         RouterConfig {
             request_timeout: Duration::from_secs(2),
             hedge_reads: true,
+            hedge_percentile: 99.0,
             seeds: vec!["127.0.0.9:7070".parse().unwrap()],
         }
     }
@@ -330,6 +334,19 @@ pub(crate) mod tests {
         assert_eq!(r.attempt_deadline(), Duration::from_millis(50), "2 x p99, at least MIN_ATTEMPT");
         let off = Router::new(RouterConfig { hedge_reads: false, ..config() });
         assert_eq!(off.hedge_delay(), None);
+        // Hedged after the p90 instead: 9 reads in 10 take 10 ms, 1 takes 40.
+        let mut p90 = Router::new(RouterConfig { hedge_percentile: 90.0, ..config() });
+        for i in 0..100 {
+            let ms = if i % 10 == 0 { 40 } else { 10 };
+            p90.succeeded("127.0.0.1:7070".parse().unwrap(), t0, t0 + Duration::from_millis(ms));
+        }
+        assert_eq!(p90.hedge_delay(), Some(Duration::from_millis(40)), "p90 of 10 x 40 ms among 100");
+        let mut p80 = Router::new(RouterConfig { hedge_percentile: 80.0, ..config() });
+        for i in 0..100 {
+            let ms = if i % 10 == 0 { 40 } else { 10 };
+            p80.succeeded("127.0.0.1:7070".parse().unwrap(), t0, t0 + Duration::from_millis(ms));
+        }
+        assert_eq!(p80.hedge_delay(), Some(Duration::from_millis(10)));
     }
 
     #[test]

@@ -2,10 +2,11 @@
 //! observed: the coordinator's read hedge, the cluster client's per-replica
 //! deadline.
 //!
-//! A ring of the last `capacity` samples; the p99 is recomputed every
-//! [`MIN_SAMPLES`] samples (a sort of at most `capacity` numbers), and only
-//! once that many were seen: before, there is no p99 and callers use their
-//! configured default.
+//! A ring of the last `capacity` samples; the p99 (and any other quantile,
+//! [`RecentLatencies::quantile_us`]) is recomputed every [`MIN_SAMPLES`]
+//! samples (a sort of at most `capacity` numbers), and only once that many
+//! were seen: before, there is none and callers use their configured
+//! default.
 
 /// Samples needed before there is a p99, and between two recomputations.
 pub const MIN_SAMPLES: usize = 32;
@@ -16,13 +17,22 @@ pub struct RecentLatencies {
     ring: Vec<u32>,
     next: usize,
     since_update: usize,
+    /// The samples as last sorted (empty before [`MIN_SAMPLES`]).
+    sorted: Vec<u32>,
     p99_us: Option<u64>,
 }
 
 impl RecentLatencies {
     pub fn new(capacity: usize) -> RecentLatencies {
         let capacity = capacity.max(MIN_SAMPLES);
-        RecentLatencies { capacity, ring: Vec::with_capacity(capacity), next: 0, since_update: 0, p99_us: None }
+        RecentLatencies {
+            capacity,
+            ring: Vec::with_capacity(capacity),
+            next: 0,
+            since_update: 0,
+            sorted: Vec::new(),
+            p99_us: None,
+        }
     }
 
     pub fn record(&mut self, us: u64) {
@@ -36,10 +46,18 @@ impl RecentLatencies {
         self.since_update += 1;
         if self.ring.len() >= MIN_SAMPLES && self.since_update >= MIN_SAMPLES {
             self.since_update = 0;
-            let mut sorted = self.ring.clone();
-            sorted.sort_unstable();
-            self.p99_us = Some(u64::from(sorted[(sorted.len() * 99 / 100).min(sorted.len() - 1)]));
+            self.sorted.clone_from(&self.ring);
+            self.sorted.sort_unstable();
+            self.p99_us = self.quantile_us(0.99);
         }
+    }
+
+    /// The `q` quantile (0 to 1) of the samples as last sorted, once enough
+    /// were seen.
+    pub fn quantile_us(&self, q: f64) -> Option<u64> {
+        let n = self.sorted.len();
+        let i = ((n as f64 * q.clamp(0.0, 1.0)) as usize).min(n.checked_sub(1)?);
+        Some(u64::from(self.sorted[i]))
     }
 
     /// The p99 of the recent samples, once enough were seen.
@@ -66,5 +84,19 @@ mod tests {
             l.record(5_000);
         }
         assert_eq!(l.p99_us(), Some(5_000));
+    }
+
+    #[test]
+    fn any_quantile_comes_from_the_same_sorted_samples() {
+        let mut l = RecentLatencies::new(64);
+        assert_eq!(l.quantile_us(0.9), None);
+        // Recomputed every MIN_SAMPLES samples: at 32 and at 64.
+        for us in 1..=64 {
+            l.record(us);
+        }
+        assert_eq!(l.quantile_us(0.5), Some(33));
+        assert_eq!(l.quantile_us(0.9), Some(58));
+        assert_eq!(l.quantile_us(0.99), l.p99_us());
+        assert_eq!(l.quantile_us(1.0), Some(64));
     }
 }
