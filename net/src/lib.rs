@@ -4,6 +4,7 @@
 //! - [`proto`]: typed messages and their verified flatbuffer encoding;
 //! - [`session`]: the client side of a connection as a sans-I/O state machine;
 //! - [`client`]: a blocking, pipelining client for one endpoint;
+//! - [`tls`]: PEM loading and the rustls settings every connecting side shares;
 //! - [`topology`] and [`cluster`]: routing by the cluster's layout, and a
 //!   client that sends each request straight to a replica's owning shard.
 //!
@@ -17,6 +18,7 @@ pub mod frame;
 mod generated;
 pub mod proto;
 pub mod session;
+pub mod tls;
 pub mod topology;
 
 pub use client::{Client, ClientConfig, ClientError, WriteOptions};
