@@ -17,6 +17,11 @@
 //!   synchronous steps, never across an await. A topology refresh runs as
 //!   a task of its own, at most one at a time (the router says when).
 //!
+//! With TLS, the connection task drives a rustls `ClientConnection` between
+//! the socket and the core ([`crate::tls`], the same code as the blocking
+//! client's) on tokio's readiness API; without, the plain path is as it
+//! was.
+//!
 //! The client is cheap to clone (an `Arc`); clones share connections.
 
 // The shell owns the clock (client/clippy.toml bans it everywhere else).
@@ -31,6 +36,7 @@ use crate::requests;
 use crate::resolve::{resolve_siblings, Resolve, Value};
 use crate::siblings::{Context, ReadOptions, Siblings, WriteOptions};
 use crate::telemetry;
+use crate::tls::TryIo;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use ringkv_net::proto::{Reply, Request};
 use ringkv_net::Topology;
@@ -376,21 +382,22 @@ async fn connection_task(
         }
     };
     let _ = stream.set_nodelay(true);
+    let mut tls = match crate::tls::start(&config, addr) {
+        Ok(tls) => tls,
+        Err(error) => {
+            telemetry::connection_failed(addr, &error);
+            return refuse_queued(&mut rx, &load, &error);
+        }
+    };
     telemetry::connection_opened(addr);
     let mut core = Connection::new(&config.cluster, config.credentials.clone(), Instant::now(), config.connect_timeout);
     let mut replies: HashMap<RequestId, oneshot::Sender<Answer>> = HashMap::new();
     let mut clients_gone = false;
     let error = loop {
         // Write what the socket takes now; the rest when it is writable.
-        while !core.transmit().is_empty() {
-            match stream.try_write(core.transmit()) {
-                Ok(n) => core.advance_transmit(n),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    core.fail(Error::io(e));
-                    break;
-                }
-            }
+        match &mut tls {
+            None => write_available(&stream, &mut core),
+            Some(tls) => crate::tls::flush(tls, &mut core, &mut TryIo(&stream)),
         }
         let failed = deliver(&mut core, &mut replies, &load);
         if let Some(e) = failed {
@@ -400,7 +407,10 @@ async fn connection_task(
             return;
         }
         let accepting = !clients_gone && replies.len() < MAX_IN_FLIGHT_PER_CONNECTION;
-        let want_write = !core.transmit().is_empty();
+        let want_write = match &tls {
+            None => !core.transmit().is_empty(),
+            Some(tls) => crate::tls::wants_write(tls, &core),
+        };
         let wake = core.poll_timeout();
         tokio::select! {
             cmd = rx.recv(), if accepting => match cmd {
@@ -428,7 +438,10 @@ async fn connection_task(
                 None => clients_gone = true,
             },
             ready = stream.readable() => match ready {
-                Ok(()) => read_available(&stream, &mut core),
+                Ok(()) => match &mut tls {
+                    None => read_available(&stream, &mut core),
+                    Some(tls) => crate::tls::receive(tls, &mut core, &mut TryIo(&stream), addr),
+                },
                 Err(e) => core.fail(Error::io(e)),
             },
             ready = stream.writable(), if want_write => {
@@ -471,6 +484,17 @@ fn deliver(
         }
     }
     failed
+}
+
+/// Writes what the connection has to send, as far as the socket takes it.
+fn write_available(stream: &TcpStream, core: &mut Connection) {
+    while !core.transmit().is_empty() {
+        match stream.try_write(core.transmit()) {
+            Ok(n) => core.advance_transmit(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+            Err(e) => return core.fail(Error::io(e)),
+        }
+    }
 }
 
 /// Reads what the socket holds into the connection.

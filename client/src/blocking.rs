@@ -17,6 +17,11 @@
 //! completes in the same poll loop as the handshake, both within the
 //! connect timeout, so an unreachable replica delays no failover.
 //!
+//! With TLS, each connection also holds a rustls `ClientConnection` that
+//! the same loop drives ([`crate::tls`]): the TLS handshake completes in the
+//! poll loop too, within the connect timeout, and the plain path is left
+//! as it was.
+//!
 //! The topology is refreshed at the start of a call when the router asks
 //! for it (a node reported a newer ring, or a request failed over).
 //!
@@ -53,6 +58,8 @@ struct Conn {
     addr: SocketAddr,
     stream: TcpStream,
     core: Connection,
+    /// TLS between the socket and `core`; `None`: plain TCP.
+    tls: Option<Box<rustls::ClientConnection>>,
     /// The TCP connect is in progress (the socket is non-blocking from the
     /// start, so an unreachable node costs no caller a blocked connect).
     connecting: bool,
@@ -473,6 +480,7 @@ impl Client {
             Err(e) => return Err(connect_err(e)),
         };
         let stream: TcpStream = socket.into();
+        let tls = crate::tls::start(&self.config, addr)?;
         let core = Connection::new(
             &self.config.cluster,
             self.config.credentials.clone(),
@@ -481,7 +489,7 @@ impl Client {
         );
         telemetry::connection_opened(addr);
         self.next_serial += 1;
-        self.conns.push(Conn { serial: self.next_serial, addr, stream, core, connecting });
+        self.conns.push(Conn { serial: self.next_serial, addr, stream, core, tls, connecting });
         Ok(self.conns.len() - 1)
     }
 
@@ -491,7 +499,7 @@ impl Client {
         let active: Vec<usize> = (0..self.conns.len())
             .filter(|&k| {
                 let c = &self.conns[k].core;
-                !c.is_failed() && (c.in_flight() > 0 || !c.is_ready() || !c.transmit().is_empty())
+                !c.is_failed() && (c.in_flight() > 0 || !c.is_ready() || self.conns[k].wants_write())
             })
             .collect();
         let mut fds: Vec<libc::pollfd> = active
@@ -501,10 +509,10 @@ impl Client {
                 // A connect in progress completes as writability.
                 let events = if c.connecting {
                     libc::POLLOUT
-                } else if c.core.transmit().is_empty() {
-                    libc::POLLIN
-                } else {
+                } else if c.wants_write() {
                     libc::POLLIN | libc::POLLOUT
+                } else {
+                    libc::POLLIN
                 };
                 libc::pollfd { fd: c.stream.as_raw_fd(), events, revents: 0 }
             })
@@ -545,6 +553,16 @@ impl Client {
     }
 }
 
+impl Conn {
+    /// Whether there are bytes for the socket to take.
+    fn wants_write(&self) -> bool {
+        match &self.tls {
+            None => !self.core.transmit().is_empty(),
+            Some(tls) => crate::tls::wants_write(tls, &self.core),
+        }
+    }
+}
+
 /// The connect in progress ended (the socket polled writable or in
 /// error): the connection goes on to its handshake, or fails.
 fn connected(c: &mut Conn) {
@@ -560,6 +578,9 @@ fn connected(c: &mut Conn) {
 fn flush(c: &mut Conn) {
     if c.connecting {
         return;
+    }
+    if let Some(tls) = &mut c.tls {
+        return crate::tls::flush(tls, &mut c.core, &mut c.stream);
     }
     loop {
         let out = c.core.transmit();
@@ -578,7 +599,13 @@ fn flush(c: &mut Conn) {
 
 /// Reads what the socket holds into the connection.
 fn receive(c: &mut Conn) {
-    while !c.connecting && !c.core.is_failed() {
+    if c.connecting {
+        return;
+    }
+    if let Some(tls) = &mut c.tls {
+        return crate::tls::receive(tls, &mut c.core, &mut c.stream, c.addr);
+    }
+    while !c.core.is_failed() {
         let buf = c.core.read_buffer(READ_CHUNK);
         match c.stream.read(buf) {
             Ok(n) => {

@@ -7,14 +7,21 @@
 //! r, w and durability, one connection per shard, reads hedged after the
 //! observed p99.
 //!
-//! TLS is not there yet: traffic is not encrypted (the node does not
-//! offer TLS either); use it on a trusted network.
+//! TLS is off unless a CA is given ([`ClientBuilder::tls_ca`] or
+//! [`ClientBuilder::tls_roots`]); with it every connection is TLS, the
+//! node's certificate is checked for the address connected to (an IP SAN)
+//! or for [`ClientBuilder::tls_server_name`], and a client certificate is
+//! presented when one is given ([`ClientBuilder::tls_client_cert`]), for
+//! nodes with `tls_require_client_cert`.
 
 use crate::error::{Error, Result};
 use ringkv_net::auth::Credentials;
 use ringkv_net::client::DEFAULT_CLUSTER;
+use ringkv_net::tls::{self, ClientTls, Identity};
 use ringkv_net::Level;
+use rustls::RootCertStore;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// The most connections a client opens to one shard.
@@ -53,6 +60,47 @@ pub struct Config {
     pub hedged_reads: bool,
     /// The percentile of observed latencies a read is hedged after.
     pub hedge_percentile: f64,
+    /// TLS settings; `None`: plain TCP.
+    pub tls: Option<ClientTls>,
+}
+
+/// Where the trusted CAs come from.
+#[derive(Debug, Clone)]
+enum Roots {
+    File(PathBuf),
+    Given(RootCertStore),
+}
+
+/// The TLS settings given to the builder, checked in `build`.
+#[derive(Debug, Clone, Default)]
+struct TlsOptions {
+    roots: Option<Roots>,
+    client_cert: Option<(PathBuf, PathBuf)>,
+    server_name: Option<String>,
+}
+
+impl TlsOptions {
+    fn is_set(&self) -> bool {
+        self.roots.is_some() || self.client_cert.is_some() || self.server_name.is_some()
+    }
+
+    fn load(self) -> Result<Option<ClientTls>> {
+        if !self.is_set() {
+            return Ok(None);
+        }
+        let roots = match self.roots {
+            Some(Roots::File(path)) => tls::load_roots(&path, "TLS CA").map_err(Error::Config)?,
+            Some(Roots::Given(roots)) => roots,
+            None => return Err(Error::Config("TLS needs the CAs to trust: tls_ca or tls_roots".into())),
+        };
+        let identity = match self.client_cert {
+            Some((cert, key)) => {
+                Some(Identity::load(&cert, "TLS client certificate", &key, "TLS client key").map_err(Error::Config)?)
+            }
+            None => None,
+        };
+        ClientTls::new(roots, identity, self.server_name.as_deref()).map(Some).map_err(Error::Config)
+    }
 }
 
 /// Builds a client.
@@ -86,6 +134,7 @@ pub struct ClientBuilder {
     credentials: Option<Credentials>,
     hedged_reads: bool,
     hedge_percentile: f64,
+    tls: TlsOptions,
 }
 
 impl Default for ClientBuilder {
@@ -102,6 +151,7 @@ impl Default for ClientBuilder {
             credentials: None,
             hedged_reads: true,
             hedge_percentile: DEFAULT_HEDGE_PERCENTILE,
+            tls: TlsOptions::default(),
         }
     }
 }
@@ -203,6 +253,32 @@ impl ClientBuilder {
         self
     }
 
+    /// Speaks TLS, trusting the CAs of this PEM bundle (read by `build`).
+    pub fn tls_ca(mut self, pem_file: impl Into<PathBuf>) -> Self {
+        self.tls.roots = Some(Roots::File(pem_file.into()));
+        self
+    }
+
+    /// Speaks TLS, trusting these CAs (instead of [`ClientBuilder::tls_ca`]).
+    pub fn tls_roots(mut self, roots: RootCertStore) -> Self {
+        self.tls.roots = Some(Roots::Given(roots));
+        self
+    }
+
+    /// Presents this certificate (PEM chain) with its private key (PEM)
+    /// when a node asks for one (nodes with `tls_require_client_cert`).
+    pub fn tls_client_cert(mut self, cert_pem_file: impl Into<PathBuf>, key_pem_file: impl Into<PathBuf>) -> Self {
+        self.tls.client_cert = Some((cert_pem_file.into(), key_pem_file.into()));
+        self
+    }
+
+    /// Checks every node's certificate for this DNS name, instead of the
+    /// IP address connected to (for nodes that share one name).
+    pub fn tls_server_name(mut self, name: impl Into<String>) -> Self {
+        self.tls.server_name = Some(name.into());
+        self
+    }
+
     /// Checks the settings, resolving seed names with `resolve`.
     pub(crate) fn config_with(self, resolve: impl Fn(&str) -> std::io::Result<Vec<SocketAddr>>) -> Result<Config> {
         if self.seeds.is_empty() {
@@ -226,6 +302,7 @@ impl ClientBuilder {
         if matches!(self.credentials, Some(Credentials::ClusterSecret(_))) {
             return Err(Error::Config("the cluster secret is for nodes; a client uses a token or a user".into()));
         }
+        let tls = self.tls.load()?;
         let mut seeds = Vec::new();
         for s in &self.seeds {
             let addrs = resolve(s).map_err(|e| Error::Config(format!("seed {s:?}: {e}")))?;
@@ -243,6 +320,7 @@ impl ClientBuilder {
             credentials: self.credentials,
             hedged_reads: self.hedged_reads,
             hedge_percentile: self.hedge_percentile,
+            tls,
         })
     }
 
@@ -289,6 +367,12 @@ mod tests {
         let secret = seeded().credentials(Some(Credentials::ClusterSecret("s".into())));
         assert!(secret.config().unwrap_err().to_string().contains("cluster secret"));
         assert!(seeded().seed("no-such-host.invalid:1").config().is_err());
+        let nameless = seeded().tls_server_name("ringkv.internal").config().unwrap_err();
+        assert!(nameless.to_string().contains("TLS needs the CAs to trust"), "{nameless}");
+        let missing = seeded().tls_ca("/no/such/ca.pem").config().unwrap_err();
+        assert!(missing.to_string().contains("TLS CA: cannot read /no/such/ca.pem"), "{missing}");
+        let bad_name = seeded().tls_roots(RootCertStore::empty()).tls_server_name("not a name!").config();
+        assert!(bad_name.unwrap_err().to_string().contains("server name"));
     }
 
     #[test]

@@ -104,6 +104,17 @@ pub enum Error {
     /// A connection failed while requests were on it.
     #[error("connection failed: {0}")]
     Io(Arc<std::io::Error>),
+    /// TLS with `addr` failed: its certificate is not signed by a CA the
+    /// client trusts, does not carry the name checked, or the node refused
+    /// the client's certificate (or its absence). Another node may have a
+    /// good certificate, so requests move on; the error says which case.
+    #[error("TLS with {addr}: {message}")]
+    Tls {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// What failed, in words.
+        message: String,
+    },
     /// The node broke the protocol (or refused the handshake); the
     /// connection was closed.
     #[error("protocol error: {0}")]
@@ -147,6 +158,11 @@ impl Error {
         }
     }
 
+    /// A TLS failure with `addr`.
+    pub fn tls(addr: SocketAddr, e: &rustls::Error) -> Error {
+        Error::Tls { addr, message: ringkv_net::tls::describe(e) }
+    }
+
     /// An I/O error, shared.
     pub fn io(e: std::io::Error) -> Error {
         Error::Io(Arc::new(e))
@@ -161,7 +177,11 @@ impl Error {
     /// replicas and say the same.
     pub fn is_retryable_elsewhere(&self) -> bool {
         match self {
-            Error::Connect { .. } | Error::Io(_) | Error::Protocol(_) | Error::Overloaded { .. } => true,
+            Error::Connect { .. }
+            | Error::Io(_)
+            | Error::Tls { .. }
+            | Error::Protocol(_)
+            | Error::Overloaded { .. } => true,
             Error::Timeout { by_node, .. } => !by_node,
             Error::Server { code, .. } => *code == ErrorCode::StaleTopology,
             _ => false,
@@ -173,7 +193,11 @@ impl Error {
     pub fn is_endpoint_failure(&self) -> bool {
         matches!(
             self,
-            Error::Connect { .. } | Error::Io(_) | Error::Protocol(_) | Error::Timeout { by_node: false, .. }
+            Error::Connect { .. }
+                | Error::Io(_)
+                | Error::Tls { .. }
+                | Error::Protocol(_)
+                | Error::Timeout { by_node: false, .. }
         )
     }
 
@@ -190,6 +214,7 @@ impl Error {
             Error::Server { .. } => "server",
             Error::Connect { .. } => "connect",
             Error::Io(_) => "io",
+            Error::Tls { .. } => "tls",
             Error::Protocol(_) => "protocol",
             Error::NoReplicas => "no_replicas",
             Error::Decode(_) => "decode",
@@ -231,7 +256,10 @@ mod tests {
     fn transport_failures_retry_elsewhere_and_mark_the_endpoint() {
         let io = Error::io(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
         let late = Error::Timeout { after: Duration::from_millis(5), by_node: false };
-        for e in [io, late] {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 7070));
+        let tls = Error::tls(addr, &rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer));
+        assert!(tls.to_string().contains("not signed by a CA trusted here"), "{tls}");
+        for e in [io, late, tls] {
             assert!(e.is_retryable_elsewhere() && e.is_endpoint_failure(), "{e}");
         }
         let refused = Error::from_session(SessionError::Refused(WireError::new(ErrorCode::Unauthorized, "bad token")));

@@ -26,8 +26,11 @@
 //! - **Telemetry**: metrics through the `metrics` facade and `tracing`
 //!   spans, see [`telemetry`].
 //!
-//! Not there yet: TLS (traffic is not encrypted; the node has no TLS
-//! either).
+//! - **TLS**: optional, with rustls ([`ClientBuilder::tls_ca`], a client
+//!   certificate for nodes that require one); a TLS failure is
+//!   [`Error::Tls`], saying whether a certificate was not trusted, did not
+//!   carry the right name, or was refused. Without TLS, traffic (values
+//!   included) crosses the network in clear.
 //!
 //! ```no_run
 //! use ringkv_client::{Client, Level, WriteOptions};
@@ -64,6 +67,7 @@ mod requests;
 mod resolve;
 mod siblings;
 pub mod telemetry;
+mod tls;
 
 #[cfg(feature = "tokio")]
 pub use async_client::AsyncClient;
@@ -73,4 +77,6 @@ pub use error::{Error, Result};
 pub use resolve::{resolve_siblings, LastWriterWins, LatestBy, Resolution, Resolve, Timestamped, Value};
 pub use ringkv_net::auth::Credentials;
 pub use ringkv_net::{ErrorCode, Level, Topology};
+/// The TLS library of [`ClientBuilder::tls_roots`]: its `RootCertStore`.
+pub use rustls;
 pub use siblings::{Context, ReadOptions, Siblings, WriteOptions};

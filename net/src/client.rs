@@ -3,11 +3,14 @@
 //! It sends each request to the node (and shard) it is connected to; routing
 //! across a cluster is the cluster client's job. Requests can be pipelined:
 //! [`Client::send`] queues without waiting and [`Client::recv`] returns
-//! responses in the order they arrive.
+//! responses in the order they arrive. With [`ClientConfig::tls`] the
+//! connection runs over TLS (rustls' blocking stream), and TLS failures are
+//! [`ClientError::Tls`].
 
 use crate::auth::Credentials;
 use crate::proto::{GetResult, Hello, HelloAck, Level, NodeInfo, Reply, Request, Response, WireError};
 use crate::session::{Event, Session, SessionError};
+use crate::tls::{self, ClientTls};
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -31,6 +34,9 @@ pub enum ClientError {
     Session(#[from] SessionError),
     #[error("unexpected reply to {request}: {reply:?}")]
     UnexpectedReply { request: &'static str, reply: Box<Reply> },
+    /// The TLS handshake or a TLS record failed (see [`tls::describe`]).
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 #[derive(Debug, Clone)]
@@ -43,6 +49,8 @@ pub struct ClientConfig {
     pub bind: Option<std::net::IpAddr>,
     /// What to authenticate with, if the node asks.
     pub credentials: Option<Credentials>,
+    /// Speak TLS to the node (a node with `tls_cert` refuses plain TCP).
+    pub tls: Option<ClientTls>,
 }
 
 impl Default for ClientConfig {
@@ -52,6 +60,7 @@ impl Default for ClientConfig {
             timeout: Duration::from_secs(10),
             bind: None,
             credentials: None,
+            tls: None,
         }
     }
 }
@@ -64,6 +73,54 @@ fn open(addr: &SocketAddr, config: &ClientConfig) -> io::Result<TcpStream> {
     Ok(s.into())
 }
 
+/// The byte stream under a session: plain TCP, or TLS over it.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Stream {
+    fn new(tcp: TcpStream, tls: Option<&ClientTls>) -> Result<Stream, ClientError> {
+        let Some(tls) = tls else { return Ok(Stream::Plain(tcp)) };
+        let ip = tcp.peer_addr()?.ip();
+        let conn = tls.connect(ip).map_err(|e| ClientError::Tls(tls::describe(&e)))?;
+        Ok(Stream::Tls(Box::new(rustls::StreamOwned::new(conn, tcp))))
+    }
+
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => &s.sock,
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+        }
+    }
+
+    /// Sends what TLS still holds (a write may leave records buffered).
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
+        }
+    }
+}
+
 /// Options of a put or delete.
 #[derive(Debug, Clone, Default)]
 pub struct WriteOptions {
@@ -73,7 +130,7 @@ pub struct WriteOptions {
 }
 
 pub struct Client {
-    stream: TcpStream,
+    stream: Stream,
     session: Session,
     timeout: Duration,
     server: HelloAck,
@@ -103,7 +160,7 @@ impl Client {
         stream.set_read_timeout(Some(config.timeout))?;
         stream.set_write_timeout(Some(config.timeout))?;
         let mut c = Client {
-            stream,
+            stream: Stream::new(stream, config.tls.as_ref())?,
             session: Session::with_credentials(Hello::client(&config.cluster), config.credentials.clone()),
             timeout: config.timeout,
             server: HelloAck {
@@ -129,12 +186,16 @@ impl Client {
     /// The connected stream, handshake done, for a caller that speaks the
     /// protocol itself (the benchmark's load generator). Refused while
     /// requests are outstanding or received bytes are unread: the caller
-    /// would never see them.
+    /// would never see them; and refused over TLS, which a plain stream
+    /// cannot carry on.
     pub fn into_stream(self) -> Result<TcpStream, ClientError> {
         if self.session.in_flight() > 0 || self.session.buffered() > 0 || !self.early.is_empty() {
             return Err(SessionError::Protocol("the connection has requests or data outstanding".into()).into());
         }
-        Ok(self.stream)
+        match self.stream {
+            Stream::Plain(s) => Ok(s),
+            Stream::Tls(_) => Err(ClientError::Tls("a TLS connection cannot be handed over as plain TCP".into())),
+        }
     }
 
     /// What the server said about itself in the handshake.
@@ -144,8 +205,8 @@ impl Client {
 
     pub fn set_timeout(&mut self, timeout: Duration) -> io::Result<()> {
         self.timeout = timeout;
-        self.stream.set_read_timeout(Some(timeout))?;
-        self.stream.set_write_timeout(Some(timeout))
+        self.stream.tcp().set_read_timeout(Some(timeout))?;
+        self.stream.tcp().set_write_timeout(Some(timeout))
     }
 
     /// Queues and sends a request without waiting for its response.
@@ -217,9 +278,9 @@ impl Client {
     pub fn call_within(&mut self, body: Request, wait: Duration) -> Result<Reply, ClientError> {
         let id = self.send(body)?;
         let wait = wait.max(Duration::from_millis(1));
-        self.stream.set_read_timeout(Some(wait))?;
+        self.stream.tcp().set_read_timeout(Some(wait))?;
         let answer = self.wait(id);
-        self.stream.set_read_timeout(Some(self.timeout))?;
+        self.stream.tcp().set_read_timeout(Some(self.timeout))?;
         match answer {
             Err(ClientError::Timeout(_)) => Err(ClientError::Timeout(wait)),
             other => other,
@@ -275,7 +336,7 @@ impl Client {
         let out = self.session.output();
         if !out.is_empty() {
             let n = out.len();
-            self.stream.write_all(out).map_err(|e| self.io_error(e))?;
+            self.stream.write_all(out).and_then(|()| self.stream.flush()).map_err(|e| self.io_error(e))?;
             self.session.consumed(n);
         }
         Ok(())
@@ -303,6 +364,9 @@ impl Client {
     }
 
     fn io_error(&self, e: io::Error) -> ClientError {
+        if let Some(t) = tls::from_io(&e) {
+            return ClientError::Tls(tls::describe(t));
+        }
         match e.kind() {
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::Timeout(self.timeout),
             _ => ClientError::Io(e),

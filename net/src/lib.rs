@@ -4,6 +4,7 @@
 //! - [`proto`]: typed messages and their verified flatbuffer encoding;
 //! - [`session`]: the client side of a connection as a sans-I/O state machine;
 //! - [`client`]: a blocking, pipelining client for one endpoint;
+//! - [`tls`]: PEM loading and the rustls settings every connecting side shares;
 //! - [`topology`]: routing by the cluster's layout (which replica's shard
 //!   serves each key), for ring-aware clients such as `ringkv-client`.
 //!
@@ -16,6 +17,7 @@ pub mod frame;
 mod generated;
 pub mod proto;
 pub mod session;
+pub mod tls;
 pub mod topology;
 
 pub use client::{Client, ClientConfig, ClientError, WriteOptions};

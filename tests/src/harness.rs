@@ -7,6 +7,7 @@
 //! itself killed.
 
 use ringkv_net::auth::Credentials;
+use ringkv_net::tls::ClientTls;
 use ringkv_net::{Client, ClientConfig};
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
@@ -92,6 +93,9 @@ pub struct NodeSpec {
     /// What the harness's own clients authenticate with (a node configured
     /// with tokens or users through `extra`).
     pub credentials: Option<Credentials>,
+    /// How the harness's own clients speak TLS to it (a node given TLS
+    /// flags through `extra`).
+    pub tls: Option<ClientTls>,
 }
 
 impl NodeSpec {
@@ -107,6 +111,7 @@ impl NodeSpec {
             seeds: Vec::new(),
             extra: Vec::new(),
             credentials: None,
+            tls: None,
         }
     }
 
@@ -116,7 +121,7 @@ impl NodeSpec {
 
     /// How the harness connects to this node.
     pub fn client_config(&self, timeout: Duration) -> ClientConfig {
-        ClientConfig { timeout, credentials: self.credentials.clone(), ..Default::default() }
+        ClientConfig { timeout, credentials: self.credentials.clone(), tls: self.tls.clone(), ..Default::default() }
     }
 }
 
@@ -318,8 +323,10 @@ pub fn cli(args: &[&str], stdin: Option<&[u8]>) -> Output {
 pub fn cli_env(args: &[&str], stdin: Option<&[u8]>, env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(ringkv_bin());
     cmd.args(args).env_remove("RINGKV_ENDPOINT").env("RINGKV_LOG", "warn");
-    // Credentials only where a test passes them.
-    for var in [ringkv_net::auth::TOKEN_ENV, ringkv_net::auth::USER_ENV, ringkv_net::auth::PASSWORD_ENV] {
+    // Credentials and TLS only where a test passes them.
+    use ringkv_net::{auth, tls};
+    let vars = [auth::TOKEN_ENV, auth::USER_ENV, auth::PASSWORD_ENV, tls::CA_ENV, tls::CERT_ENV, tls::KEY_ENV];
+    for var in vars.into_iter().chain([tls::SERVER_NAME_ENV]) {
         cmd.env_remove(var);
     }
     cmd.envs(env.iter().copied());
@@ -352,17 +359,33 @@ impl Cluster {
             seeds,
             extra: extra.iter().map(ToString::to_string).collect(),
             credentials: None,
+            tls: None,
         }
     }
 
     /// Starts `n` nodes seeded to each other and waits until every node sees
     /// all of them up and alive.
     pub fn start(dir: &Path, n: usize, shards: usize, extra: &[&str]) -> Cluster {
+        Cluster::start_with(dir, n, shards, extra, |_, _| {})
+    }
+
+    /// [`Cluster::start`], with each node's spec changed by `customize`
+    /// (its index, its spec) before it starts: per-node flags, such as a
+    /// TLS certificate of its own.
+    pub fn start_with(
+        dir: &Path,
+        n: usize,
+        shards: usize,
+        extra: &[&str],
+        mut customize: impl FnMut(usize, &mut NodeSpec),
+    ) -> Cluster {
         let ips: Vec<Ipv4Addr> = (1..=n as u8).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
         let port = free_ports_on(&ips, shards as u16);
         let mut nodes: Vec<Node> = (0..n)
             .map(|i| {
-                let mut node = Node::new(Cluster::spec(dir, i, n, port, shards, extra));
+                let mut spec = Cluster::spec(dir, i, n, port, shards, extra);
+                customize(i, &mut spec);
+                let mut node = Node::new(spec);
                 node.spawn();
                 node
             })

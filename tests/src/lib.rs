@@ -2,6 +2,7 @@
 //!
 //! - [`harness`]: builds the `ringkv` binary, starts nodes on 127.0.0.x, and
 //!   stops them however a test ends;
+//! - [`certs`]: test CAs and certificates for TLS, made at test time;
 //! - [`faults`]: network partitions between nodes with nftables rules;
 //! - [`load`]: a bounded client load that records what it did;
 //! - [`raw`]: protocol connections that misbehave on purpose;
@@ -9,6 +10,7 @@
 //! - [`history`]: the checker for such records (lost, resurrected, phantom
 //!   values, stale reads).
 
+pub mod certs;
 pub mod faults;
 pub mod harness;
 pub mod history;

@@ -105,6 +105,20 @@ pub struct Endpoint {
     /// Authenticate as this user; the password comes from $RINGKV_PASSWORD.
     #[arg(long, env = ringkv_net::auth::USER_ENV)]
     pub user: Option<String>,
+    /// Speak TLS, trusting the CAs of this PEM bundle (nodes with `tls_cert`).
+    #[arg(long, env = ringkv_net::tls::CA_ENV)]
+    pub tls_ca: Option<PathBuf>,
+    /// Present this PEM certificate (nodes with `tls_require_client_cert`);
+    /// needs --tls-key.
+    #[arg(long, env = ringkv_net::tls::CERT_ENV, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = ringkv_net::tls::KEY_ENV, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Check the node's certificate for this DNS name instead of the
+    /// endpoint's IP address.
+    #[arg(long, env = ringkv_net::tls::SERVER_NAME_ENV)]
+    pub tls_server_name: Option<String>,
 }
 
 #[derive(Args)]

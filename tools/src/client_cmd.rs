@@ -7,6 +7,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use ringkv_net::auth::Credentials;
 use ringkv_net::proto::{NodeInfo, PartitionRoot, Reply, Request};
+use ringkv_net::tls::ClientTls;
 use ringkv_net::{Client, ClientConfig, ClientError, ErrorCode, Level, WriteOptions};
 use serde_json::json;
 use std::io::{IsTerminal, Read, Write};
@@ -20,9 +21,24 @@ pub fn connect(e: &Endpoint) -> Result<Client, Failure> {
         cluster: e.cluster.clone(),
         timeout: Duration::from_millis(e.timeout_ms),
         credentials,
+        tls: tls(e)?,
         ..Default::default()
     };
     Client::connect(e.endpoint.as_str(), &cfg).map_err(Failure::from)
+}
+
+/// TLS when --tls-ca is given; a client certificate or a server name
+/// without it is a usage error (they would silently go unused).
+fn tls(e: &Endpoint) -> Result<Option<ClientTls>, Failure> {
+    let Some(ca) = &e.tls_ca else {
+        if e.tls_cert.is_some() || e.tls_server_name.is_some() {
+            return Err(Failure::Usage("--tls-cert and --tls-server-name need --tls-ca".into()));
+        }
+        return Ok(None);
+    };
+    ClientTls::from_files(ca, e.tls_cert.as_deref(), e.tls_key.as_deref(), e.tls_server_name.as_deref())
+        .map(Some)
+        .map_err(Failure::Usage)
 }
 
 impl From<ClientError> for Failure {
@@ -33,6 +49,8 @@ impl From<ClientError> for Failure {
                 _ => format!("{w}"),
             }),
             ClientError::Connect { .. } => Failure::Unreachable(e.to_string()),
+            // The node answered, but one side refused the other's certificate.
+            ClientError::Tls(_) => Failure::Refused(e.to_string()),
             // Wrong credentials, cluster or protocol: the node answered.
             ClientError::Session(ringkv_net::session::SessionError::Refused(w)) => {
                 Failure::Refused(format!("the node refused the connection: {w}"))

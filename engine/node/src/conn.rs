@@ -24,11 +24,15 @@
 //! of its in-flight requests. Anything that is not a verifiable frame of
 //! ours gets an error frame and the connection is closed; other connections
 //! never notice.
+//!
+//! The connection is generic over its byte stream ([`Transport`]): plain
+//! TCP, or TLS over it (`crate::tls`), each compiled on its own, so the
+//! plain path pays nothing for TLS.
 
 use crate::service;
 use crate::shard::Shard;
 use futures::channel::oneshot;
-use futures_lite::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use glommio::net::TcpStream;
 use ringkv_net::frame::{FrameDecoder, FrameError};
 use ringkv_net::proto::{
@@ -44,6 +48,11 @@ const READ_CHUNK: usize = 64 * 1024;
 /// answer to a challenge is well under 1 KiB, so a stranger cannot make the
 /// node buffer a full-size frame before it has proved anything.
 const HANDSHAKE_MAX_FRAME_BYTES: usize = 4096;
+
+/// A byte stream a connection runs over: plain TCP or TLS.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + 'static> Transport for T {}
 
 /// The response side of a connection.
 struct Output {
@@ -111,7 +120,7 @@ impl Output {
     }
 }
 
-async fn write_loop(out: Rc<Output>, mut wr: WriteHalf<TcpStream>, stall: Duration) {
+async fn write_loop<S: Transport>(out: Rc<Output>, mut wr: WriteHalf<S>, stall: Duration) {
     let mut spare = Vec::with_capacity(4096);
     loop {
         std::mem::swap(&mut spare, &mut *out.buf.borrow_mut());
@@ -126,7 +135,12 @@ async fn write_loop(out: Rc<Output>, mut wr: WriteHalf<TcpStream>, stall: Durati
             continue;
         }
         out.writing.set(spare.len());
-        let written = glommio::timer::timeout(stall, async { Ok(wr.write_all(&spare).await) }).await;
+        // The flush sends what TLS holds back (a no-op on plain TCP).
+        let written = glommio::timer::timeout(stall, async {
+            let sent = wr.write_all(&spare).await;
+            Ok(if sent.is_ok() { wr.flush().await } else { sent })
+        })
+        .await;
         out.writing.set(0);
         match written {
             Ok(Ok(())) => {}
@@ -162,19 +176,21 @@ pub async fn refuse(mut stream: TcpStream, why: String) {
     .await;
 }
 
-pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
-    let _ = stream.set_nodelay(true);
+/// Serves one accepted connection to its end. `peer_allowed`: whether it
+/// may act as a peer as far as the transport goes (always on plain TCP;
+/// over TLS, only with a certificate `tls_ca` signs).
+pub async fn serve<S: Transport>(shard: Rc<Shard>, stream: S, peer_allowed: bool) {
     let (rd, wr) = futures_lite::io::split(stream);
     let out = Output::new();
     let stall = Duration::from_millis(shard.node.cfg.write_stall_timeout_ms);
     let writer = glommio::spawn_local(write_loop(out.clone(), wr, stall));
-    read_loop(&shard, rd, &out).await;
+    read_loop(&shard, rd, &out, peer_allowed).await;
     out.close();
     writer.await;
 }
 
 /// Reads into the decoder; `false` on end of stream or error.
-async fn fill(rd: &mut ReadHalf<TcpStream>, dec: &mut FrameDecoder) -> bool {
+async fn fill<S: Transport>(rd: &mut ReadHalf<S>, dec: &mut FrameDecoder) -> bool {
     let buf = dec.spare(READ_CHUNK);
     match rd.read(buf).await {
         Ok(0) | Err(_) => false,
@@ -187,7 +203,12 @@ async fn fill(rd: &mut ReadHalf<TcpStream>, dec: &mut FrameDecoder) -> bool {
 
 /// [`fill`], closing the connection (with an error frame) when it has had
 /// nothing in flight and sent nothing for the idle timeout.
-async fn fill_or_idle(rd: &mut ReadHalf<TcpStream>, dec: &mut FrameDecoder, out: &Output, idle: Duration) -> bool {
+async fn fill_or_idle<S: Transport>(
+    rd: &mut ReadHalf<S>,
+    dec: &mut FrameDecoder,
+    out: &Output,
+    idle: Duration,
+) -> bool {
     loop {
         let read = glommio::timer::timeout(idle, async { Ok(fill(rd, dec).await) }).await;
         match read {
@@ -219,8 +240,8 @@ enum Refusal {
 }
 
 /// The next handshake message, before `deadline`.
-async fn handshake_message(
-    rd: &mut ReadHalf<TcpStream>,
+async fn handshake_message<S: Transport>(
+    rd: &mut ReadHalf<S>,
     dec: &mut FrameDecoder,
     out: &Output,
     deadline: Instant,
@@ -256,11 +277,12 @@ async fn handshake_message(
 
 /// Hello, the challenge if this role must authenticate, and the ack: the
 /// role the connection may act in.
-async fn handshake(
+async fn handshake<S: Transport>(
     shard: &Rc<Shard>,
-    rd: &mut ReadHalf<TcpStream>,
+    rd: &mut ReadHalf<S>,
     dec: &mut FrameDecoder,
     out: &Output,
+    peer_allowed: bool,
 ) -> Result<Role, Refusal> {
     let cfg = &shard.node.cfg;
     let timeout = Duration::from_millis(cfg.handshake_timeout_ms);
@@ -275,6 +297,12 @@ async fn handshake(
         }
     };
     check_hello(shard, &hello).map_err(Refusal::Fail)?;
+    if hello.role == Role::Peer && !peer_allowed {
+        return Err(Refusal::Fail(WireError::new(
+            ErrorCode::Unauthorized,
+            "over TLS a peer must present a certificate signed by the node's tls_ca",
+        )));
+    }
     let auth = &shard.node.auth;
     if auth.required(hello.role) {
         let (challenge, pending) = auth.challenge(&cfg.cluster, &hello).map_err(Refusal::Fail)?;
@@ -300,10 +328,10 @@ async fn handshake(
     Ok(hello.role)
 }
 
-async fn read_loop(shard: &Rc<Shard>, mut rd: ReadHalf<TcpStream>, out: &Rc<Output>) {
+async fn read_loop<S: Transport>(shard: &Rc<Shard>, mut rd: ReadHalf<S>, out: &Rc<Output>, peer_allowed: bool) {
     let cfg = &shard.node.cfg;
     let mut dec = FrameDecoder::new(HANDSHAKE_MAX_FRAME_BYTES);
-    let role = match handshake(shard, &mut rd, &mut dec, out).await {
+    let role = match handshake(shard, &mut rd, &mut dec, out, peer_allowed).await {
         Ok(role) => role,
         Err(Refusal::Fail(e)) => return out.fail(e.code, e.message),
         Err(Refusal::Gone) => return,

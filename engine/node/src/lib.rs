@@ -4,6 +4,7 @@
 //! - [`shard`]: the per-core runtime that owns a store and serves connections;
 //! - [`server`]: starts the shards, checks the data directory, handles signals;
 //! - [`config`]: every setting, declared once, and its checks;
+//! - [`tls`]: the node's TLS on client ports and peer connections;
 //! - [`preflight`]: what the host must offer glommio (kernel, io_uring, memlock).
 
 pub mod auth;
@@ -22,4 +23,5 @@ pub mod server;
 pub mod service;
 pub mod shard;
 pub mod store;
+pub mod tls;
 pub mod view;

@@ -8,7 +8,9 @@
 //! timeout, so an unreachable peer never stalls the shard. The handshake
 //! (with the challenge and response when the cluster has a secret, checking
 //! the other node's proof too) is done before any request is written, within
-//! the connect timeout.
+//! the connect timeout. With TLS on (`crate::tls`) the TLS handshake comes
+//! first, in its own connect timeout; the connection code is generic over
+//! the stream, so plain TCP pays nothing for it.
 //!
 //! Limits: at most [`MAX_PENDING`] requests waiting per connection; after a
 //! failed connect, calls to that address fail fast for a while that starts
@@ -17,6 +19,7 @@
 //! one per request, while a peer that was merely not up yet (nodes starting
 //! together) is retried almost at once.
 
+use crate::conn::Transport;
 use futures::channel::oneshot;
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use glommio::net::TcpStream;
@@ -165,6 +168,7 @@ pub struct PeerPool {
     local_ip: IpAddr,
     hello: Hello,
     secret: Option<String>,
+    tls: Option<crate::tls::NodeTls>,
     conns: RefCell<HashMap<SocketAddr, Rc<Conn>>>,
     /// Connect failures per address: when the last one was, why, and how
     /// many in a row; shared with the connecting tasks.
@@ -172,7 +176,13 @@ pub struct PeerPool {
 }
 
 impl PeerPool {
-    pub fn new(local_ip: IpAddr, node_id: &str, cluster: &str, secret: Option<&str>) -> PeerPool {
+    pub fn new(
+        local_ip: IpAddr,
+        node_id: &str,
+        cluster: &str,
+        secret: Option<&str>,
+        tls: Option<crate::tls::NodeTls>,
+    ) -> PeerPool {
         let hello = Hello {
             magic: MAGIC,
             protocol_version: PROTOCOL_VERSION,
@@ -184,7 +194,7 @@ impl PeerPool {
             user: String::new(),
         };
         let secret = secret.map(String::from);
-        PeerPool { local_ip, hello, secret, conns: RefCell::new(HashMap::new()), failed_at: Rc::default() }
+        PeerPool { local_ip, hello, secret, tls, conns: RefCell::new(HashMap::new()), failed_at: Rc::default() }
     }
 
     /// Sends `body` to `addr` and waits for the response: the peer has
@@ -261,50 +271,65 @@ impl PeerPool {
         let failures = self.failed_at.clone();
         let session =
             Session::with_credentials(self.hello.clone(), self.secret.clone().map(Credentials::ClusterSecret));
+        let tls = self.tls.clone();
         glommio::spawn_local(async move {
-            let connected = match connect(local, addr).await {
-                Ok(mut stream) => {
-                    let shaken = glommio::timer::timeout(CONNECT_TIMEOUT, async {
-                        Ok(handshake(&mut stream, session).await.map(|()| stream))
-                    })
-                    .await;
-                    shaken.unwrap_or_else(|_| {
-                        Err(PeerError::Unreachable(format!("{addr}: no handshake within {CONNECT_TIMEOUT:?}")))
-                    })
-                }
-                Err(e) => Err(PeerError::Unreachable(e)),
-            };
-            match connected {
-                Ok(stream) => {
-                    failures.borrow_mut().remove(&addr);
-                    let (rd, wr) = futures_lite::io::split(stream);
-                    glommio::spawn_local(write_loop(c.clone(), wr)).detach();
-                    read_loop(c, rd).await;
-                }
-                Err(e) => {
-                    {
-                        // Kept as the reason later fast failures give,
-                        // which wrap it in `Unreachable` again.
-                        let why = match &e {
-                            PeerError::Unreachable(why) => why.clone(),
-                            other => other.to_string(),
-                        };
-                        let mut f = failures.borrow_mut();
-                        let streak = f.get(&addr).map_or(1, |x| x.streak + 1);
-                        if streak == 1 {
-                            tracing::warn!(peer = %addr, error = why, "cannot connect to a peer");
-                        }
-                        f.insert(addr, Failure { at: Instant::now(), why, streak });
+            let ended = match (connect(local, addr).await, tls) {
+                (Err(e), _) => Err(PeerError::Unreachable(e)),
+                (Ok(stream), None) => run(c.clone(), stream, session, &failures, addr).await,
+                (Ok(stream), Some(tls)) => {
+                    let shaken =
+                        glommio::timer::timeout(CONNECT_TIMEOUT, async { Ok(tls.connect(addr, stream).await) })
+                            .await
+                            .unwrap_or_else(|_| Err(format!("{addr}: no TLS handshake within {CONNECT_TIMEOUT:?}")));
+                    match shaken {
+                        Ok(stream) => run(c.clone(), stream, session, &failures, addr).await,
+                        Err(e) => Err(PeerError::Unreachable(e)),
                     }
-                    // Callbacks run from here may send again (to this very
-                    // address): no borrow of the pool may be held.
-                    c.break_with(e);
                 }
+            };
+            if let Err(e) = ended {
+                {
+                    // Kept as the reason later fast failures give,
+                    // which wrap it in `Unreachable` again.
+                    let why = match &e {
+                        PeerError::Unreachable(why) => why.clone(),
+                        other => other.to_string(),
+                    };
+                    let mut f = failures.borrow_mut();
+                    let streak = f.get(&addr).map_or(1, |x| x.streak + 1);
+                    if streak == 1 {
+                        tracing::warn!(peer = %addr, error = why, "cannot connect to a peer");
+                    }
+                    f.insert(addr, Failure { at: Instant::now(), why, streak });
+                }
+                // Callbacks run from here may send again (to this very
+                // address): no borrow of the pool may be held.
+                c.break_with(e);
             }
         })
         .detach();
         Ok(conn)
     }
+}
+
+/// The ringkv handshake on `stream`, then the connection's loops until it
+/// breaks; `Err` when the handshake failed (the connection never served).
+async fn run<S: Transport>(
+    c: Rc<Conn>,
+    mut stream: S,
+    session: Session,
+    failures: &RefCell<HashMap<SocketAddr, Failure>>,
+    addr: SocketAddr,
+) -> Result<(), PeerError> {
+    let shaken =
+        glommio::timer::timeout(CONNECT_TIMEOUT, async { Ok(handshake(&mut stream, session, addr).await) }).await;
+    shaken
+        .unwrap_or_else(|_| Err(PeerError::Unreachable(format!("{addr}: no handshake within {CONNECT_TIMEOUT:?}"))))?;
+    failures.borrow_mut().remove(&addr);
+    let (rd, wr) = futures_lite::io::split(stream);
+    glommio::spawn_local(write_loop(c.clone(), wr)).detach();
+    read_loop(c, rd).await;
+    Ok(())
 }
 
 async fn connect(local: SocketAddr, remote: SocketAddr) -> Result<TcpStream, String> {
@@ -325,13 +350,13 @@ async fn connect(local: SocketAddr, remote: SocketAddr) -> Result<TcpStream, Str
 /// Runs the connecting side of the handshake on `stream`. A refusal keeps
 /// the node's error (another cluster's name, a wrong secret), which the
 /// caller may act on.
-async fn handshake(stream: &mut TcpStream, mut session: Session) -> Result<(), PeerError> {
-    let remote = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+async fn handshake<S: Transport>(stream: &mut S, mut session: Session, remote: SocketAddr) -> Result<(), PeerError> {
     let lost = |e: String| PeerError::Unreachable(format!("{remote}: {e}"));
     loop {
         let out = session.take_output();
         if !out.is_empty() {
-            stream.write_all(&out).await.map_err(|e| lost(e.to_string()))?;
+            stream.write_all(&out).await.map_err(|e| lost(io_reason(&e)))?;
+            stream.flush().await.map_err(|e| lost(io_reason(&e)))?;
         }
         match session.poll() {
             Ok(Some(Event::Connected(_))) => return Ok(()),
@@ -347,12 +372,18 @@ async fn handshake(stream: &mut TcpStream, mut session: Session) -> Result<(), P
         match stream.read(buf).await {
             Ok(0) => return Err(lost("closed the connection during the handshake".into())),
             Ok(n) => session.commit_read(n),
-            Err(e) => return Err(lost(e.to_string())),
+            Err(e) => return Err(lost(io_reason(&e))),
         }
     }
 }
 
-async fn write_loop(conn: Rc<Conn>, mut wr: WriteHalf<TcpStream>) {
+/// An I/O error in words, with the TLS reason where TLS failed (a peer
+/// refusing this node's certificate shows only after the TLS handshake).
+fn io_reason(e: &std::io::Error) -> String {
+    ringkv_net::tls::from_io(e).map_or_else(|| e.to_string(), ringkv_net::tls::describe)
+}
+
+async fn write_loop<S: Transport>(conn: Rc<Conn>, mut wr: WriteHalf<S>) {
     let mut spare = Vec::with_capacity(4096);
     loop {
         std::mem::swap(&mut spare, &mut *conn.out.borrow_mut());
@@ -365,7 +396,12 @@ async fn write_loop(conn: Rc<Conn>, mut wr: WriteHalf<TcpStream>) {
             let _ = rx.await;
             continue;
         }
-        if let Err(e) = wr.write_all(&spare).await {
+        // The flush sends what TLS holds back (a no-op on plain TCP).
+        let sent = match wr.write_all(&spare).await {
+            Ok(()) => wr.flush().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = sent {
             conn.break_with(PeerError::Lost(e.to_string()));
             break;
         }
@@ -374,7 +410,7 @@ async fn write_loop(conn: Rc<Conn>, mut wr: WriteHalf<TcpStream>) {
     let _ = wr.close().await;
 }
 
-async fn read_loop(conn: Rc<Conn>, mut rd: ReadHalf<TcpStream>) {
+async fn read_loop<S: Transport>(conn: Rc<Conn>, mut rd: ReadHalf<S>) {
     let mut dec = FrameDecoder::new(CLIENT_MAX_FRAME_BYTES);
     loop {
         loop {

@@ -105,12 +105,14 @@ impl Running {
 /// Starts a node and returns once every shard serves its port.
 pub fn start(cfg: NodeConfig) -> Result<Running, String> {
     cfg.validate()?;
+    // Before anything else is touched, so a bad file costs one line.
+    let tls = crate::tls::NodeTls::load(&cfg)?;
     for warning in crate::preflight::check_host(cfg.shard_count())? {
         tracing::warn!("{warning}");
     }
     let dir = datadir::open(&cfg)?;
     let shards = cfg.shard_count();
-    let node = Arc::new(NodeContext::new(cfg.clone(), dir.meta.node_id.clone(), dir.meta.incarnation()));
+    let node = Arc::new(NodeContext::new(cfg.clone(), dir.meta.node_id.clone(), dir.meta.incarnation(), tls));
     if let Some(addr) = cfg.metrics {
         crate::metrics::serve(addr, node.metrics.clone())?;
     }
@@ -188,7 +190,16 @@ fn announce_security(cfg: &NodeConfig) {
         (true, false) => "peers prove the cluster secret; clients are not authenticated (loopback only)",
         _ => "no credentials configured: anyone who can reach this loopback address is trusted",
     };
-    tracing::info!(%ip, "{who}");
+    let transport = if cfg.tls() {
+        if cfg.tls_require_client_cert {
+            "TLS only; clients and peers present certificates signed by tls_ca"
+        } else {
+            "TLS only; peers present certificates signed by tls_ca"
+        }
+    } else {
+        "plain TCP (no TLS)"
+    };
+    tracing::info!(%ip, transport, "{who}");
 }
 
 /// How long between gossip rounds.
@@ -309,8 +320,17 @@ async fn run_shard(
             acceptor.connections.set(acceptor.connections.get() + 1);
             acceptor.metrics.connection_opened();
             let s = acceptor.clone();
+            let _ = stream.set_nodelay(true);
             glommio::spawn_local(async move {
-                conn::serve(s.clone(), stream).await;
+                match &s.node.tls {
+                    None => conn::serve(s.clone(), stream, true).await,
+                    Some(tls) => {
+                        let timeout = Duration::from_millis(s.node.cfg.handshake_timeout_ms);
+                        if let Some(accepted) = tls.accept(stream, timeout).await {
+                            conn::serve(s.clone(), accepted.stream, accepted.certified).await;
+                        }
+                    }
+                }
                 s.connections.set(s.connections.get() - 1);
                 s.metrics.connection_closed();
                 s.node.connections.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);

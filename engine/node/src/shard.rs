@@ -37,6 +37,8 @@ pub struct NodeContext {
     pub shards: usize,
     /// Who may connect, and as what.
     pub auth: crate::auth::Authenticator,
+    /// TLS on client ports and peer connections; `None`: plain TCP.
+    pub tls: Option<crate::tls::NodeTls>,
     /// Connections open over all shards (bounded by `max_connections`).
     pub connections: AtomicUsize,
     /// What the metrics endpoint serves.
@@ -48,7 +50,7 @@ pub struct NodeContext {
 }
 
 impl NodeContext {
-    pub fn new(cfg: NodeConfig, node_id: String, incarnation: u64) -> NodeContext {
+    pub fn new(cfg: NodeConfig, node_id: String, incarnation: u64, tls: Option<crate::tls::NodeTls>) -> NodeContext {
         let shards = cfg.shard_count();
         let slots = cfg.stream_concurrency;
         let auth = crate::auth::Authenticator::new(&cfg);
@@ -58,6 +60,7 @@ impl NodeContext {
             incarnation,
             shards,
             auth,
+            tls,
             connections: AtomicUsize::new(0),
             metrics: Arc::new(crate::metrics::NodeMetrics::new(shards)),
             stream_slots: AtomicUsize::new(slots),
@@ -274,7 +277,13 @@ impl Shard {
         // Mesh peer ids follow executor creation order, which is shard order.
         assert_eq!(requests.peer_id(), id, "shard executors were created out of order");
         assert_eq!(responses.peer_id(), id, "shard executors were created out of order");
-        let peers = PeerPool::new(node.cfg.listen.ip(), &node.node_id, &node.cfg.cluster, node.auth.cluster_secret());
+        let peers = PeerPool::new(
+            node.cfg.listen.ip(),
+            &node.node_id,
+            &node.cfg.cluster,
+            node.auth.cluster_secret(),
+            node.tls.clone(),
+        );
         let shard = Rc::new(Shard {
             id,
             store,

@@ -116,6 +116,25 @@ declare_settings! {
     /// many milliseconds (the client does not read) is closed.
     write_stall_timeout_ms: u64 = 30_000, Flag::Value;
 
+    // TLS (docs/SECURITY.md, "TLS"): off unless tls_cert is set, and then
+    // on for every client port and every peer connection, both directions.
+    /// PEM certificate chain the node presents to clients and peers. Set, the
+    /// node speaks TLS only. It must name the node's IP address (an IP SAN),
+    /// or tls_peer_server_name, and serve both as server and client
+    /// certificate. Read at start-up: a new one needs a restart.
+    tls_cert: Option<PathBuf> = None, Flag::Value;
+    /// PEM private key of tls_cert.
+    tls_key: Option<PathBuf> = None, Flag::Value;
+    /// PEM bundle of the CAs whose certificates this node trusts: peers'
+    /// (always checked, both directions) and clients' (when presented).
+    /// Required with tls_cert.
+    tls_ca: Option<PathBuf> = None, Flag::Value;
+    /// Refuse clients that present no certificate signed by tls_ca (mutual TLS).
+    tls_require_client_cert: bool = false, Flag::Switch("tls-require-client-cert");
+    /// Check peers' certificates for this DNS name instead of their IP
+    /// address (when every node's certificate carries one cluster-wide name).
+    tls_peer_server_name: Option<String> = None, Flag::Value;
+
     // Operations (docs/OPERATIONS.md).
     /// Serve Prometheus metrics over HTTP on this address (GET /metrics);
     /// off when unset.
@@ -203,7 +222,47 @@ impl NodeConfig {
         if let Some(metrics) = self.metrics {
             self.validate_metrics(metrics, shards)?;
         }
+        self.validate_tls()?;
         self.validate_security()
+    }
+
+    /// Whether the node speaks TLS (on every port and to its peers).
+    pub fn tls(&self) -> bool {
+        self.tls_cert.is_some()
+    }
+
+    /// Which `tls_*` settings go together; the files themselves are read
+    /// at start-up (`crate::tls::NodeTls::load`).
+    fn validate_tls(&self) -> Result<(), String> {
+        let on = self.tls();
+        let needs_cert =
+            |setting: &str| format!("{setting} is set but tls_cert is not: TLS is on only with a certificate");
+        if !on {
+            if self.tls_key.is_some() {
+                return Err(needs_cert("tls_key"));
+            }
+            if self.tls_ca.is_some() {
+                return Err(needs_cert("tls_ca"));
+            }
+            if self.tls_require_client_cert {
+                return Err(needs_cert("tls_require_client_cert"));
+            }
+            if self.tls_peer_server_name.is_some() {
+                return Err(needs_cert("tls_peer_server_name"));
+            }
+            return Ok(());
+        }
+        if self.tls_key.is_none() {
+            return Err("tls_cert needs tls_key, its private key".into());
+        }
+        if self.tls_ca.is_none() {
+            return Err("tls_cert needs tls_ca: peers check each other's certificates against it".into());
+        }
+        if let Some(name) = &self.tls_peer_server_name {
+            rustls::pki_types::ServerName::try_from(name.as_str())
+                .map_err(|e| format!("tls_peer_server_name {name:?}: {e}"))?;
+        }
+        Ok(())
     }
 
     /// The metrics listener must not take one of the shards' ports.
@@ -428,6 +487,41 @@ mod tests {
         // Unset secrets show as unset, so a reader can tell they are off.
         let plain = format!("{:?}", NodeConfig::default());
         assert!(plain.contains("cluster_secret: None") && !plain.contains("redacted"), "{plain}");
+    }
+
+    #[test]
+    fn tls_settings_go_together_or_are_named_in_the_error() {
+        let pem = |name: &str| Some(PathBuf::from(format!("/etc/ringkv/{name}.pem")));
+        let on =
+            NodeConfig { tls_cert: pem("node"), tls_key: pem("node-key"), tls_ca: pem("ca"), ..Default::default() };
+        on.validate().unwrap();
+        assert!(on.tls() && !NodeConfig::default().tls(), "TLS is on with a certificate only");
+        NodeConfig { tls_require_client_cert: true, tls_peer_server_name: Some("db.internal".into()), ..on.clone() }
+            .validate()
+            .unwrap();
+        let cases = [
+            (NodeConfig { tls_ca: None, ..on.clone() }, "tls_cert needs tls_ca"),
+            (NodeConfig { tls_key: None, ..on.clone() }, "tls_cert needs tls_key"),
+            (NodeConfig { tls_key: pem("k"), ..Default::default() }, "tls_key is set but tls_cert is not"),
+            (NodeConfig { tls_ca: pem("ca"), ..Default::default() }, "tls_ca is set but tls_cert is not"),
+            (NodeConfig { tls_require_client_cert: true, ..Default::default() }, "tls_require_client_cert is set"),
+            (
+                NodeConfig { tls_peer_server_name: Some("x".into()), ..Default::default() },
+                "tls_peer_server_name is set",
+            ),
+            (NodeConfig { tls_peer_server_name: Some("not a name!".into()), ..on.clone() }, "tls_peer_server_name \""),
+        ];
+        for (cfg, expected) in cases {
+            let e = cfg.validate().unwrap_err();
+            assert!(e.contains(expected), "{expected}: {e}");
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
+        let c: NodeConfig = toml::from_str(
+            "tls_cert = \"/n.pem\"\ntls_key = \"/k.pem\"\ntls_ca = \"/ca.pem\"\ntls_require_client_cert = true\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert!(c.tls_require_client_cert);
     }
 
     #[test]
