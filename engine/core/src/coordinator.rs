@@ -23,6 +23,10 @@
 //! Read: ask `r` live replicas (this one first: no network), answer once `r`
 //! answered with everything merged causally; a replica that fails, or has
 //! not answered after `hedge_after_us`, is backed up by the next live one.
+//! A replica a read had to hedge around is asked after the others for
+//! [`SLOW_FOR_US`], or until it answers: a silent replica (paused,
+//! partitioned) would otherwise cost every read the hedge delay until the
+//! failure detector calls it down, seconds later.
 //! When every asked replica answered (or the deadline passed), replicas
 //! whose copy lacks something the merge has get the merged object (read
 //! repair, best effort: anti-entropy covers what it misses).
@@ -277,10 +281,15 @@ pub struct Coordinator {
     stats: CoordinatorStats,
     /// Recent replica answer times of reads: the hedge delay follows them.
     hedge: crate::latency::RecentLatencies,
+    /// Replicas reads hedged around, and until when they are asked last.
+    slow: HashMap<MemberId, u64>,
 }
 
 /// Replica answers of reads kept for the hedge delay.
 const HEDGE_SAMPLES: usize = 256;
+/// How long a replica a read hedged around is asked after the others
+/// (unless it answers first).
+pub const SLOW_FOR_US: u64 = 1_000_000;
 
 impl Coordinator {
     pub fn new(cfg: CoordinatorConfig) -> Coordinator {
@@ -293,6 +302,7 @@ impl Coordinator {
             out: Outbox::default(),
             answers: VecDeque::new(),
             hedge: crate::latency::RecentLatencies::new(HEDGE_SAMPLES),
+            slow: HashMap::new(),
             stats: CoordinatorStats::default(),
             cfg,
         }
@@ -387,6 +397,11 @@ impl Coordinator {
         // This replica first: its read needs no network.
         if let Some(i) = targets.iter().position(|&t| t == topo.me()) {
             targets[..=i].rotate_right(1);
+        }
+        if !self.slow.is_empty() {
+            self.slow.retain(|_, until| *until > now_us);
+            // Stable: the others keep their preference order.
+            targets.sort_by_key(|t| self.slow.contains_key(t));
         }
         self.stats.reads += 1;
         let spare: VecDeque<MemberId> = targets.split_off(needed).into();
@@ -524,6 +539,9 @@ impl Coordinator {
             Op::Read(r) => {
                 if matches!(answer, Ok(Response::Object(_))) {
                     self.hedge.record(now_us.saturating_sub(r.started_us));
+                    if let Some((from, _)) = r.asked.get(tag.idx as usize) {
+                        self.slow.remove(from);
+                    }
                 }
                 Self::read_answer(&mut self.out, &mut self.answers, tag, r, answer)
             }
@@ -789,6 +807,11 @@ impl Coordinator {
                     r.hedge_at = None;
                     // Waiting only for holders is no reason to hedge.
                     if !r.answered && !matches!(r.quorum.progress(), Progress::Reached) {
+                        for &(m, answered) in &r.asked {
+                            if !answered && m != topo.me() && !r.holders.contains(&m) {
+                                self.slow.insert(m, now_us + SLOW_FOR_US);
+                            }
+                        }
                         if let Some(next) = r.spare.pop_front() {
                             self.stats.hedges += 1;
                             Self::ask(&mut self.out, id, r, next);
@@ -1032,6 +1055,47 @@ mod tests {
         let mut c = Coordinator::new(CoordinatorConfig::default());
         c.get(0, &t, 1, b"k".to_vec(), Level::Quorum, T);
         assert_eq!(drain(&mut c).len(), 2, "only the replicas");
+    }
+
+    #[test]
+    fn a_replica_hedged_around_is_asked_last_until_it_answers_or_a_second_passes() {
+        let t = topo("a", &[]);
+        let mut c = Coordinator::new(CoordinatorConfig::default());
+        let to = |sent: &[Outgoing]| sent.iter().map(|o| o.to).collect::<Vec<_>>();
+        let answer_all = |c: &mut Coordinator, at: u64, sent: &[Outgoing]| {
+            for o in sent {
+                c.handle_response(at, &t, o.tag, Ok(Response::Object(None)));
+            }
+        };
+        c.get(0, &t, 1, b"k".to_vec(), Level::Quorum, 10 * T);
+        let first = drain(&mut c);
+        assert_eq!(to(&first), [m("a"), m("b")]);
+        c.handle_response(1, &t, first[0].tag, Ok(Response::Object(None)));
+        c.handle_timeout(20_000, &t);
+        let hedge = drain(&mut c);
+        answer_all(&mut c, 20_001, &hedge);
+        assert!(c.poll_answer().is_some());
+        // b stays silent: the next read asks c, and needs no hedge.
+        c.get(30_000, &t, 2, b"k".to_vec(), Level::Quorum, T);
+        let second = drain(&mut c);
+        assert_eq!(to(&second), [m("a"), m("c")]);
+        answer_all(&mut c, 30_001, &second);
+        // b's late answer to the first read puts it back at once.
+        c.handle_response(40_000, &t, first[1].tag, Ok(Response::Object(None)));
+        c.get(50_000, &t, 3, b"k".to_vec(), Level::Quorum, T);
+        let third = drain(&mut c);
+        assert_eq!(to(&third), [m("a"), m("b")], "b answered");
+        // Silent again: asked last, until a second has passed.
+        c.handle_response(50_001, &t, third[0].tag, Ok(Response::Object(None)));
+        c.handle_timeout(70_000, &t);
+        let hedged = drain(&mut c);
+        answer_all(&mut c, 70_001, &hedged);
+        c.get(80_000, &t, 4, b"k".to_vec(), Level::Quorum, T);
+        let fourth = drain(&mut c);
+        assert_eq!(to(&fourth), [m("a"), m("c")]);
+        answer_all(&mut c, 80_001, &fourth);
+        c.get(70_000 + SLOW_FOR_US, &t, 5, b"k".to_vec(), Level::Quorum, T);
+        assert_eq!(to(&drain(&mut c)), [m("a"), m("b")], "a second later");
     }
 
     #[test]
