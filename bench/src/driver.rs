@@ -22,6 +22,19 @@
 //! thing it must do (the next intended send, a phase change, a progress
 //! report), unless `busy_poll` is set, in which case it spins on the
 //! completion queue and never sleeps.
+//!
+//! Riding through failures, where the router knows a key's replicas (a
+//! ringkv cluster), as the client library does
+//! (`ringkv_client::core::route`): an attempt not answered within twice the
+//! p99 of the attempts this worker saw answered (at least 50 ms, at most
+//! [`MAX_ATTEMPT`]) goes to the key's next replica, and so does every
+//! request outstanding on a connection that broke (reset, closed). The
+//! endpoint is then tried last for a back-off (1 s doubling to 8 s) and
+//! probed again after it. A late answer to an abandoned attempt is
+//! dropped; a broken connection is not reopened during the run (its
+//! endpoint is skipped in that group). An operation that ran out of
+//! replicas is an error. Latency counts from the operation's intended
+//! time, so failovers show in it.
 
 use crate::codec::{Codec, Outcome, Reply, WireReq};
 use crate::keydist::{write_key, KeyChooser};
@@ -35,6 +48,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use crossbeam::channel::Sender;
 use hdrhistogram::Histogram;
 use io_uring::{opcode, types, IoUring};
+use ringkv_client::core::route::{attempt_deadline, down_backoff, SAMPLES};
+use ringkv_core::latency::RecentLatencies;
 use std::collections::VecDeque;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
@@ -127,6 +142,8 @@ const ASKING_SLOT: u32 = u32::MAX;
 const MIN_RECV_SPACE: usize = 16 * 1024;
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 const MAX_REDIRECTS: u8 = 5;
+/// The longest one attempt waits before the next replica is asked.
+pub const MAX_ATTEMPT: Duration = Duration::from_secs(2);
 
 struct Conn {
     stream: TcpStream,
@@ -142,9 +159,11 @@ struct Conn {
     rbuf: Vec<u8>,
     rstart: usize,
     rend: usize,
-    /// (request id, operation slot) in send order.
-    pending: VecDeque<(u64, u32)>,
+    /// (request id, operation slot, the slot's attempt) in send order.
+    pending: VecDeque<(u64, u32, u32)>,
     dirty: bool,
+    /// Broke (reset or closed): nothing is sent on it again.
+    dead: bool,
 }
 
 struct Op {
@@ -161,6 +180,47 @@ struct Op {
     redirects: u8,
     /// Send the next attempt to this endpoint after ASKING (Redis ASK).
     ask: Option<usize>,
+    /// In use (not on the free list).
+    live: bool,
+    /// Bumped at every attempt of every operation in this slot, so an
+    /// answer to an abandoned attempt is known and dropped.
+    gen: u32,
+    /// Endpoints this operation tried (failover; capacity kept).
+    tried: Vec<usize>,
+    /// When the current attempt was sent, and where.
+    sent_at: Instant,
+    endpoint: usize,
+}
+
+/// What the worker knows of each endpoint, for failover (module doc).
+struct Failover {
+    /// Whether the router knows more than one replica per key.
+    enabled: bool,
+    latencies: RecentLatencies,
+    /// Per endpoint: failures in a row, and until when it is tried last.
+    health: Vec<(u32, Option<Instant>)>,
+    scratch: Vec<usize>,
+}
+
+impl Failover {
+    fn deadline(&self) -> Duration {
+        attempt_deadline(self.latencies.p99_us(), MAX_ATTEMPT)
+    }
+
+    fn failed(&mut self, endpoint: usize, now: Instant) {
+        let h = &mut self.health[endpoint];
+        h.0 += 1;
+        h.1 = Some(now + down_backoff(h.0));
+    }
+
+    fn answered(&mut self, endpoint: usize, sent_at: Instant, now: Instant) {
+        self.latencies.record(now.saturating_duration_since(sent_at).as_micros() as u64);
+        self.health[endpoint] = (0, None);
+    }
+
+    fn is_down(&self, endpoint: usize, now: Instant) -> bool {
+        self.health[endpoint].1.is_some_and(|until| until > now)
+    }
 }
 
 struct Group {
@@ -200,6 +260,7 @@ struct Worker {
     stats: RunStats,
     interval: OpStats,
     interval_ops: u64,
+    failover: Failover,
 }
 
 pub fn run(spec: WorkerSpec, timing_rx: impl FnOnce() -> Result<Timing>) -> Result<WorkerResult> {
@@ -223,6 +284,14 @@ pub fn run(spec: WorkerSpec, timing_rx: impl FnOnce() -> Result<Timing>) -> Resu
     let timing = timing?;
     let (mut ring, ring_flags) = make_ring(conns.len(), spec.busy_poll)?;
     let slots = spec.groups * spec.pipeline;
+    let replicated = (0..64u64).any(|i| {
+        let mut key = Vec::new();
+        write_key(&mut key, i);
+        let mut r = Vec::new();
+        spec.router.replicas_for(&key, &mut r);
+        r.len() > 1
+    });
+    let endpoints = spec.endpoints.len();
     let mut w = Worker {
         spec_index: spec.index,
         pace: spec.pace,
@@ -253,6 +322,11 @@ pub fn run(spec: WorkerSpec, timing_rx: impl FnOnce() -> Result<Timing>) -> Resu
                 measured: false,
                 redirects: 0,
                 ask: None,
+                live: false,
+                gen: 0,
+                tried: Vec::with_capacity(4),
+                sent_at: timing.start,
+                endpoint: 0,
             })
             .collect(),
         free: (0..slots as u32).rev().collect(),
@@ -268,6 +342,12 @@ pub fn run(spec: WorkerSpec, timing_rx: impl FnOnce() -> Result<Timing>) -> Resu
         stats: RunStats::default(),
         interval: OpStats::default(),
         interval_ops: 0,
+        failover: Failover {
+            enabled: replicated,
+            latencies: RecentLatencies::new(SAMPLES),
+            health: vec![(0, None); endpoints],
+            scratch: Vec::new(),
+        },
     };
     let outcome = w.event_loop(&mut ring, spec.busy_poll, spec.progress.as_ref());
     // Whatever happened, no request may still point into our buffers when
@@ -302,6 +382,7 @@ fn connect_all(spec: &WorkerSpec) -> Result<(Vec<Conn>, Vec<Group>)> {
                 rend: 0,
                 pending: VecDeque::with_capacity(spec.pipeline + 1),
                 dirty: false,
+                dead: false,
             });
         }
         groups.push(g);
@@ -389,6 +470,7 @@ impl Worker {
             if matches!(self.pace, Pace::Open { .. }) {
                 self.dispatch_due(now);
             }
+            self.fail_over_late(now);
             self.flush(ring)?;
             if self.finished(now) {
                 break;
@@ -443,7 +525,7 @@ impl Worker {
                 let conn = (ud >> 2) as usize;
                 match ud & 3 {
                     RECV => self.on_recv(ring, conn, res, now)?,
-                    SEND => self.on_send(ring, conn, res)?,
+                    SEND => self.on_send(ring, conn, res, now)?,
                     TICK => arm_tick(ring, &mut self.inflight)?,
                     _ => bail!("unknown completion {ud:#x}"),
                 }
@@ -505,7 +587,7 @@ impl Worker {
 
     /// Counts what is left at the give-up time as errors.
     fn give_up(&mut self) {
-        let live: Vec<u32> = (0..self.ops.len() as u32).filter(|s| !self.free.contains(s)).collect();
+        let live: Vec<u32> = (0..self.ops.len() as u32).filter(|&s| self.ops[s as usize].live).collect();
         for s in live {
             let op = &self.ops[s as usize];
             if op.measured {
@@ -585,24 +667,56 @@ impl Worker {
         op.measured = measured;
         op.redirects = 0;
         op.ask = None;
+        op.live = true;
+        op.tried.clear();
         self.groups[g].outstanding += 1;
         self.outstanding += 1;
         if measured && self.schedule.is_some() {
             self.stats.send_lag.record(now.saturating_duration_since(intended).as_nanos() as u64);
         }
-        self.issue(slot);
+        self.issue(slot, now);
         true
     }
 
-    /// Puts the operation's current request on its connection's queue.
-    fn issue(&mut self, slot: u32) {
+    /// The endpoint for the operation's next attempt: its key's first
+    /// replica, or with failover the first it has not tried, endpoints in
+    /// their back-off last and broken connections never (module doc).
+    fn choose(&mut self, slot: u32, now: Instant) -> Option<usize> {
+        let op = &self.ops[slot as usize];
+        if !self.failover.enabled {
+            return Some(self.router.endpoint_for(&op.key));
+        }
+        let mut order = std::mem::take(&mut self.failover.scratch);
+        self.router.replicas_for(&op.key, &mut order);
+        let conns = &self.groups[op.group as usize].conns;
+        order.retain(|e| !op.tried.contains(e) && !self.conns[conns[*e] as usize].dead);
+        let chosen = order.iter().copied().find(|&e| !self.failover.is_down(e, now)).or(order.first().copied());
+        self.failover.scratch = order;
+        chosen
+    }
+
+    /// Puts the operation's current request on its connection's queue (or
+    /// ends it when no replica is left to try).
+    fn issue(&mut self, slot: u32, now: Instant) {
+        let endpoint = match self.ops[slot as usize].ask {
+            Some(e) => e,
+            None => match self.choose(slot, now) {
+                Some(e) => e,
+                None => return self.complete(slot, now, Some("no-replica-answered")),
+            },
+        };
         let op = &mut self.ops[slot as usize];
-        let endpoint = op.ask.unwrap_or_else(|| self.router.endpoint_for(&op.key));
+        op.gen = op.gen.wrapping_add(1);
+        op.sent_at = now;
+        op.endpoint = endpoint;
+        if self.failover.enabled {
+            op.tried.push(endpoint);
+        }
         let ci = self.groups[op.group as usize].conns[endpoint];
         let conn = &mut self.conns[ci as usize];
         if op.ask.take().is_some() {
             conn.codec.encode(WireReq::Asking, &mut conn.queued);
-            conn.pending.push_back((0, ASKING_SLOT));
+            conn.pending.push_back((0, ASKING_SLOT, 0));
         }
         let req = if op.writing {
             WireReq::Put {
@@ -614,7 +728,7 @@ impl Worker {
             WireReq::Get { key: &op.key, value_len: op.value_len }
         };
         let id = conn.codec.encode(req, &mut conn.queued);
-        conn.pending.push_back((id, slot));
+        conn.pending.push_back((id, slot, op.gen));
         if op.measured {
             self.stats.wire_requests += 1;
         }
@@ -628,7 +742,7 @@ impl Worker {
         while let Some(ci) = self.dirty.pop() {
             let c = &mut self.conns[ci as usize];
             c.dirty = false;
-            if c.send_busy || c.queued.is_empty() {
+            if c.dead || c.send_busy || c.queued.is_empty() {
                 continue;
             }
             std::mem::swap(&mut c.queued, &mut c.sending);
@@ -673,9 +787,18 @@ impl Worker {
         push(ring, &mut self.inflight, &sqe)
     }
 
-    fn on_send(&mut self, ring: &mut IoUring, ci: usize, res: i32) -> Result<()> {
+    fn on_send(&mut self, ring: &mut IoUring, ci: usize, res: i32, now: Instant) -> Result<()> {
+        if self.conns[ci].dead {
+            self.conns[ci].send_busy = false;
+            return Ok(());
+        }
         if res < 0 {
             let e = std::io::Error::from_raw_os_error(-res);
+            if self.failover.enabled {
+                self.break_conn(ci, now);
+                self.conns[ci].send_busy = false;
+                return Ok(());
+            }
             bail!("sending to {}: {e}", self.endpoints[self.conns[ci].endpoint]);
         }
         let c = &mut self.conns[ci];
@@ -694,13 +817,18 @@ impl Worker {
 
     fn on_recv(&mut self, ring: &mut IoUring, ci: usize, res: i32, now: Instant) -> Result<()> {
         let endpoint = self.endpoints[self.conns[ci].endpoint];
+        if res < 0 && (-res == libc::EINTR || -res == libc::EAGAIN) {
+            return self.arm_recv(ring, ci);
+        }
+        if res <= 0 && self.failover.enabled {
+            // Its requests go to other replicas; the receive is not armed again.
+            self.break_conn(ci, now);
+            return Ok(());
+        }
         if res == 0 {
             bail!("{endpoint} closed the connection");
         }
         if res < 0 {
-            if -res == libc::EINTR || -res == libc::EAGAIN {
-                return self.arm_recv(ring, ci);
-            }
             bail!("receiving from {endpoint}: {}", std::io::Error::from_raw_os_error(-res));
         }
         self.conns[ci].rend += res as usize;
@@ -722,13 +850,21 @@ impl Worker {
         let entry = if c.in_order {
             c.pending.pop_front()
         } else {
-            c.pending.iter().position(|&(id, _)| id == reply.id).and_then(|i| c.pending.remove(i))
+            c.pending.iter().position(|&(id, _, _)| id == reply.id).and_then(|i| c.pending.remove(i))
         };
-        let Some((_, slot)) = entry else {
+        let Some((_, slot, gen)) = entry else {
             bail!("{} answered a request we did not send (id {})", self.endpoints[c.endpoint], reply.id);
         };
         if slot == ASKING_SLOT {
             return Ok(());
+        }
+        let op = &self.ops[slot as usize];
+        if !op.live || op.gen != gen {
+            // The late answer to an attempt that was given up on.
+            return Ok(());
+        }
+        if self.failover.enabled {
+            self.failover.answered(op.endpoint, op.sent_at, now);
         }
         match reply.outcome {
             Outcome::Redirect(r) => self.redirect(slot, r, now),
@@ -746,7 +882,8 @@ impl Worker {
                     op.writing = true;
                     op.context.clear();
                     op.context.extend_from_slice(&reply.context);
-                    self.issue(slot);
+                    op.tried.clear();
+                    self.issue(slot, now);
                     return Ok(());
                 }
                 if op.kind == OpKind::Read && !found && op.measured {
@@ -783,8 +920,46 @@ impl Worker {
         } else {
             self.router.moved(slot_no, endpoint);
         }
-        self.issue(slot);
+        self.issue(slot, now);
         Ok(())
+    }
+
+    /// Sends every operation whose attempt has waited past the deadline to
+    /// its next replica (failover).
+    fn fail_over_late(&mut self, now: Instant) {
+        if !self.failover.enabled || self.outstanding == 0 {
+            return;
+        }
+        let deadline = self.failover.deadline();
+        for slot in 0..self.ops.len() as u32 {
+            let op = &self.ops[slot as usize];
+            if op.live && now.saturating_duration_since(op.sent_at) >= deadline {
+                self.failover.failed(op.endpoint, now);
+                self.stats.failovers += 1;
+                self.issue(slot, now);
+            }
+        }
+    }
+
+    /// A connection broke: nothing is sent on it again, and what was
+    /// outstanding on it goes to the next replica (failover).
+    fn break_conn(&mut self, ci: usize, now: Instant) {
+        let c = &mut self.conns[ci];
+        if c.dead {
+            return;
+        }
+        c.dead = true;
+        c.queued.clear();
+        let endpoint = c.endpoint;
+        let pending: Vec<(u64, u32, u32)> = c.pending.drain(..).collect();
+        self.failover.failed(endpoint, now);
+        for (_, slot, gen) in pending {
+            let live = self.ops.get(slot as usize).is_some_and(|op| op.live && op.gen == gen);
+            if live {
+                self.stats.failovers += 1;
+                self.issue(slot, now);
+            }
+        }
     }
 
     /// Ends an operation: records it, frees its slot and, in a closed loop,
@@ -808,6 +983,7 @@ impl Worker {
         self.interval_ops += 1;
         self.groups[group].outstanding -= 1;
         self.outstanding -= 1;
+        self.ops[slot as usize].live = false;
         self.free.push(slot);
         if self.pace == Pace::Closed && !self.ended && now < self.timing.end {
             self.start_op(group, now, now);

@@ -132,6 +132,10 @@ pub struct RunReport {
     #[serde(default)]
     pub warnings: Vec<String>,
     pub wire_requests: u64,
+    /// Attempts sent to another replica after one did not answer in time
+    /// or its connection broke.
+    #[serde(default)]
+    pub failovers: u64,
     pub client_cpus: Vec<usize>,
     pub client_placement: String,
     pub server_placement: String,
@@ -162,6 +166,7 @@ impl RunReport {
         self.client_cpu_us_per_op =
             if s.completed_in_window > 0 { s.cpu_ns as f64 / 1000.0 / s.completed_in_window as f64 } else { 0.0 };
         self.wire_requests = s.wire_requests;
+        self.failovers = s.failovers;
         self.send_lag_us = Quantiles::of(&s.send_lag.hist);
     }
 
@@ -246,12 +251,13 @@ pub fn summary(r: &RunReport) -> String {
     }
     let _ = writeln!(
         s,
-        "throughput {:.0} ops/s | client CPU {:.2} us/op (workers {:.2}) | server CPU {} | {} wire requests",
+        "throughput {:.0} ops/s | client CPU {:.2} us/op (workers {:.2}) | server CPU {} | {} wire requests{}",
         r.ops_per_sec,
         r.client_cpu_us_per_op,
         r.client_worker_cpu_us_per_op,
         r.server_cpu_us_per_op.map(|c| format!("{c:.2} us/op")).unwrap_or_else(|| "unknown".into()),
-        r.wire_requests
+        r.wire_requests,
+        if r.failovers > 0 { format!(" | {} failovers", r.failovers) } else { String::new() }
     );
     if let Some(share) = r.server_cores_busy_share {
         let _ = writeln!(

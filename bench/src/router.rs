@@ -15,6 +15,14 @@ pub trait Router: Send {
     /// The server said a key's slot lives at `endpoint` now (Redis MOVED).
     fn moved(&mut self, _slot: u16, _endpoint: usize) {}
 
+    /// Every endpoint that can serve `key`, in preference order (the first
+    /// is [`Router::endpoint_for`]'s): where a request goes when the one
+    /// before did not answer in time. One unless the target replicates.
+    fn replicas_for(&self, key: &[u8], out: &mut Vec<usize>) {
+        out.clear();
+        out.push(self.endpoint_for(key));
+    }
+
     /// A copy for another worker thread.
     fn boxed_clone(&self) -> Box<dyn Router>;
 }
@@ -68,41 +76,60 @@ impl ShardAwareNode {
 
 /// A ringkv cluster: a key goes to the owning shard of its first replica,
 /// as `ringkv_net::Topology::route` says, precomputed per partition so a
-/// request costs a hash and a table lookup.
+/// request costs a hash and a table lookup; the other replicas' shards are
+/// where it fails over to.
 #[derive(Debug, Clone)]
 pub struct TopologyRouter {
     partitions: u32,
-    /// Partition -> index into `endpoints`.
+    /// Partition p's replicas as indexes into `endpoints`, in preference
+    /// order: `table[starts[p]..starts[p + 1]]`.
     table: Vec<usize>,
+    starts: Vec<usize>,
 }
 
 impl TopologyRouter {
     /// The router and the endpoint list it indexes: every (node, shard)
-    /// address that is some partition's first replica.
+    /// address that replicates some partition.
     pub fn new(topology: &ringkv_net::Topology) -> (TopologyRouter, Vec<SocketAddr>) {
         let partitions = topology.cluster().partitions.max(1);
         let mut endpoints: Vec<SocketAddr> = Vec::new();
-        let mut table = Vec::with_capacity(partitions as usize);
+        let mut table = Vec::new();
+        let mut starts = Vec::with_capacity(partitions as usize + 1);
         for p in 0..partitions {
             // Any key of partition p routes like p's own first key would; ask
-            // the topology for the partition's first replica directly.
-            let addr = topology.route_partition(p).first().copied().expect("a ring has replicas for every partition");
-            let i = match endpoints.iter().position(|a| *a == addr) {
-                Some(i) => i,
-                None => {
-                    endpoints.push(addr);
-                    endpoints.len() - 1
-                }
-            };
-            table.push(i);
+            // the topology for the partition's replicas directly.
+            let route = topology.route_partition(p);
+            assert!(!route.is_empty(), "a ring has replicas for every partition");
+            starts.push(table.len());
+            for addr in route {
+                let i = match endpoints.iter().position(|a| *a == addr) {
+                    Some(i) => i,
+                    None => {
+                        endpoints.push(addr);
+                        endpoints.len() - 1
+                    }
+                };
+                table.push(i);
+            }
         }
-        (TopologyRouter { partitions, table }, endpoints)
+        starts.push(table.len());
+        (TopologyRouter { partitions, table, starts }, endpoints)
+    }
+
+    fn replicas(&self, key: &[u8]) -> &[usize] {
+        let p = ringkv_partition(key, self.partitions) as usize;
+        &self.table[self.starts[p]..self.starts[p + 1]]
     }
 }
 
 impl Router for TopologyRouter {
     fn endpoint_for(&self, key: &[u8]) -> usize {
-        self.table[ringkv_partition(key, self.partitions) as usize]
+        self.replicas(key)[0]
+    }
+
+    fn replicas_for(&self, key: &[u8], out: &mut Vec<usize>) {
+        out.clear();
+        out.extend_from_slice(self.replicas(key));
     }
 
     fn boxed_clone(&self) -> Box<dyn Router> {
@@ -168,6 +195,33 @@ mod tests {
         assert!(per_shard.iter().all(|&n| n > 800), "{per_shard:?}");
         let eps = ShardAwareNode::endpoints("127.0.0.1:7070".parse().unwrap(), 3);
         assert_eq!(eps[2], "127.0.0.1:7072".parse().unwrap());
+    }
+
+    #[test]
+    fn topology_routing_sends_a_key_to_its_replicas_in_preference_order() {
+        use ringkv_core::membership::{ClusterState, Member};
+        use ringkv_core::ring::{claim, Claimant};
+        let mut state = ClusterState::new("ringkv", 64);
+        let names = ["n1", "n2", "n3", "n4"];
+        for (i, n) in names.iter().enumerate() {
+            state.members.insert(n.to_string(), Member::new(n, &format!("127.0.0.{}:7070", i + 1), 1, 1));
+        }
+        let claimants: Vec<Claimant> = names.iter().map(|n| Claimant { id: n.to_string(), weight: 1 }).collect();
+        state.ring = Some(claim(None, &claimants, 64, 3));
+        let topology = ringkv_net::Topology::decode(&state.encode(), 3).unwrap();
+        let (router, endpoints) = TopologyRouter::new(&topology);
+        assert_eq!(endpoints.len(), 4, "every replica's shard is an endpoint");
+        let (mut key, mut replicas) = (Vec::new(), Vec::new());
+        for i in 0..500 {
+            write_key(&mut key, i);
+            router.replicas_for(&key, &mut replicas);
+            let addrs: Vec<SocketAddr> = replicas.iter().map(|&e| endpoints[e]).collect();
+            assert_eq!(addrs, topology.route(&key), "the topology's order");
+            assert_eq!(replicas[0], router.endpoint_for(&key));
+        }
+        let mut one = Vec::new();
+        SingleEndpoint.replicas_for(b"k", &mut one);
+        assert_eq!(one, [0], "a target that does not replicate has nowhere to fail over to");
     }
 
     #[test]

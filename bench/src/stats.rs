@@ -85,6 +85,9 @@ pub struct RunStats {
     pub wire_requests: u64,
     /// Client CPU time (user + system) of the workers in the window.
     pub cpu_ns: u64,
+    /// Attempts given up on (late or on a broken connection) and sent to
+    /// another replica.
+    pub failovers: u64,
 }
 
 impl RunStats {
@@ -100,6 +103,7 @@ impl RunStats {
         self.completed_in_window += other.completed_in_window;
         self.wire_requests += other.wire_requests;
         self.cpu_ns += other.cpu_ns;
+        self.failovers += other.failovers;
     }
 
     /// All operation types together.

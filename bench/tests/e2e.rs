@@ -357,9 +357,9 @@ fn port_free_on_three_addresses() -> u16 {
 /// local nodes on one port (127.0.0.1, .2, .3) it counted the first and the
 /// server CPU per operation came out a third of the truth. Each node must be
 /// found by its own address.
-#[test]
-fn a_three_node_cluster_run_counts_every_server_process() {
-    let dir = tempfile::tempdir().unwrap();
+/// Three nodes on 127.0.0.1-3 (N=3, one shard each), formed: every node
+/// sees all three up and takes a write.
+fn three_node_cluster(dir: &Path, extra: &[&str]) -> (Vec<SocketAddr>, Vec<Guard>) {
     let port = port_free_on_three_addresses();
     let addrs: Vec<SocketAddr> = (1..=3).map(|i| format!("127.0.0.{i}:{port}").parse().unwrap()).collect();
     let bin = ringkv_bin();
@@ -370,8 +370,9 @@ fn a_three_node_cluster_run_counts_every_server_process() {
         cmd.arg("server")
             .args(["--node-id", &format!("n{}", i + 1), "--listen", &addr.to_string()])
             .arg("--data-dir")
-            .arg(dir.path().join(format!("n{}", i + 1)))
+            .arg(dir.join(format!("n{}", i + 1)))
             .args(["--seeds", &seeds.join(","), "--shards", "1", "--replicas", "3", "--no-pin"])
+            .args(extra)
             .env("RINGKV_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -381,7 +382,6 @@ fn a_three_node_cluster_run_counts_every_server_process() {
     for (addr, node) in addrs.iter().zip(nodes.iter_mut()) {
         wait_listening(*addr, node);
     }
-    // Formed once every node sees all three up and takes a write.
     let deadline = Instant::now() + Duration::from_secs(60);
     let cfg = ClientConfig { timeout: Duration::from_secs(2), ..Default::default() };
     let opts = WriteOptions { context: Vec::new(), w: Level::Default, durable: Some(false) };
@@ -397,7 +397,13 @@ fn a_three_node_cluster_run_counts_every_server_process() {
         assert!(Instant::now() < deadline, "the cluster did not form in time");
         std::thread::sleep(Duration::from_millis(200));
     }
+    (addrs, nodes)
+}
 
+#[test]
+fn a_three_node_cluster_run_counts_every_server_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addrs, nodes) = three_node_cluster(dir.path(), &[]);
     let json = dir.path().join("c.json");
     let out = bench(
         &["run", "--target", &format!("ringkv://{}", addrs[0]), "--workload", "c", "--records", "300"]
@@ -415,4 +421,47 @@ fn a_three_node_cluster_run_counts_every_server_process() {
     assert_eq!(pids_of(&v), want, "all three nodes are counted: {text}");
     assert!(text.contains("3 process(es)"), "the summary says how many: {text}");
     assert!(v["server_cpu_us_per_op"].as_f64().unwrap() > 0.0, "{v}");
+}
+
+/// Issue 14's measurement through the harness itself: an open loop of
+/// workload A against a 3-node cluster while one node is stopped for 3 s
+/// and, after it resumed, another is killed. The harness sends an attempt
+/// that is not answered in time, or whose connection broke, to the key's
+/// next replica, so it keeps measuring: no errors, and no operation waits
+/// out the stop.
+#[test]
+fn the_harness_fails_over_through_a_stopped_and_a_killed_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addrs, mut nodes) = three_node_cluster(dir.path(), &["--request-timeout-ms", "2000"]);
+    let json = dir.path().join("a.json");
+    let args: Vec<String> = ["run", "--target", &format!("ringkv://{}", addrs[0]), "--workload", "a", "--no-load"]
+        .into_iter()
+        .chain(["--records", "300", "--rate", "1000", "--duration", "9s", "--warmup", "1s"])
+        .chain(["--concurrency", "4", "--no-progress", "--json", json.to_str().unwrap()])
+        .map(String::from)
+        .collect();
+    let run = std::thread::spawn(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        bench(&args, Duration::from_secs(90))
+    });
+    let signal = |g: &Guard, sig| {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(g.pid() as i32, sig) };
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    signal(&nodes[1], libc::SIGSTOP);
+    std::thread::sleep(Duration::from_secs(3));
+    signal(&nodes[1], libc::SIGCONT);
+    std::thread::sleep(Duration::from_secs(2));
+    drop(nodes.remove(2));
+    let out = run.join().unwrap();
+    let text = ok(&out);
+    let v = read_json(&json);
+    assert_result(&v, &["read", "update"]);
+    println!("{text}");
+    assert_eq!(v["errors"], 0, "the harness kept measuring through the faults: {text}");
+    assert!(v["failovers"].as_u64().unwrap() > 0, "the stopped and the killed node were failed over: {v}");
+    let worst = v["all"]["max_us"].as_f64().unwrap();
+    // Without failover an operation on the stopped node waits out the 3 s.
+    assert!(worst < 1_500_000.0, "the worst operation took {worst} us: {text}");
 }
