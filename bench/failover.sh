@@ -53,7 +53,7 @@ start_cluster() { # dir
   done
   local deadline=$((SECONDS + 60))
   until "$RINGKV" status --endpoint "127.0.0.1:$PORT" --json 2>/dev/null | grep -o '"status": *"up"' | wc -l | grep -qx 3; do
-    [ $SECONDS -lt $deadline ] || { echo "the cluster did not form" >&2; exit 1; }
+    [ $SECONDS -lt $deadline ] || { echo "the cluster did not form:" >&2; tail -n 5 "$1"/n*.log >&2; exit 1; }
     sleep 0.5
   done
 }
@@ -61,6 +61,7 @@ start_cluster() { # dir
 run() { # fault
   local dir="$WORK/$1"
   mkdir -p "$dir"
+  PORT=$((PORT + 10)) # a fresh port: nothing of the last run lingers on it
   start_cluster "$dir"
   "$BENCH" run --target "ringkv://127.0.0.1:$PORT" --workload a --records 10000 --rate "$RATE" \
     --duration "$DURATION" --warmup 2s --concurrency 8 --client-cpus "$CLIENT_CPUS" --no-progress \
@@ -70,7 +71,7 @@ run() { # fault
   sleep 8
   case "$1" in
     stop) kill -STOP "${PIDS[1]}"; sleep 5; kill -CONT "${PIDS[1]}" ;;
-    kill) kill -KILL "${PIDS[2]}" ;;
+    kill) kill -KILL "${PIDS[2]}"; { wait "${PIDS[2]}"; } 2>/dev/null || true ;;
   esac
   wait "$bench" || { cat "$dir/bench.log" >&2; exit 1; }
   python3 - "$1" "$dir/run.json" <<'PY'
@@ -81,7 +82,7 @@ print(f"| {sys.argv[1]} | {v['ops_per_sec']:.0f} | {a['p50_us']/1000:.2f} | {a['
       f"{a['p999_us']/1000:.1f} | {a['max_us']/1000:.0f} | {v['errors']} | {v.get('failovers', 0)} |")
 PY
   for pid in "${PIDS[@]}"; do kill -CONT "$pid" 2>/dev/null || true; kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do { wait "$pid"; } 2>/dev/null || true; done
   PIDS=()
 }
 
