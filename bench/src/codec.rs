@@ -35,6 +35,10 @@ pub enum WireReq<'a> {
         value: &'a [u8],
         context: &'a [u8],
     },
+    /// ringkv only: the receiving replica's own copy (client-driven reads).
+    GetCopy {
+        key: &'a [u8],
+    },
     /// Redis Cluster's ASKING, sent before a request redirected by ASK.
     Asking,
 }
@@ -53,6 +57,9 @@ pub struct Reply {
     pub outcome: Outcome,
     /// ringkv's causal context of what was read or written.
     pub context: Vec<u8>,
+    /// A hash of the values a ringkv read returned (0 for anything else),
+    /// so a client-driven read can compare its copies' answers.
+    pub values: u64,
 }
 
 /// Options of ringkv requests.
@@ -85,6 +92,7 @@ impl Codec {
                     WireReq::Get { key, .. } => resp::encode_command(out, &[b"GET", key]),
                     WireReq::Put { key, value, .. } => resp::encode_command(out, &[b"SET", key, value]),
                     WireReq::Asking => resp::encode_command(out, &[b"ASKING"]),
+                    WireReq::GetCopy { .. } => unreachable!("copy reads are ringkv-only"),
                 }
                 0
             }
@@ -138,6 +146,11 @@ impl RingkvCodec {
                 key.extend_from_slice(k);
                 Request::Get { key, r: self.opts.r }
             }
+            WireReq::GetCopy { key: k } => {
+                key.clear();
+                key.extend_from_slice(k);
+                Request::GetCopy { key }
+            }
             WireReq::Put { key: k, value, context } => {
                 key.clear();
                 key.extend_from_slice(k);
@@ -155,7 +168,7 @@ impl RingkvCodec {
         self.encoder.encode(&msg, out);
         if let Message::Request(RequestFrame { body, .. }) = msg {
             match body {
-                Request::Get { key, .. } => self.key = key,
+                Request::Get { key, .. } | Request::GetCopy { key } => self.key = key,
                 Request::Put { key, value, context, .. } => {
                     self.key = key;
                     self.value = value;
@@ -182,18 +195,30 @@ fn parse_ringkv(buf: &[u8]) -> Result<Option<(Reply, usize)>> {
     let used = 4 + payload.len();
     let reply = match decode(payload, DecodeLimits::CLIENT) {
         Ok(Message::Response(Response { id, result, .. })) => match result {
-            Ok(WireReply::Get(GetResult { found, context, .. })) => {
-                Reply { id, outcome: Outcome::Ok { found }, context }
+            Ok(WireReply::Get(GetResult { found, context, values })) => {
+                Reply { id, outcome: Outcome::Ok { found }, context, values: values_hash(&values) }
             }
-            Ok(WireReply::Put { context }) => Reply { id, outcome: Outcome::Ok { found: true }, context },
-            Ok(other) => Reply { id, outcome: Outcome::Error(unexpected(&other)), context: Vec::new() },
-            Err(e) => Reply { id, outcome: Outcome::Error(Cow::Borrowed(e.code.name())), context: Vec::new() },
+            Ok(WireReply::Put { context }) => Reply { id, outcome: Outcome::Ok { found: true }, context, values: 0 },
+            Ok(other) => Reply { id, outcome: Outcome::Error(unexpected(&other)), context: Vec::new(), values: 0 },
+            Err(e) => {
+                Reply { id, outcome: Outcome::Error(Cow::Borrowed(e.code.name())), context: Vec::new(), values: 0 }
+            }
         },
         Ok(Message::Error(e)) => bail!("the server closed the connection: {e}"),
         Ok(other) => bail!("unexpected message from the server: {other:?}"),
         Err(e) => bail!("undecodable reply: {e}"),
     };
     Ok(Some((reply, used)))
+}
+
+/// Order-sensitive: a node returns siblings in its object's canonical order.
+fn values_hash(values: &[Vec<u8>]) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for v in values {
+        h.update(&(v.len() as u64).to_le_bytes());
+        h.update(v);
+    }
+    h.digest()
 }
 
 fn unexpected(r: &WireReply) -> Cow<'static, str> {
@@ -214,7 +239,7 @@ fn parse_redis(buf: &[u8]) -> Result<Option<(Reply, usize)>> {
             }
         },
     };
-    Ok(Some((Reply { id: 0, outcome, context: Vec::new() }, used)))
+    Ok(Some((Reply { id: 0, outcome, context: Vec::new(), values: 0 }, used)))
 }
 
 /// The echo target's frames: the bytes of the ringkv request the workload
@@ -270,7 +295,7 @@ impl EchoCodec {
 
 fn parse_echo(buf: &[u8]) -> Result<Option<(Reply, usize)>> {
     let Some(payload) = frame(buf)? else { return Ok(None) };
-    Ok(Some((Reply { id: 0, outcome: Outcome::Ok { found: true }, context: Vec::new() }, 4 + payload.len())))
+    Ok(Some((Reply { id: 0, outcome: Outcome::Ok { found: true }, context: Vec::new(), values: 0 }, 4 + payload.len())))
 }
 
 #[cfg(test)]

@@ -35,6 +35,14 @@
 //! endpoint is skipped in that group). An operation that ran out of
 //! replicas is an error. Latency counts from the operation's intended
 //! time, so failovers show in it.
+//!
+//! Client-driven reads (`copy_reads`, the Dynamo paper's section 6.4): a
+//! read asks the first r replicas of its key that are up for their own
+//! copy (`GetCopy`) and is done when all r answer the same (found, values,
+//! context); a disagreement, a refusal (not a replica, partition moving,
+//! an old node) or a late or broken copy makes it read again through a
+//! coordinator, which merges and repairs. Each replica is woken once per
+//! read instead of the coordinator twice.
 
 use crate::codec::{Codec, Outcome, Reply, WireReq};
 use crate::keydist::{write_key, KeyChooser};
@@ -111,6 +119,9 @@ pub struct WorkerSpec {
     pub blind_writes: bool,
     pub seed: u64,
     pub busy_poll: bool,
+    /// Client-driven reads at this level (`--reads client`); None: every
+    /// read goes through a coordinator.
+    pub copy_reads: Option<ringkv_net::proto::Level>,
     pub progress: Option<Sender<Interval>>,
     /// The last ringkv context seen per record, carried from phase to phase
     /// (empty: keep none, e.g. for other targets or `--blind-writes`).
@@ -190,6 +201,14 @@ struct Op {
     /// When the current attempt was sent, and where.
     sent_at: Instant,
     endpoint: usize,
+    /// Copy answers the current client-driven read still waits for (0: not
+    /// reading copies); the endpoints awaited are in `tried`.
+    copies: u8,
+    /// The first copy's answer: found, values hash, context hash.
+    copy_answer: Option<(bool, u64, u64)>,
+    copies_differ: bool,
+    /// Read through a coordinator from now on (the copies did not do).
+    coordinated: bool,
 }
 
 /// What the worker knows of each endpoint, for failover (module doc).
@@ -261,6 +280,7 @@ struct Worker {
     interval: OpStats,
     interval_ops: u64,
     failover: Failover,
+    copy_reads: Option<usize>,
 }
 
 pub fn run(spec: WorkerSpec, timing_rx: impl FnOnce() -> Result<Timing>) -> Result<WorkerResult> {
@@ -284,13 +304,18 @@ pub fn run(spec: WorkerSpec, timing_rx: impl FnOnce() -> Result<Timing>) -> Resu
     let timing = timing?;
     let (mut ring, ring_flags) = make_ring(conns.len(), spec.busy_poll)?;
     let slots = spec.groups * spec.pipeline;
-    let replicated = (0..64u64).any(|i| {
-        let mut key = Vec::new();
-        write_key(&mut key, i);
-        let mut r = Vec::new();
-        spec.router.replicas_for(&key, &mut r);
-        r.len() > 1
-    });
+    // The most replicas the router knows for a key (one: no failover).
+    let replicas = (0..64u64)
+        .map(|i| {
+            let mut key = Vec::new();
+            write_key(&mut key, i);
+            let mut r = Vec::new();
+            spec.router.replicas_for(&key, &mut r);
+            r.len()
+        })
+        .max()
+        .unwrap_or(1);
+    let replicated = replicas > 1;
     let endpoints = spec.endpoints.len();
     let mut w = Worker {
         spec_index: spec.index,
@@ -327,6 +352,10 @@ pub fn run(spec: WorkerSpec, timing_rx: impl FnOnce() -> Result<Timing>) -> Resu
                 tried: Vec::with_capacity(4),
                 sent_at: timing.start,
                 endpoint: 0,
+                copies: 0,
+                copy_answer: None,
+                copies_differ: false,
+                coordinated: false,
             })
             .collect(),
         free: (0..slots as u32).rev().collect(),
@@ -348,6 +377,8 @@ pub fn run(spec: WorkerSpec, timing_rx: impl FnOnce() -> Result<Timing>) -> Resu
             health: vec![(0, None); endpoints],
             scratch: Vec::new(),
         },
+        // Only where the router knows every replica of a key.
+        copy_reads: spec.copy_reads.filter(|_| replicated).and_then(|level| level.resolve(replicas)),
     };
     let outcome = w.event_loop(&mut ring, spec.busy_poll, spec.progress.as_ref());
     // Whatever happened, no request may still point into our buffers when
@@ -669,6 +700,8 @@ impl Worker {
         op.ask = None;
         op.live = true;
         op.tried.clear();
+        op.copies = 0;
+        op.coordinated = false;
         self.groups[g].outstanding += 1;
         self.outstanding += 1;
         if measured && self.schedule.is_some() {
@@ -698,6 +731,15 @@ impl Worker {
     /// Puts the operation's current request on its connection's queue (or
     /// ends it when no replica is left to try).
     fn issue(&mut self, slot: u32, now: Instant) {
+        let op = &self.ops[slot as usize];
+        if let Some(r) = self.copy_reads {
+            if !op.writing && !op.coordinated && op.ask.is_none() {
+                if self.issue_copies(slot, r, now) {
+                    return;
+                }
+                self.ops[slot as usize].coordinated = true;
+            }
+        }
         let endpoint = match self.ops[slot as usize].ask {
             Some(e) => e,
             None => match self.choose(slot, now) {
@@ -736,6 +778,54 @@ impl Worker {
             conn.dirty = true;
             self.dirty.push(ci);
         }
+    }
+
+    /// Asks the first `r` replicas of the operation's key that are up for
+    /// their copies; false (nothing sent) when fewer than `r` are.
+    fn issue_copies(&mut self, slot: u32, r: usize, now: Instant) -> bool {
+        let mut order = std::mem::take(&mut self.failover.scratch);
+        let op = &mut self.ops[slot as usize];
+        self.router.replicas_for(&op.key, &mut order);
+        let conns = &self.groups[op.group as usize].conns;
+        order.retain(|&e| !self.conns[conns[e] as usize].dead && !self.failover.is_down(e, now));
+        if order.len() < r {
+            self.failover.scratch = order;
+            return false;
+        }
+        op.gen = op.gen.wrapping_add(1);
+        op.sent_at = now;
+        op.endpoint = order[0];
+        op.copies = r as u8;
+        op.copy_answer = None;
+        op.copies_differ = false;
+        op.tried.clear();
+        for &e in &order[..r] {
+            op.tried.push(e);
+            let ci = conns[e];
+            let conn = &mut self.conns[ci as usize];
+            let id = conn.codec.encode(WireReq::GetCopy { key: &op.key }, &mut conn.queued);
+            conn.pending.push_back((id, slot, op.gen));
+            if op.measured {
+                self.stats.wire_requests += 1;
+            }
+            if !conn.dirty {
+                conn.dirty = true;
+                self.dirty.push(ci);
+            }
+        }
+        self.failover.scratch = order;
+        true
+    }
+
+    /// A client-driven read that its copies could not answer: read again
+    /// through a coordinator (answers still due to this attempt are
+    /// dropped, as `issue` starts a new one).
+    fn read_coordinated(&mut self, slot: u32, now: Instant) {
+        let op = &mut self.ops[slot as usize];
+        op.copies = 0;
+        op.coordinated = true;
+        op.tried.clear();
+        self.issue(slot, now);
     }
 
     fn flush(&mut self, ring: &mut IoUring) -> Result<()> {
@@ -863,8 +953,12 @@ impl Worker {
             // The late answer to an attempt that was given up on.
             return Ok(());
         }
+        let endpoint = self.conns[ci].endpoint;
         if self.failover.enabled {
-            self.failover.answered(op.endpoint, op.sent_at, now);
+            self.failover.answered(endpoint, op.sent_at, now);
+        }
+        if op.copies > 0 {
+            return self.on_copy(slot, endpoint, reply, now);
         }
         match reply.outcome {
             Outcome::Redirect(r) => self.redirect(slot, r, now),
@@ -873,31 +967,67 @@ impl Worker {
                 Ok(())
             }
             Outcome::Ok { found } => {
-                let op = &mut self.ops[slot as usize];
-                if let Some(c) = self.contexts.get_mut(op.record as usize) {
-                    c.clear();
-                    c.extend_from_slice(&reply.context);
-                }
-                if op.kind == OpKind::Rmw && !op.writing {
-                    op.writing = true;
-                    op.context.clear();
-                    op.context.extend_from_slice(&reply.context);
-                    op.tried.clear();
-                    self.issue(slot, now);
-                    return Ok(());
-                }
-                if op.kind == OpKind::Read && !found && op.measured {
-                    self.stats.op(OpKind::Read).not_found += 1;
-                }
-                if op.kind == OpKind::Insert {
-                    if let Source::Workload { keys, .. } = &self.source {
-                        keys.insert_acked(op.record);
-                    }
-                }
-                self.complete(slot, now, None);
+                self.answered(slot, found, &reply.context, now);
                 Ok(())
             }
         }
+    }
+
+    /// One copy's answer to a client-driven read (module doc).
+    fn on_copy(&mut self, slot: u32, endpoint: usize, reply: Reply, now: Instant) -> Result<()> {
+        let measured = self.ops[slot as usize].measured;
+        let Outcome::Ok { found } = reply.outcome else {
+            self.stats.copy_fallbacks += u64::from(measured);
+            self.read_coordinated(slot, now);
+            return Ok(());
+        };
+        let answer = (found, reply.values, xxhash_rust::xxh3::xxh3_64(&reply.context));
+        let op = &mut self.ops[slot as usize];
+        match op.copy_answer {
+            None => op.copy_answer = Some(answer),
+            Some(first) => op.copies_differ |= first != answer,
+        }
+        op.tried.retain(|&e| e != endpoint);
+        op.copies -= 1;
+        if op.copies > 0 {
+            return Ok(());
+        }
+        if op.copies_differ {
+            self.stats.copy_fallbacks += u64::from(measured);
+            self.read_coordinated(slot, now);
+        } else {
+            self.stats.copy_reads += u64::from(measured);
+            op.tried.clear();
+            self.answered(slot, found, &reply.context, now);
+        }
+        Ok(())
+    }
+
+    /// A successful answer: a read-modify-write goes on to its write, any
+    /// other operation is done.
+    fn answered(&mut self, slot: u32, found: bool, context: &[u8], now: Instant) {
+        let op = &mut self.ops[slot as usize];
+        if let Some(c) = self.contexts.get_mut(op.record as usize) {
+            c.clear();
+            c.extend_from_slice(context);
+        }
+        if op.kind == OpKind::Rmw && !op.writing {
+            op.writing = true;
+            op.context.clear();
+            op.context.extend_from_slice(context);
+            op.tried.clear();
+            self.issue(slot, now);
+            return;
+        }
+        if op.kind == OpKind::Read && !found && op.measured {
+            self.stats.op(OpKind::Read).not_found += 1;
+        }
+        if op.kind == OpKind::Insert {
+            if let Source::Workload { keys, .. } = &self.source {
+                keys.insert_acked(op.record);
+            }
+        }
+        self.complete(slot, now, None);
     }
 
     fn redirect(&mut self, slot: u32, r: Redirect, now: Instant) -> Result<()> {
@@ -934,8 +1064,18 @@ impl Worker {
         for slot in 0..self.ops.len() as u32 {
             let op = &self.ops[slot as usize];
             if op.live && now.saturating_duration_since(op.sent_at) >= deadline {
-                self.failover.failed(op.endpoint, now);
                 self.stats.failovers += 1;
+                if op.copies > 0 {
+                    // The copies not yet answered are the late ones.
+                    let late = std::mem::take(&mut self.ops[slot as usize].tried);
+                    for &e in &late {
+                        self.failover.failed(e, now);
+                    }
+                    self.ops[slot as usize].tried = late;
+                    self.read_coordinated(slot, now);
+                    continue;
+                }
+                self.failover.failed(op.endpoint, now);
                 self.issue(slot, now);
             }
         }
@@ -957,7 +1097,11 @@ impl Worker {
             let live = self.ops.get(slot as usize).is_some_and(|op| op.live && op.gen == gen);
             if live {
                 self.stats.failovers += 1;
-                self.issue(slot, now);
+                if self.ops[slot as usize].copies > 0 {
+                    self.read_coordinated(slot, now);
+                } else {
+                    self.issue(slot, now);
+                }
             }
         }
     }

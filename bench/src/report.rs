@@ -136,6 +136,12 @@ pub struct RunReport {
     /// or its connection broke.
     #[serde(default)]
     pub failovers: u64,
+    /// Client-driven reads answered by their copies, and those read again
+    /// through a coordinator because the copies disagreed or refused.
+    #[serde(default)]
+    pub copy_reads: u64,
+    #[serde(default)]
+    pub copy_fallbacks: u64,
     pub client_cpus: Vec<usize>,
     pub client_placement: String,
     pub server_placement: String,
@@ -167,6 +173,8 @@ impl RunReport {
             if s.completed_in_window > 0 { s.cpu_ns as f64 / 1000.0 / s.completed_in_window as f64 } else { 0.0 };
         self.wire_requests = s.wire_requests;
         self.failovers = s.failovers;
+        self.copy_reads = s.copy_reads;
+        self.copy_fallbacks = s.copy_fallbacks;
         self.send_lag_us = Quantiles::of(&s.send_lag.hist);
     }
 
@@ -251,13 +259,18 @@ pub fn summary(r: &RunReport) -> String {
     }
     let _ = writeln!(
         s,
-        "throughput {:.0} ops/s | client CPU {:.2} us/op (workers {:.2}) | server CPU {} | {} wire requests{}",
+        "throughput {:.0} ops/s | client CPU {:.2} us/op (workers {:.2}) | server CPU {} | {} wire requests{}{}",
         r.ops_per_sec,
         r.client_cpu_us_per_op,
         r.client_worker_cpu_us_per_op,
         r.server_cpu_us_per_op.map(|c| format!("{c:.2} us/op")).unwrap_or_else(|| "unknown".into()),
         r.wire_requests,
-        if r.failovers > 0 { format!(" | {} failovers", r.failovers) } else { String::new() }
+        if r.failovers > 0 { format!(" | {} failovers", r.failovers) } else { String::new() },
+        if r.copy_reads + r.copy_fallbacks > 0 {
+            format!(" | client-driven reads: {} from copies, {} through a coordinator", r.copy_reads, r.copy_fallbacks)
+        } else {
+            String::new()
+        }
     );
     if let Some(share) = r.server_cores_busy_share {
         let _ = writeln!(

@@ -33,6 +33,12 @@ pub enum DistArg {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Reads {
+    Coordinated,
+    Client,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Durable {
     /// The node's default (durable).
     Default,
@@ -115,6 +121,13 @@ pub struct RunArgs {
     /// sibling instead of replacing what was read).
     #[arg(long)]
     pub blind_writes: bool,
+    /// ringkv reads: `coordinated` (to one node, which asks the replicas)
+    /// or `client` (the harness asks r replicas for their copies itself and
+    /// compares them, reading through a coordinator when they differ; r
+    /// from --r, the node's default taken as a quorum). Needs the cluster's
+    /// topology (not with --no-shard-aware).
+    #[arg(long, value_enum, default_value = "coordinated")]
+    pub reads: Reads,
     /// Connections (clients) per endpoint, over all threads.
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
@@ -256,6 +269,9 @@ impl RunArgs {
         }
         if self.load_pipeline == 0 || self.load_pipeline > 1024 {
             bail!("--load-pipeline must be 1..=1024");
+        }
+        if self.reads == Reads::Client && (self.target.kind != Kind::Ringkv || self.no_shard_aware) {
+            bail!("--reads client is for ringkv:// targets with their topology (drop --no-shard-aware)");
         }
         Ok(())
     }
@@ -405,7 +421,13 @@ pub fn run(args: &RunArgs) -> Result<RunReport> {
         label: args.label.clone().unwrap_or_else(|| target_name.clone()),
         target: target_name,
         target_kind: resolved.kind.name().into(),
-        routing: resolved.routing.clone(),
+        routing: match args.reads {
+            Reads::Client if resolved.routing.starts_with("topology-aware") => {
+                format!("{}; reads client-driven (copies of r replicas compared)", resolved.routing)
+            }
+            Reads::Client => bail!("--reads client needs the cluster's topology; the node did not give it"),
+            Reads::Coordinated => resolved.routing.clone(),
+        },
         endpoints: resolved.endpoints.iter().map(ToString::to_string).collect(),
         workload: args.workload.name().into(),
         mode: if args.sweep {
@@ -658,6 +680,10 @@ fn phase(
                 blind_writes: a.blind_writes,
                 seed: a.seed,
                 busy_poll: a.busy_poll,
+                copy_reads: match a.reads {
+                    Reads::Client => Some(a.r.unwrap_or_default()),
+                    Reads::Coordinated => None,
+                },
                 progress: Some(tx.clone()),
                 contexts: if i == 0 { std::mem::take(&mut contexts) } else { context_copies.pop().unwrap_or_default() },
             };

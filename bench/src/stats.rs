@@ -88,6 +88,11 @@ pub struct RunStats {
     /// Attempts given up on (late or on a broken connection) and sent to
     /// another replica.
     pub failovers: u64,
+    /// Client-driven reads (`--reads client`) answered by their copies, and
+    /// those whose copies disagreed or refused, read again through a
+    /// coordinator.
+    pub copy_reads: u64,
+    pub copy_fallbacks: u64,
 }
 
 impl RunStats {
@@ -104,6 +109,8 @@ impl RunStats {
         self.wire_requests += other.wire_requests;
         self.cpu_ns += other.cpu_ns;
         self.failovers += other.failovers;
+        self.copy_reads += other.copy_reads;
+        self.copy_fallbacks += other.copy_fallbacks;
     }
 
     /// All operation types together.

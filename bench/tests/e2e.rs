@@ -423,6 +423,35 @@ fn a_three_node_cluster_run_counts_every_server_process() {
     assert!(v["server_cpu_us_per_op"].as_f64().unwrap() > 0.0, "{v}");
 }
 
+/// Client-driven reads: the harness asks two replicas for their copies
+/// itself. With every replica up to date (written at w=all while loading),
+/// every read is answered by its copies, none goes through a coordinator,
+/// and each read is two requests on the wire.
+#[test]
+fn client_driven_reads_are_answered_by_the_replicas_copies() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addrs, _nodes) = three_node_cluster(dir.path(), &[]);
+    let json = dir.path().join("c.json");
+    let out = bench(
+        &["run", "--target", &format!("ringkv://{}", addrs[0]), "--workload", "c", "--records", "300"]
+            .into_iter()
+            .chain(["--w", "all", "--r", "quorum", "--reads", "client", "--duration", "1s", "--warmup", "300ms"])
+            .chain(["--concurrency", "2", "--no-progress", "--json", json.to_str().unwrap()])
+            .collect::<Vec<_>>(),
+        Duration::from_secs(90),
+    );
+    let text = ok(&out);
+    let v = read_json(&json);
+    assert_result(&v, &["read"]);
+    assert_eq!(v["errors"], 0, "{text}");
+    let reads = v["ops"]["read"]["count"].as_u64().unwrap();
+    assert!(reads > 0, "{v}");
+    assert_eq!(v["copy_reads"].as_u64().unwrap(), reads, "every read answered by its copies: {text}");
+    assert_eq!(v["copy_fallbacks"], 0, "{text}");
+    assert_eq!(v["wire_requests"].as_u64().unwrap(), 2 * reads, "two copies asked per read at r=2: {text}");
+    assert!(text.contains("reads client-driven"), "the summary says how reads were made: {text}");
+}
+
 /// Issue 14's measurement through the harness itself: an open loop of
 /// workload A against a 3-node cluster while one node is stopped for 3 s
 /// and, after it resumed, another is killed. The harness sends an attempt

@@ -242,6 +242,14 @@ pub enum Request {
     ReplicaRead {
         key: Vec<u8>,
     },
+    /// The receiver's own copy of `key`, answered like a get (values and
+    /// context), for a client that asks r replicas itself and compares the
+    /// answers (client-driven reads, docs/PROTOCOL.md). Refused with
+    /// `StaleTopology` unless the receiver is one of the key's replicas and
+    /// the key's partition is not moving.
+    GetCopy {
+        key: Vec<u8>,
+    },
     Gossip {
         state: Vec<u8>,
     },
@@ -344,6 +352,7 @@ impl Request {
             Request::Topology => "topology",
             Request::ReplicaWrite { .. } => "replica-write",
             Request::ReplicaRead { .. } => "replica-read",
+            Request::GetCopy { .. } => "get-copy",
             Request::Gossip { .. } => "gossip",
             Request::Handoff { .. } => "handoff",
             Request::Merkle { .. } => "merkle",
@@ -687,6 +696,10 @@ fn decode_request(r: &fb::Request<'_>) -> Result<Request, DecodeError> {
         fb::RequestBody::ReplicaReadRequest => {
             let g = r.body_as_replica_read_request().ok_or(DecodeError::Missing("replica read"))?;
             Request::ReplicaRead { key: bytes(g.key()) }
+        }
+        fb::RequestBody::GetCopyRequest => {
+            let g = r.body_as_get_copy_request().ok_or(DecodeError::Missing("get copy"))?;
+            Request::GetCopy { key: bytes(g.key()) }
         }
         fb::RequestBody::GossipRequest => {
             let g = r.body_as_gossip_request().ok_or(DecodeError::Missing("gossip"))?;
@@ -1075,6 +1088,11 @@ fn encode_request(fbb: &mut Fbb, r: &RequestFrame) -> Union {
             let key = fbb.create_vector(key);
             let t = fb::ReplicaReadRequest::create(fbb, &fb::ReplicaReadRequestArgs { key: Some(key) });
             (fb::RequestBody::ReplicaReadRequest, t.as_union_value())
+        }
+        Request::GetCopy { key } => {
+            let key = fbb.create_vector(key);
+            let t = fb::GetCopyRequest::create(fbb, &fb::GetCopyRequestArgs { key: Some(key) });
+            (fb::RequestBody::GetCopyRequest, t.as_union_value())
         }
         Request::Gossip { state } => {
             let state = fbb.create_vector(state);

@@ -85,6 +85,7 @@ fn messages() -> Vec<(&'static str, Message)> {
         ("req-repair", req(14, Request::Repair { partition: Some(3) })),
         ("req-merkle-roots", req(15, Request::MerkleRoots)),
         ("req-purge", req(16, Request::Purge { key: k(), object: vec![1] })),
+        ("req-get-copy", req(17, Request::GetCopy { key: k() })),
         (
             "resp-get",
             resp(1, Reply::Get(GetResult { found: true, values: vec![b"a".to_vec(), vec![]], context: vec![1] })),

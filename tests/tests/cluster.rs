@@ -203,3 +203,39 @@ fn status_lists_every_member_with_state_weight_shards_and_share() {
         assert!(text.contains(id), "{text}");
     }
 }
+
+/// Client-driven reads (`GetCopy`): a replica answers with its own copy,
+/// exactly what a coordinated read of that copy returns; a node that is not
+/// one of the key's replicas refuses (`StaleTopology`) rather than answer
+/// from whatever it has, so a client can never count it toward r.
+#[test]
+fn a_copy_read_is_answered_by_replicas_only_and_matches_a_coordinated_read() {
+    let dir = tempfile::tempdir().unwrap();
+    // N=2 of 3 nodes, two shards each: every key has a non-replica, and a
+    // copy read can land on the node's other shard.
+    let c = Cluster::start(dir.path(), 3, 2, &["--request-timeout-ms", "2000", "--replicas", "2"]);
+    let all = WriteOptions { w: Level::All, ..Default::default() };
+    let mut clients: Vec<_> = c.nodes.iter().map(Node::client).collect();
+    for i in 0..20 {
+        let key = format!("copy-{i}");
+        clients[0].put(key.as_bytes(), format!("v{i}").as_bytes(), &all).unwrap();
+    }
+    for i in 0..21 {
+        // Key 20 was never written: its replicas say so.
+        let key = format!("copy-{i}");
+        let coordinated = clients[1].get(key.as_bytes(), Level::All).unwrap();
+        let (mut answered, mut refused) = (0, 0);
+        for cl in clients.iter_mut() {
+            match cl.call(Request::GetCopy { key: key.clone().into_bytes() }) {
+                Ok(Reply::Get(g)) => {
+                    assert_eq!(g, coordinated, "{key}: a replica's copy is what a read at r=all returns");
+                    answered += 1;
+                }
+                Err(ClientError::Server(e)) if e.code == ErrorCode::StaleTopology => refused += 1,
+                other => panic!("{key}: unexpected {other:?}"),
+            }
+        }
+        assert_eq!((answered, refused), (2, 1), "{key}: its two replicas answer, the third node refuses");
+        assert_eq!(coordinated.found, i < 20, "{key}");
+    }
+}

@@ -310,6 +310,17 @@ impl Driver {
         self.drain(shard);
     }
 
+    /// Counts a copy read this shard answered (service, `GetCopy`) in its
+    /// load, as a get it coordinated would be.
+    pub fn served_copy(&self, partition: u32, took_us: u64) {
+        let mut load = self.load.borrow_mut();
+        *load.partitions.entry(partition).or_default() += 1;
+        load.ops += 1;
+        load.latency.record(took_us);
+        drop(load);
+        self.metrics.request(crate::metrics::Op::Get, took_us);
+    }
+
     /// Anti-entropy of this shard's partitions (`only` one) with every
     /// other replica, now.
     pub async fn repair(&self, shard: &Rc<Shard>, only: Option<u32>) -> Result<RepairReport, WireError> {

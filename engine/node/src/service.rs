@@ -97,6 +97,19 @@ async fn execute(shard: &Rc<Shard>, body: Request, hops: u8, timeout: Duration) 
                 _ => Err(internal("replica read returned something else")),
             }
         }
+        Request::GetCopy { key } => {
+            validate_key(&key).map_err(pair_error)?;
+            let p = shard.node.partition(&key);
+            check_copy(shard, p)?;
+            let started = crate::clock::now_us();
+            match shard.on_shard(shard.local_shard_of(p), Op::Get { key }).await? {
+                OpOutput::Object(o) => {
+                    shard.driver.served_copy(p, crate::clock::now_us().saturating_sub(started));
+                    Ok(copy_reply(o))
+                }
+                _ => Err(internal("a copy read returned something else")),
+            }
+        }
         Request::ReplicaWrite { key, object, durable, hint_for } => {
             // Sizes are not capped here: replicas carry whatever they hold.
             validate_key(&key).map_err(pair_error)?;
@@ -307,6 +320,27 @@ pub fn try_fast(
                 }
             }
         }
+        (Request::GetCopy { key }, _) => {
+            if validate_key(key).is_err() {
+                return Err((req, respond));
+            }
+            let p = shard.node.partition(key);
+            if let Err(e) = check_copy(shard, p) {
+                respond(Err(e));
+                return Ok(());
+            }
+            if shard.local_shard_of(p) != shard.id {
+                return Err((req, respond));
+            }
+            match shard.store.get_now(key) {
+                None => Err((req, respond)),
+                Some(r) => {
+                    shard.driver.served_copy(p, 0);
+                    respond(r.map(copy_reply).map_err(storage_error));
+                    Ok(())
+                }
+            }
+        }
         (Request::ReplicaWrite { key, object, durable, hint_for }, Role::Peer) if hint_for.is_empty() => {
             if validate_key(key).is_err() || shard.local_shard_of(shard.node.partition(key)) != shard.id {
                 return Err((req, respond));
@@ -339,6 +373,36 @@ pub fn try_fast(
         }
         _ => Err((req, respond)),
     }
+}
+
+/// Whether this node's copy of partition `p` is one a client-driven read
+/// may count toward its r: the node is one of `p`'s replicas and no ring
+/// change is moving `p` (while one is, the new replicas may not have the
+/// data yet, and only a coordinated read, which also asks the nodes still
+/// holding it, is sure to see it).
+fn check_copy(shard: &Shard, p: u32) -> Result<(), WireError> {
+    let view = shard.view();
+    if !view.has_ring() {
+        return Err(WireError::new(ErrorCode::Unavailable, "this node is still joining the cluster"));
+    }
+    if !view.is_primary(p, shard.me()) {
+        return Err(WireError::new(
+            ErrorCode::StaleTopology,
+            "this node is not a replica of the key: refresh the topology or read through a coordinator",
+        ));
+    }
+    if !view.topo.holders(p).is_empty() {
+        return Err(WireError::new(
+            ErrorCode::StaleTopology,
+            "the key's partition is moving between nodes: read through a coordinator",
+        ));
+    }
+    Ok(())
+}
+
+/// A copy read's answer: what a coordinated read of this one copy returns.
+fn copy_reply(o: Option<Object>) -> Reply {
+    crate::driver::reply(ringkv_core::coordinator::Outcome::Read(o), false)
 }
 
 fn replica_read(o: Option<Object>) -> Reply {
