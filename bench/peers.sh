@@ -10,6 +10,8 @@
 #   ringkv          local 3-node cluster (N=3), writes --durable no
 #   ringkv-durable  the same, writes --durable yes (fsync before the ack)
 #   ringkv-r1       the same as ringkv, reads at --r one (meant for workload c)
+#   ringkv-cr       the same as ringkv, reads client-driven (--reads client: the
+#                   harness asks r replicas for their copies itself)
 #   ringkv-base*    with --baseline BIN: the ringkv rows again, with that binary
 #                   (an earlier build), so before and after share one run
 # Every server runs on --server-cpus, the client on --client-cpus, and every
@@ -23,7 +25,7 @@
 #                  [--rate OPS] [--client-cpus 0] [--server-cpus 1]
 #                  [--targets ROW,..|all] [--skip ROW,..] [--ringkv-durable yes|no|both]
 #                  [--half] [--half-of ROW] [--no-build] [--baseline BIN]
-# --targets: the rows to run [default: all but ringkv-r1; `all`: every row].
+# --targets: the rows to run [default: all but ringkv-r1 and the baselines; `all`: every row].
 # --skip: rows to leave out of those. --ringkv-durable yes|no keeps only
 #   ringkv-durable or only ringkv (the older single-row form) [default: both].
 # --half: each row runs twice per workload: closed loop at --concurrency
@@ -49,8 +51,8 @@ PIPELINE=1
 RATE=
 CLIENT_CPUS=0
 SERVER_CPUS=1
-ALL_ROWS=echo,relay1,relay2,redis,redis-durable,redis-cluster,ringkv,ringkv-durable,ringkv-r1,ringkv-base,ringkv-base-durable,ringkv-base-r1
-TARGETS=echo,relay1,relay2,redis,redis-durable,redis-cluster,ringkv,ringkv-durable
+ALL_ROWS=echo,relay1,relay2,redis,redis-durable,redis-cluster,ringkv,ringkv-durable,ringkv-r1,ringkv-cr,ringkv-base,ringkv-base-durable,ringkv-base-r1
+TARGETS=echo,relay1,relay2,redis,redis-durable,redis-cluster,ringkv,ringkv-durable,ringkv-cr
 SKIP=
 RINGKV_DURABLE=both
 BASELINE=
@@ -300,6 +302,7 @@ run_targets() {
   selected ringkv && ringkv_row ringkv "$RINGKV" --durable no
   selected ringkv-durable && ringkv_row ringkv-durable "$RINGKV" --durable yes
   selected ringkv-r1 && ringkv_row ringkv-r1 "$RINGKV" --durable no --r one
+  selected ringkv-cr && ringkv_row ringkv-cr "$RINGKV" --durable no --reads client
   selected ringkv-base && ringkv_row ringkv-base "$BASELINE" --durable no
   selected ringkv-base-durable && ringkv_row ringkv-base-durable "$BASELINE" --durable yes
   selected ringkv-base-r1 && ringkv_row ringkv-base-r1 "$BASELINE" --durable no --r one
@@ -396,7 +399,7 @@ fi
   echo
   echo "rows: ${ROWS[*]}. Client pinned to CPUs $CLIENT_CPUS; every server under taskset on CPUs $SERVER_CPUS."
   echo "redis: appendfsync everysec; redis-durable: appendfsync always; redis-cluster: everysec."
-  echo "ringkv: --durable no; ringkv-durable: --durable yes; ringkv-r1: --durable no --r one."
+  echo "ringkv: --durable no; ringkv-durable: --durable yes; ringkv-r1: --durable no --r one; ringkv-cr: --durable no --reads client."
   [ -n "$BASELINE" ] && echo "ringkv-base*: the same rows with the baseline binary $BASELINE."
   [ -n "${NOTE:-}" ] && echo "ringkv: $NOTE."
   echo

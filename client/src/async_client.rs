@@ -222,7 +222,7 @@ impl AsyncClient {
         let span = telemetry::request_span(op_name, key);
         let started = Instant::now();
         let route = self.inner.router().replicas(key, started);
-        let op = Operation::new(planned.kind, planned.request, route, started, planned.timeout);
+        let op = planned.operation(route, started);
         let (result, stats) = self.inner.run(op).instrument(span.clone()).await;
         telemetry::request_done(op_name, &span, started.elapsed(), stats, &result);
         result

@@ -199,7 +199,7 @@ impl Client {
             .iter()
             .map(|k| {
                 let p = requests::get(&self.config, k.as_ref(), opts);
-                Operation::new(p.kind, p.request, self.router.replicas(k.as_ref(), now), now, p.timeout)
+                p.operation(self.router.replicas(k.as_ref(), now), now)
             })
             .collect();
         let started: Vec<Instant> = ops.iter().map(Operation::started).collect();
@@ -314,7 +314,7 @@ impl Client {
         let _entered = span.enter();
         let now = Instant::now();
         let route = self.router.replicas(key, now);
-        let op = Operation::new(planned.kind, planned.request, route, now, planned.timeout);
+        let op = planned.operation(route, now);
         let (result, stats) = self.execute(vec![op]).pop().expect("one operation, one result");
         telemetry::request_done(op_name, &span, now.elapsed(), stats, &result);
         result

@@ -3,12 +3,13 @@
 //! a request and turns a [`Reply`] into the typed result a caller gets.
 
 use crate::builder::Config;
-use crate::core::op::Kind;
+use crate::core::op::{Kind, Operation};
 use crate::error::{Error, Result};
 use crate::siblings::{Context, ReadOptions, Siblings, WriteOptions};
 use ringkv_net::proto::{Reply, Request};
 use ringkv_net::Topology;
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 /// A request with what the core needs to run it.
 pub(crate) struct Planned {
@@ -16,6 +17,20 @@ pub(crate) struct Planned {
     pub request: Request,
     /// The whole time it may take.
     pub timeout: Duration,
+    /// A client-driven read (`ClientBuilder::client_driven_reads`).
+    pub copies: bool,
+}
+
+impl Planned {
+    /// The operation that runs it along `route`.
+    pub fn operation(self, route: Vec<SocketAddr>, now: Instant) -> Operation {
+        let op = Operation::new(self.kind, self.request, route, now, self.timeout);
+        if self.copies {
+            op.read_copies_first()
+        } else {
+            op
+        }
+    }
 }
 
 /// A get of `key`.
@@ -24,6 +39,7 @@ pub(crate) fn get(config: &Config, key: &[u8], opts: &ReadOptions) -> Planned {
         kind: Kind::Read,
         request: Request::Get { key: key.to_vec(), r: opts.r.unwrap_or(config.r) },
         timeout: opts.timeout.unwrap_or(config.request_timeout),
+        copies: config.client_driven_reads,
     }
 }
 
@@ -36,7 +52,7 @@ pub(crate) fn put(config: &Config, key: &[u8], value: &[u8], opts: &WriteOptions
         w: opts.w.unwrap_or(config.w),
         durable: opts.durable.or(config.durable),
     };
-    Planned { kind: Kind::Write, request: req, timeout: opts.timeout.unwrap_or(config.request_timeout) }
+    Planned { kind: Kind::Write, request: req, timeout: opts.timeout.unwrap_or(config.request_timeout), copies: false }
 }
 
 /// A delete of `key`.
@@ -47,7 +63,7 @@ pub(crate) fn delete(config: &Config, key: &[u8], opts: &WriteOptions) -> Planne
         w: opts.w.unwrap_or(config.w),
         durable: opts.durable.or(config.durable),
     };
-    Planned { kind: Kind::Write, request: req, timeout: opts.timeout.unwrap_or(config.request_timeout) }
+    Planned { kind: Kind::Write, request: req, timeout: opts.timeout.unwrap_or(config.request_timeout), copies: false }
 }
 
 fn unexpected(request: &str, reply: &Reply) -> Error {

@@ -11,6 +11,7 @@
 //! | `ringkv_client_attempts_total` | counter, `op` | sends to a node, failovers and hedges included |
 //! | `ringkv_client_failovers_total` | counter, `op` | attempts made because an earlier one failed or was slow |
 //! | `ringkv_client_hedges_total` | counter, `op` | speculative reads |
+//! | `ringkv_client_copy_fallbacks_total` | counter, `op` | client-driven reads whose copies did not agree (or refused, or were late), read again through a coordinator |
 //! | `ringkv_client_connections_opened_total` | counter | connections opened (so reconnects show) |
 //! | `ringkv_client_connections_failed_total` | counter, `reason` | connections lost or refused |
 //! | `ringkv_client_topology_refreshes_total` | counter, `outcome` | topology fetches |
@@ -38,6 +39,8 @@ pub mod names {
     pub const FAILOVERS: &str = "ringkv_client_failovers_total";
     /// Speculative reads.
     pub const HEDGES: &str = "ringkv_client_hedges_total";
+    /// Client-driven reads read again through a coordinator.
+    pub const COPY_FALLBACKS: &str = "ringkv_client_copy_fallbacks_total";
     /// Connections opened.
     pub const CONNECTIONS_OPENED: &str = "ringkv_client_connections_opened_total";
     /// Connections lost or refused.
@@ -83,6 +86,9 @@ pub(crate) fn request_done<T>(
     metrics::counter!(names::ATTEMPTS, "op" => op).increment(u64::from(stats.attempts));
     if stats.failovers > 0 {
         metrics::counter!(names::FAILOVERS, "op" => op).increment(u64::from(stats.failovers));
+    }
+    if stats.copy_fallbacks > 0 {
+        metrics::counter!(names::COPY_FALLBACKS, "op" => op).increment(u64::from(stats.copy_fallbacks));
     }
     if stats.hedges > 0 {
         metrics::counter!(names::HEDGES, "op" => op).increment(u64::from(stats.hedges));

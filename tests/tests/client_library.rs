@@ -113,6 +113,59 @@ fn the_blocking_client_writes_reads_resolves_siblings_and_keeps_reading_through_
     client.put("after-kill", "still writable", &first).expect("w=2 of the two nodes left");
 }
 
+/// Client-driven reads (`client_driven_reads(true)`): gets ask two replicas
+/// for their copies. A replica that missed writes while it was down answers
+/// an older copy; those reads go through a coordinator and still return the
+/// newest value, and the rest are answered by the copies alone.
+#[test]
+fn client_driven_reads_return_the_newest_write_when_a_replica_missed_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // No hinted handoff or anti-entropy during the test: n3 stays behind
+    // until a read repairs it.
+    let slow_repair = ["--handoff-interval-s", "600", "--anti-entropy-interval-s", "600"];
+    let mut c = Cluster::start(dir.path(), 3, 1, &[FAST, &slow_repair[..]].concat());
+    let seeds = c.addrs();
+    let copy_reader = || {
+        Client::builder()
+            .seeds(seeds.clone())
+            .request_timeout(Duration::from_secs(3))
+            .read_quorum(Level::Count(2))
+            .client_driven_reads(true)
+            .hedged_reads(false)
+            .build()
+            .unwrap()
+    };
+    let keys: Vec<String> = (0..30).map(|i| format!("cd{i}")).collect();
+    let reads = |client: &mut Client, want: &str| {
+        let counters = Counters::default();
+        metrics::with_local_recorder(&counters, || {
+            for k in &keys {
+                let got = client.get(k).unwrap();
+                assert_eq!(got.values(), &[want.as_bytes().to_vec()], "{k}");
+            }
+        });
+        counters.get("ringkv_client_copy_fallbacks_total{op=get}")
+    };
+    let mut writer = blocking_client(&c);
+    let all = WriteOptions { w: Some(Level::All), ..WriteOptions::default() };
+    for k in &keys {
+        writer.put(k, "old", &all).unwrap();
+    }
+    assert_eq!(reads(&mut copy_reader(), "old"), 0, "replicas that agree answer by their copies alone");
+
+    c.nodes[2].kill();
+    for k in &keys {
+        let read = writer.get(k).unwrap();
+        writer.put(k, "new", &WriteOptions::with_context(read.context().clone())).unwrap();
+    }
+    c.nodes[2].restart();
+    // A fresh client, which has not seen n3 fail and so asks it first
+    // where it is a key's first or second replica.
+    let fallbacks = reads(&mut copy_reader(), "new");
+    assert!(fallbacks > 0, "reads whose copies included n3's older one went through a coordinator");
+    assert!(fallbacks < keys.len() as u64, "reads of two up-to-date copies did not: {fallbacks}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_async_client_multiplexes_tasks_resolves_siblings_and_rides_through_a_stopped_and_a_killed_node() {
     let dir = tempfile::tempdir().unwrap();

@@ -28,6 +28,12 @@
 //!    coordinator for a moment).
 //! 6. The operation finishes by its overall deadline, with `Timeout` if no
 //!    answer came.
+//! 7. A client-driven read ([`Operation::read_copies_first`]) first asks
+//!    the first r replicas for their own copies (`GetCopy`) at once, each
+//!    with the attempt deadline. All r answering the same is the answer;
+//!    a disagreement, a refusal (not a replica, partition moving, an older
+//!    node), a failed or late copy abandons the rest and reads through a
+//!    coordinator under rules 1-6, which merges the versions and repairs.
 //!
 //! Invariants: exactly one [`Action::Done`]; after it, nothing. Every
 //! attempt that is neither answered nor failed when the operation ends is
@@ -86,6 +92,19 @@ pub struct Stats {
     pub failovers: u32,
     /// Speculative reads.
     pub hedges: u32,
+    /// Client-driven reads whose copies did not do, read through a
+    /// coordinator instead (rule 7).
+    pub copy_fallbacks: u32,
+}
+
+/// A client-driven read's copies (rule 7).
+#[derive(Debug)]
+struct Copies {
+    /// Copies to ask (r), before the start; then the attempts still due.
+    wanted: usize,
+    awaiting: Vec<AttemptId>,
+    first: Option<ringkv_net::proto::GetResult>,
+    agree: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -116,6 +135,7 @@ pub struct Operation {
     last_error: Option<Error>,
     done: bool,
     stats: Stats,
+    copies: Option<Copies>,
 }
 
 impl Operation {
@@ -138,7 +158,20 @@ impl Operation {
             last_error: None,
             done: false,
             stats: Stats::default(),
+            copies: None,
         }
+    }
+
+    /// Makes a get client-driven (rule 7): its r replicas are asked for
+    /// their copies first. Left as it is when the request is not a get, or
+    /// r is one or cannot be met by the route (a coordinator then says why).
+    pub fn read_copies_first(mut self) -> Operation {
+        if let Request::Get { r, .. } = &self.request {
+            if let Some(n) = r.resolve(self.route.len()).filter(|&n| n > 1 && n <= self.route.len()) {
+                self.copies = Some(Copies { wanted: n, awaiting: Vec::new(), first: None, agree: true });
+            }
+        }
+        self
     }
 
     /// The request it carries.
@@ -165,10 +198,84 @@ impl Operation {
     /// to send).
     pub fn start(&mut self, router: &mut Router, now: Instant) -> Vec<Action> {
         let mut out = Vec::new();
+        if let (Some(c), Request::Get { key, .. }) = (self.copies.as_ref(), &self.request) {
+            let copy = Request::GetCopy { key: key.clone() };
+            let wanted = c.wanted;
+            let left = self.deadline.saturating_duration_since(now);
+            let wait = router.attempt_deadline().min(left);
+            let mut awaiting = Vec::with_capacity(wanted);
+            for &addr in &self.route[..wanted] {
+                let id = AttemptId(self.next_attempt);
+                self.next_attempt += 1;
+                self.stats.attempts += 1;
+                self.in_flight.push(Attempt { id, addr, sent: now, deadline: now + wait, retry_pass: false });
+                awaiting.push(id);
+                out.push(Action::Send { attempt: id, addr, request: copy.clone(), timeout: left });
+            }
+            if let Some(c) = self.copies.as_mut() {
+                c.awaiting = awaiting;
+            }
+            return out;
+        }
+        self.start_coordinated(router, now, &mut out);
+        out
+    }
+
+    fn start_coordinated(&mut self, router: &mut Router, now: Instant, out: &mut Vec<Action>) {
         if self.kind == Kind::Read && self.route.len() > 1 {
             self.hedge_at = router.hedge_delay().map(|d| now + d);
         }
-        self.fill(router, now, &mut out);
+        self.fill(router, now, out);
+    }
+
+    /// The copies did not do (rule 7): the rest are abandoned and the read
+    /// goes through a coordinator.
+    fn coordinate(&mut self, router: &mut Router, now: Instant, out: &mut Vec<Action>) {
+        self.copies = None;
+        self.stats.copy_fallbacks += 1;
+        out.extend(self.in_flight.drain(..).map(|a| Action::Abandon { attempt: a.id }));
+        self.start_coordinated(router, now, out);
+    }
+
+    /// One copy's answer (rule 7).
+    fn on_copy(&mut self, a: Attempt, result: Result<Reply, Error>, router: &mut Router, now: Instant) -> Vec<Action> {
+        let mut out = Vec::new();
+        let g = match result {
+            Ok(Reply::Get(g)) => {
+                router.succeeded(a.addr, a.sent, now);
+                g
+            }
+            Ok(_) => {
+                router.answered(a.addr);
+                self.coordinate(router, now, &mut out);
+                return out;
+            }
+            Err(e) => {
+                if e.is_endpoint_failure() {
+                    router.failed(a.addr, now);
+                } else {
+                    router.answered(a.addr);
+                }
+                self.coordinate(router, now, &mut out);
+                return out;
+            }
+        };
+        let c = self.copies.as_mut().expect("a copy answer while reading copies");
+        c.awaiting.retain(|&id| id != a.id);
+        match &c.first {
+            None => c.first = Some(g),
+            Some(first) => c.agree &= *first == g,
+        }
+        if !c.awaiting.is_empty() {
+            return out;
+        }
+        if c.agree {
+            let answer = c.first.take().expect("r > 1 copies answered");
+            self.copies = None;
+            self.finish(Ok(Reply::Get(answer)), &mut out);
+        } else {
+            self.coordinate(router, now, &mut out);
+        }
         out
     }
 
@@ -201,6 +308,9 @@ impl Operation {
         let a = self.in_flight.swap_remove(i);
         if ring_version > 0 {
             router.observe_ring_version(ring_version);
+        }
+        if self.copies.is_some() {
+            return self.on_copy(a, result, router, now);
         }
         match result {
             Ok(reply) => {
@@ -241,6 +351,16 @@ impl Operation {
         if now >= self.deadline {
             let e = self.timeout_error(now);
             self.finish(Err(e), &mut out);
+            return out;
+        }
+        if self.copies.is_some() {
+            let late: Vec<SocketAddr> = self.in_flight.iter().filter(|a| a.deadline <= now).map(|a| a.addr).collect();
+            if !late.is_empty() {
+                for addr in late {
+                    router.failed(addr, now);
+                }
+                self.coordinate(router, now, &mut out);
+            }
             return out;
         }
         let (expired, kept): (Vec<Attempt>, Vec<Attempt>) =
@@ -403,6 +523,102 @@ mod tests {
         Reply::Get(GetResult { found: true, values: vec![b"v".to_vec()], context: vec![1] })
     }
 
+    fn copy_read(route: &[u8], now: Instant) -> Operation {
+        read(route, now).read_copies_first()
+    }
+
+    /// The requests among `actions`' sends, by kind.
+    fn kinds(actions: &[Action]) -> Vec<&'static str> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send { request, .. } => Some(request.kind()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn reply_with(values: &[&[u8]], context: &[u8]) -> Reply {
+        Reply::Get(GetResult {
+            found: true,
+            values: values.iter().map(|v| v.to_vec()).collect(),
+            context: context.to_vec(),
+        })
+    }
+
+    #[test]
+    fn a_client_driven_read_that_its_copies_agree_on_is_their_answer() {
+        let t0 = Instant::now();
+        let mut r = warm_router();
+        let mut op = copy_read(&[1, 2, 3], t0);
+        let a = op.start(&mut r, t0);
+        assert_eq!(sends(&a), vec![(AttemptId(0), 1), (AttemptId(1), 2)], "r=2: the first two replicas at once");
+        assert_eq!(kinds(&a), ["get-copy", "get-copy"]);
+        let t1 = t0 + Duration::from_millis(1);
+        assert!(op.on_response(AttemptId(1), Ok(found()), 0, &mut r, t1).is_empty(), "one copy is not r");
+        let b = op.on_response(AttemptId(0), Ok(found()), 0, &mut r, t1);
+        assert_eq!(done(&b).unwrap().as_ref().unwrap(), &found());
+        assert!(sends(&b).is_empty(), "no coordinator was asked");
+        assert_eq!(op.stats().copy_fallbacks, 0);
+    }
+
+    #[test]
+    fn copies_that_differ_make_the_read_go_through_a_coordinator() {
+        let t0 = Instant::now();
+        let mut r = warm_router();
+        let mut op = copy_read(&[1, 2, 3], t0);
+        op.start(&mut r, t0);
+        let t1 = t0 + Duration::from_millis(1);
+        op.on_response(AttemptId(0), Ok(reply_with(&[b"new"], &[2])), 0, &mut r, t1);
+        // Same context, other values: not the same answer either.
+        let b = op.on_response(AttemptId(1), Ok(reply_with(&[b"old"], &[2])), 0, &mut r, t1);
+        assert!(done(&b).is_none());
+        assert_eq!(sends(&b), vec![(AttemptId(2), 1)], "the first replica coordinates");
+        assert_eq!(kinds(&b), ["get"]);
+        let merged = reply_with(&[b"new"], &[3]);
+        let c = op.on_response(AttemptId(2), Ok(merged.clone()), 0, &mut r, t1);
+        assert_eq!(done(&c).unwrap().as_ref().unwrap(), &merged, "the coordinator's merge is the answer");
+        assert_eq!(op.stats().copy_fallbacks, 1);
+    }
+
+    #[test]
+    fn a_refused_or_late_copy_makes_the_read_go_through_a_coordinator() {
+        let t0 = Instant::now();
+        // Refused: not a replica (the client's topology is stale).
+        let mut r = warm_router();
+        let mut op = copy_read(&[1, 2, 3], t0);
+        op.start(&mut r, t0);
+        let stale = Err(Error::from_wire(WireError::new(ErrorCode::StaleTopology, "not a replica")));
+        let b = op.on_response(AttemptId(0), stale, 0, &mut r, t0);
+        assert_eq!(abandoned(&b), vec![AttemptId(1)], "the other copy is no longer wanted");
+        assert_eq!(kinds(&b), ["get"]);
+        assert!(!r.is_down(&addr(1), t0), "a refusal is an answer: the node is up");
+        // Late: the copy that missed its deadline marks its node down.
+        let mut r = warm_router();
+        let mut op = copy_read(&[1, 2, 3], t0);
+        op.start(&mut r, t0);
+        op.on_response(AttemptId(0), Ok(found()), 0, &mut r, t0 + Duration::from_millis(1));
+        assert_eq!(op.poll_timeout(), Some(t0 + Duration::from_millis(50)));
+        let c = op.on_timeout(&mut r, t0 + Duration::from_millis(50));
+        assert_eq!(abandoned(&c), vec![AttemptId(1)]);
+        assert_eq!(kinds(&c), ["get"]);
+        assert!(r.is_down(&addr(2), t0 + Duration::from_millis(50)));
+    }
+
+    #[test]
+    fn only_gets_at_r_above_one_read_copies() {
+        let t0 = Instant::now();
+        let mut r = warm_router();
+        let one = Request::Get { key: b"k".to_vec(), r: Level::Count(1) };
+        let mut op = Operation::new(Kind::Read, one, vec![addr(1), addr(2)], t0, TIMEOUT).read_copies_first();
+        assert_eq!(kinds(&op.start(&mut r, t0)), ["get"]);
+        let mut op = write(&[1, 2, 3], t0).read_copies_first();
+        assert_eq!(kinds(&op.start(&mut r, t0)), ["put"]);
+        // r=all on a route of one: a coordinator says why it cannot be met.
+        let mut op = read(&[1], t0).read_copies_first();
+        assert_eq!(kinds(&op.start(&mut r, t0)), ["get"]);
+    }
+
     #[test]
     fn a_replica_that_misses_its_deadline_is_abandoned_and_the_next_is_asked() {
         let t0 = Instant::now();
@@ -419,7 +635,7 @@ mod tests {
         let c =
             op.on_response(AttemptId(1), Ok(Reply::Put { context: vec![] }), 0, &mut r, t0 + Duration::from_millis(60));
         assert!(matches!(done(&c), Some(Ok(Reply::Put { .. }))));
-        assert_eq!(op.stats(), Stats { attempts: 2, failovers: 1, hedges: 0 });
+        assert_eq!(op.stats(), Stats { attempts: 2, failovers: 1, hedges: 0, copy_fallbacks: 0 });
         assert!(op.poll_timeout().is_none());
         // The late answer of the abandoned attempt changes nothing.
         assert!(op.on_response(AttemptId(0), Ok(found()), 0, &mut r, t0 + Duration::from_millis(70)).is_empty());
