@@ -159,6 +159,9 @@ fn client_driven_reads_return_the_newest_write_when_a_replica_missed_it() {
         writer.put(k, "new", &WriteOptions::with_context(read.context().clone())).unwrap();
     }
     c.nodes[2].restart();
+    // Until the restarted node sees the others up, a read it coordinates
+    // finds too few replicas (a node's verdict, which ends the request).
+    c.wait_converged(3, Duration::from_secs(30));
     // A fresh client, which has not seen n3 fail and so asks it first
     // where it is a key's first or second replica.
     let fallbacks = reads(&mut copy_reader(), "new");
