@@ -81,7 +81,7 @@ declare_settings! {
     compaction_interval_s: u64 = 10, Flag::Value;
     /// A sealed segment is rewritten once this share of its bytes is garbage (0 to 1).
     compaction_garbage_ratio: f64 = 0.5, Flag::Value;
-    /// Compaction reads plus writes at most this many MiB per second.
+    /// Compaction reads plus writes at most this many MiB per second, paced a 1 MiB window at a time.
     compaction_mb_per_s: u64 = 64, Flag::Value;
     /// Partition streams (handoff after a ring change) send at most this
     /// many MiB of keys and values per second from this node, shared by its

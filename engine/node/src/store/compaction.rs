@@ -21,7 +21,7 @@
 
 use super::format::{self, parse_hint_key, parse_loc_body, RecordKind, SegmentHeader, HEADER_BYTES};
 use super::index::Loc;
-use super::recovery::{scan, ScanEnd};
+use super::recovery::{scan_paced, ScanEnd};
 use super::{hintfile, log, segment, Store, StoreError};
 use ringkv_core::keyspace::partition_of;
 use std::time::Duration;
@@ -62,11 +62,30 @@ pub async fn compact(store: &Store, segment: u32) -> Result<Option<Compacted>, S
     compact_until(store, segment, None).await
 }
 
+/// [`compact`], reading and writing at most `bytes_per_sec` between them
+/// (the background pass: see [`pass`]).
+pub async fn compact_paced(
+    store: &Store,
+    segment: u32,
+    bytes_per_sec: Option<u64>,
+) -> Result<Option<Compacted>, StoreError> {
+    compact_inner(store, segment, None, bytes_per_sec).await
+}
+
 #[doc(hidden)]
 pub async fn compact_until(
     store: &Store,
     segment: u32,
     crash: Option<CrashPoint>,
+) -> Result<Option<Compacted>, StoreError> {
+    compact_inner(store, segment, crash, None).await
+}
+
+async fn compact_inner(
+    store: &Store,
+    segment: u32,
+    crash: Option<CrashPoint>,
+    bytes_per_sec: Option<u64>,
 ) -> Result<Option<Compacted>, StoreError> {
     let (file, out_id, dir, shard, incarnation) = {
         let l = store.log.borrow();
@@ -83,7 +102,7 @@ pub async fn compact_until(
     // 1. Collect what is still needed, as of now.
     let mut carried: Vec<Carried> = Vec::new();
     let mut bytes_in = 0u64;
-    let end = scan(&file, segment, size, |r, loc| {
+    let end = scan_paced(&file, segment, size, bytes_per_sec, |r, loc| {
         bytes_in += r.len as u64;
         let ix = store.index.borrow();
         let keep = match r.kind {
@@ -147,7 +166,7 @@ pub async fn compact_until(
         let (dir2, stop_before_rename) = (dir.clone(), crash == Some(CrashPoint::BeforeRename));
         glommio::executor()
             .spawn_blocking(move || -> std::io::Result<()> {
-                segment::write_whole_segment(&dir2, &header, &body, stop_before_rename)?;
+                segment::write_whole_segment(&dir2, &header, &body, stop_before_rename, bytes_per_sec)?;
                 if !stop_before_rename {
                     hintfile::write(&dir2, out_id, &hints)?;
                 }
@@ -225,21 +244,22 @@ pub struct CompactionConfig {
 }
 
 /// Compacts every segment worth it now, most garbage first, until the store
-/// closes. With `bytes_per_sec`, pauses after each segment so that reads
-/// plus writes stay under that rate. Stops at the first failure.
+/// closes. With `bytes_per_sec`, each segment is read and its output written
+/// at that rate (reads and writes follow each other, so together they stay
+/// under it), a window at a time: the shard and the disk serve requests
+/// between windows instead of after a whole segment (unpaced, a 64 MiB
+/// segment took 250 ms of scanning and 110 ms of writing on this project's
+/// VM, and the requests of every node on that core waited it out). Stops
+/// at the first failure.
 pub async fn pass(store: &Store, garbage_ratio: f64, bytes_per_sec: Option<u64>) -> Result<Vec<Compacted>, StoreError> {
     let mut out = Vec::new();
     for s in candidates(store, garbage_ratio) {
         if store.is_closing() {
             break;
         }
-        let Some(done) = compact(store, s).await? else { continue };
+        let Some(done) = compact_paced(store, s, bytes_per_sec).await? else { continue };
         tracing::debug!(segment = s, ?done, "compacted");
         store.note_compaction(&done);
-        if let Some(rate) = bytes_per_sec {
-            let moved = done.bytes_in + done.bytes_out;
-            glommio::timer::sleep(Duration::from_secs_f64(moved as f64 / rate.max(1) as f64)).await;
-        }
         out.push(done);
     }
     Ok(out)
