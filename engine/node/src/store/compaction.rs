@@ -257,8 +257,18 @@ pub async fn pass(store: &Store, garbage_ratio: f64, bytes_per_sec: Option<u64>)
         if store.is_closing() {
             break;
         }
+        let started = std::time::Instant::now();
         let Some(done) = compact_paced(store, s, bytes_per_sec).await? else { continue };
-        tracing::debug!(segment = s, ?done, "compacted");
+        // At info: compaction competes with requests for the disk and the
+        // core, so when it ran and for how long is what explains a tail.
+        tracing::info!(
+            segment = s,
+            output = ?done.output,
+            mib_in = done.bytes_in >> 20,
+            mib_out = done.bytes_out >> 20,
+            ms = started.elapsed().as_millis() as u64,
+            "compacted a segment"
+        );
         store.note_compaction(&done);
         out.push(done);
     }
