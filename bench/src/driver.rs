@@ -177,6 +177,16 @@ struct Conn {
     dead: bool,
 }
 
+impl Conn {
+    /// Queues `req` as attempt `gen` of operation `slot`; true when the
+    /// connection just became dirty (its send is still to be submitted).
+    fn enqueue(&mut self, req: WireReq<'_>, slot: u32, gen: u32) -> bool {
+        let id = self.codec.encode(req, &mut self.queued);
+        self.pending.push_back((id, slot, gen));
+        !std::mem::replace(&mut self.dirty, true)
+    }
+}
+
 struct Op {
     kind: OpKind,
     record: u64,
@@ -305,16 +315,7 @@ pub fn run(spec: WorkerSpec, timing_rx: impl FnOnce() -> Result<Timing>) -> Resu
     let (mut ring, ring_flags) = make_ring(conns.len(), spec.busy_poll)?;
     let slots = spec.groups * spec.pipeline;
     // The most replicas the router knows for a key (one: no failover).
-    let replicas = (0..64u64)
-        .map(|i| {
-            let mut key = Vec::new();
-            write_key(&mut key, i);
-            let mut r = Vec::new();
-            spec.router.replicas_for(&key, &mut r);
-            r.len()
-        })
-        .max()
-        .unwrap_or(1);
+    let replicas = spec.router.most_replicas();
     let replicated = replicas > 1;
     let endpoints = spec.endpoints.len();
     let mut w = Worker {
@@ -769,14 +770,11 @@ impl Worker {
         } else {
             WireReq::Get { key: &op.key, value_len: op.value_len }
         };
-        let id = conn.codec.encode(req, &mut conn.queued);
-        conn.pending.push_back((id, slot, op.gen));
+        if conn.enqueue(req, slot, op.gen) {
+            self.dirty.push(ci);
+        }
         if op.measured {
             self.stats.wire_requests += 1;
-        }
-        if !conn.dirty {
-            conn.dirty = true;
-            self.dirty.push(ci);
         }
     }
 
@@ -802,15 +800,11 @@ impl Worker {
         for &e in &order[..r] {
             op.tried.push(e);
             let ci = conns[e];
-            let conn = &mut self.conns[ci as usize];
-            let id = conn.codec.encode(WireReq::GetCopy { key: &op.key }, &mut conn.queued);
-            conn.pending.push_back((id, slot, op.gen));
+            if self.conns[ci as usize].enqueue(WireReq::GetCopy { key: &op.key }, slot, op.gen) {
+                self.dirty.push(ci);
+            }
             if op.measured {
                 self.stats.wire_requests += 1;
-            }
-            if !conn.dirty {
-                conn.dirty = true;
-                self.dirty.push(ci);
             }
         }
         self.failover.scratch = order;

@@ -25,6 +25,20 @@ pub trait Router: Send {
 
     /// A copy for another worker thread.
     fn boxed_clone(&self) -> Box<dyn Router>;
+
+    /// The most replicas it knows for a key (over a sample of the
+    /// workload's keys): one means no failover and no client-driven reads.
+    fn most_replicas(&self) -> usize {
+        let (mut key, mut r) = (Vec::new(), Vec::new());
+        (0..64u64)
+            .map(|i| {
+                crate::keydist::write_key(&mut key, i);
+                self.replicas_for(&key, &mut r);
+                r.len()
+            })
+            .max()
+            .unwrap_or(1)
+    }
 }
 
 /// Everything goes to the one endpoint.

@@ -422,7 +422,7 @@ pub fn run(args: &RunArgs) -> Result<RunReport> {
         target: target_name,
         target_kind: resolved.kind.name().into(),
         routing: match args.reads {
-            Reads::Client if resolved.routing.starts_with("topology-aware") => {
+            Reads::Client if resolved.router.most_replicas() > 1 => {
                 format!("{}; reads client-driven (copies of r replicas compared)", resolved.routing)
             }
             Reads::Client => bail!("--reads client needs the cluster's topology; the node did not give it"),

@@ -97,12 +97,12 @@ pub struct Stats {
     pub copy_fallbacks: u32,
 }
 
-/// A client-driven read's copies (rule 7).
+/// A client-driven read's copies (rule 7). While they are read, the
+/// attempts in flight are exactly the copies still due.
 #[derive(Debug)]
 struct Copies {
-    /// Copies to ask (r), before the start; then the attempts still due.
+    /// Copies to ask (r).
     wanted: usize,
-    awaiting: Vec<AttemptId>,
     first: Option<ringkv_net::proto::GetResult>,
     agree: bool,
 }
@@ -168,7 +168,7 @@ impl Operation {
     pub fn read_copies_first(mut self) -> Operation {
         if let Request::Get { r, .. } = &self.request {
             if let Some(n) = r.resolve(self.route.len()).filter(|&n| n > 1 && n <= self.route.len()) {
-                self.copies = Some(Copies { wanted: n, awaiting: Vec::new(), first: None, agree: true });
+                self.copies = Some(Copies { wanted: n, first: None, agree: true });
             }
         }
         self
@@ -199,21 +199,10 @@ impl Operation {
     pub fn start(&mut self, router: &mut Router, now: Instant) -> Vec<Action> {
         let mut out = Vec::new();
         if let (Some(c), Request::Get { key, .. }) = (self.copies.as_ref(), &self.request) {
-            let copy = Request::GetCopy { key: key.clone() };
-            let wanted = c.wanted;
-            let left = self.deadline.saturating_duration_since(now);
-            let wait = router.attempt_deadline().min(left);
-            let mut awaiting = Vec::with_capacity(wanted);
-            for &addr in &self.route[..wanted] {
-                let id = AttemptId(self.next_attempt);
-                self.next_attempt += 1;
-                self.stats.attempts += 1;
-                self.in_flight.push(Attempt { id, addr, sent: now, deadline: now + wait, retry_pass: false });
-                awaiting.push(id);
-                out.push(Action::Send { attempt: id, addr, request: copy.clone(), timeout: left });
-            }
-            if let Some(c) = self.copies.as_mut() {
-                c.awaiting = awaiting;
+            let (copy, wanted) = (Request::GetCopy { key: key.clone() }, c.wanted);
+            let wait = router.attempt_deadline().min(self.deadline.saturating_duration_since(now));
+            for i in 0..wanted {
+                out.push(self.send(self.route[i], copy.clone(), now, wait, false));
             }
             return out;
         }
@@ -261,12 +250,11 @@ impl Operation {
             }
         };
         let c = self.copies.as_mut().expect("a copy answer while reading copies");
-        c.awaiting.retain(|&id| id != a.id);
         match &c.first {
             None => c.first = Some(g),
             Some(first) => c.agree &= *first == g,
         }
-        if !c.awaiting.is_empty() {
+        if !self.in_flight.is_empty() {
             return out;
         }
         if c.agree {
@@ -431,11 +419,18 @@ impl Operation {
             None if !untried_after => left,
             None => router.attempt_deadline().min(left),
         };
+        self.send(addr, self.request.clone(), now, wait, share.is_some())
+    }
+
+    /// Sends `request` to `addr` as a new attempt with `wait` to answer
+    /// (the node is told all the time left).
+    fn send(&mut self, addr: SocketAddr, request: Request, now: Instant, wait: Duration, retry_pass: bool) -> Action {
         let id = AttemptId(self.next_attempt);
         self.next_attempt += 1;
         self.stats.attempts += 1;
-        self.in_flight.push(Attempt { id, addr, sent: now, deadline: now + wait, retry_pass: share.is_some() });
-        Action::Send { attempt: id, addr, request: self.request.clone(), timeout: left }
+        self.in_flight.push(Attempt { id, addr, sent: now, deadline: now + wait, retry_pass });
+        let timeout = self.deadline.saturating_duration_since(now);
+        Action::Send { attempt: id, addr, request, timeout }
     }
 
     fn finish(&mut self, result: Result<Reply, Error>, out: &mut Vec<Action>) {

@@ -313,12 +313,19 @@ impl Driver {
     /// Counts a copy read this shard answered (service, `GetCopy`) in its
     /// load, as a get it coordinated would be.
     pub fn served_copy(&self, partition: u32, took_us: u64) {
-        let mut load = self.load.borrow_mut();
-        *load.partitions.entry(partition).or_default() += 1;
-        load.ops += 1;
-        load.latency.record(took_us);
-        drop(load);
-        self.metrics.request(crate::metrics::Op::Get, took_us);
+        *self.load.borrow_mut().partitions.entry(partition).or_default() += 1;
+        self.answered(crate::metrics::Op::Get, took_us);
+    }
+
+    /// Counts a client request answered after `took_us`, in the shard's
+    /// load and its metrics.
+    fn answered(&self, op: crate::metrics::Op, took_us: u64) {
+        {
+            let mut load = self.load.borrow_mut();
+            load.ops += 1;
+            load.latency.record(took_us);
+        }
+        self.metrics.request(op, took_us);
     }
 
     /// Anti-entropy of this shard's partitions (`only` one) with every
@@ -436,12 +443,7 @@ impl Driver {
             let waiting = self.waiting.borrow_mut().remove(&token);
             if let Some(w) = waiting {
                 let took = clock::now_us().saturating_sub(w.started_us);
-                {
-                    let mut load = self.load.borrow_mut();
-                    load.ops += 1;
-                    load.latency.record(took);
-                }
-                self.metrics.request(w.op, took);
+                self.answered(w.op, took);
                 if took >= self.slow_us && self.slow_us > 0 {
                     tracing::warn!(
                         op = ?w.op,

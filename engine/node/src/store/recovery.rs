@@ -74,7 +74,7 @@ pub(super) async fn scan_paced(
     bytes_per_sec: Option<u64>,
     mut visit: impl FnMut(&RecordRef<'_>, Loc),
 ) -> Result<ScanEnd, StoreError> {
-    let mut pace = bytes_per_sec.map(Pace::new);
+    let mut pace = bytes_per_sec.map(segment::Pace::new);
     let mut pos = HEADER_BYTES;
     let mut buf: Vec<u8> = Vec::new();
     let mut buf_off = pos;
@@ -97,8 +97,8 @@ pub(super) async fn scan_paced(
                 return Err(StoreError::Io(format!("segment {id} ended at {from}, before its size {size}")));
             }
             buf.extend_from_slice(&chunk);
-            if let Some(p) = pace.as_mut() {
-                p.done(chunk.len()).await;
+            if let Some(wait) = pace.as_mut().and_then(|p| p.record(chunk.len())) {
+                glommio::timer::sleep(wait).await;
             }
             continue;
         }
@@ -110,28 +110,6 @@ pub(super) async fn scan_paced(
                 pos += r.len as u64;
             }
             Err(reason) => return Ok(ScanEnd::Bad { offset: pos, reason }),
-        }
-    }
-}
-
-/// Holds a background job to a byte rate: after each piece, sleeps until
-/// the bytes done so far would have taken that long at the rate.
-pub(super) struct Pace {
-    bytes_per_sec: u64,
-    start: std::time::Instant,
-    bytes: u64,
-}
-
-impl Pace {
-    pub(super) fn new(bytes_per_sec: u64) -> Pace {
-        Pace { bytes_per_sec: bytes_per_sec.max(1), start: std::time::Instant::now(), bytes: 0 }
-    }
-
-    pub(super) async fn done(&mut self, bytes: usize) {
-        self.bytes += bytes as u64;
-        let due = self.start + std::time::Duration::from_secs_f64(self.bytes as f64 / self.bytes_per_sec as f64);
-        if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
-            glommio::timer::sleep(wait).await;
         }
     }
 }

@@ -119,14 +119,12 @@ pub fn write_whole_segment(
 /// caller's sync.
 fn write_back_in_pieces(f: &File, bytes: &[u8], at: u64, bytes_per_sec: Option<u64>) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
-    let start = std::time::Instant::now();
-    let mut off = at;
+    let mut pace = bytes_per_sec.map(Pace::new);
+    let (mut off, mut previous) = (at, 0);
     for piece in bytes.chunks(WRITEBACK_PIECE) {
-        if let Some(rate) = bytes_per_sec {
-            let due = start + std::time::Duration::from_secs_f64((off - at) as f64 / rate.max(1) as f64);
-            if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
-                std::thread::sleep(wait);
-            }
+        // The wait for the piece before this one (none after the last).
+        if let Some(wait) = pace.as_mut().and_then(|p| p.record(previous)) {
+            std::thread::sleep(wait);
         }
         f.write_all_at(piece, off)?;
         let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
@@ -137,8 +135,31 @@ fn write_back_in_pieces(f: &File, bytes: &[u8], at: u64, bytes_per_sec: Option<u
             return Err(io::Error::last_os_error());
         }
         off += piece.len() as u64;
+        previous = piece.len();
     }
     Ok(())
+}
+
+/// Holds a background job (a compaction's scan or its output) to a byte
+/// rate: [`Pace::record`] says how long to wait so that the bytes done so
+/// far would have taken that long at the rate.
+pub(super) struct Pace {
+    bytes_per_sec: u64,
+    start: std::time::Instant,
+    bytes: u64,
+}
+
+impl Pace {
+    pub(super) fn new(bytes_per_sec: u64) -> Pace {
+        Pace { bytes_per_sec: bytes_per_sec.max(1), start: std::time::Instant::now(), bytes: 0 }
+    }
+
+    /// Counts `bytes` more done; the wait due now, if any.
+    pub(super) fn record(&mut self, bytes: usize) -> Option<std::time::Duration> {
+        self.bytes += bytes as u64;
+        let due = self.start + std::time::Duration::from_secs_f64(self.bytes as f64 / self.bytes_per_sec as f64);
+        due.checked_duration_since(std::time::Instant::now())
+    }
 }
 
 /// Cuts a segment to `len` bytes (dropping a torn tail or unused space) and
